@@ -1,0 +1,64 @@
+"""poolscope's own settings (``POOLSCOPE_*``), parsed with clear errors, and the internal-error guard."""
+
+import logging
+import os
+
+logger = logging.getLogger("poolscope")
+
+_TRUE = ("1", "true", "yes", "on")
+_FALSE = ("0", "false", "no", "off", "")
+
+
+class ConfigError(ValueError):
+    """A setting has a value poolscope cannot use; the message says which and why."""
+
+
+def env_bool(name, default=False):
+    raw = os.environ.get(name)
+    if raw is None:
+        return default
+    value = raw.strip().lower()
+    if value in _TRUE:
+        return True
+    if value in _FALSE:
+        return False
+    raise ConfigError(f"{name}={raw!r} is not a boolean (use true or false)")
+
+
+def env_int(name, default, minimum=1):
+    raw = os.environ.get(name)
+    if raw is None or not raw.strip():
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise ConfigError(f"{name}={raw!r} is not a whole number") from None
+    if value < minimum:
+        raise ConfigError(f"{name}={raw!r} must be at least {minimum}")
+    return value
+
+
+def setting(reader, name, default, *args):
+    """Read a setting for the library API: a bad value is logged once and the default used."""
+    try:
+        return reader(name, default, *args)
+    except ConfigError as exc:
+        logger.error("poolscope: %s; using %r", exc, default)
+        return default
+
+
+_reported = set()
+strict = setting(env_bool, "POOLSCOPE_STRICT", False)
+
+
+def internal_error(where):
+    """Call from an ``except`` block: log poolscope's own failure once per site and swallow it.
+
+    With ``POOLSCOPE_STRICT=true`` (tests) the exception is re-raised instead.
+    """
+    if strict:
+        raise
+    if where not in _reported:
+        _reported.add(where)
+        logger.warning("poolscope: internal error in %s ignored; the application is not affected",
+                       where, exc_info=True)

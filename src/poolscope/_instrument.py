@@ -1,0 +1,113 @@
+"""instrument() / uninstrument(): lazy, idempotent, version-gated patching of every adapter."""
+
+import functools
+import importlib
+import importlib.metadata
+import re
+import threading
+
+import wrapt
+
+from ._config import env_bool, env_int, logger, setting
+from ._package import SUPPORTED
+from ._recorder import Recorder
+
+ADAPTERS = {
+    "urllib3": "poolscope.adapters.urllib3:Urllib3Adapter",
+    "httpx": "poolscope.adapters.httpx:HttpxAdapter",
+}
+
+_lock = threading.RLock()
+_active = None  # the current _Instrumentation
+
+
+class _Instrumentation:
+    def __init__(self, recorder, tracer_provider, libraries):
+        self.recorder = recorder
+        self.tracer_provider = tracer_provider
+        self.libraries = libraries
+        self.adapters = {}
+
+
+def _version_tuple(text):
+    match = re.match(r"\d+(?:\.\d+)*", text)
+    return tuple(int(part) for part in match.group(0).split(".")) if match else ()
+
+
+def supported_version(name):
+    """The installed version of the package behind ``name`` and whether poolscope supports it."""
+    spec = SUPPORTED[name]
+    try:
+        version = importlib.metadata.version(spec["distribution"])
+    except importlib.metadata.PackageNotFoundError:
+        return None, False
+    v = _version_tuple(version)
+    return version, _version_tuple(spec["minimum"]) <= v < _version_tuple(spec["below"])
+
+
+def _load_adapter(name):
+    module, _, cls = ADAPTERS[name].partition(":")
+    return getattr(importlib.import_module(module), cls)
+
+
+def _on_import(name, owner, module):
+    with _lock:
+        if _active is not owner or name in owner.adapters:
+            return
+        version, ok = supported_version(name)
+        spec = SUPPORTED[name]
+        if not ok:
+            logger.warning("poolscope: %s %s is not supported (supported: >=%s,<%s); %s pools are "
+                           "not instrumented", spec["distribution"], version, spec["minimum"],
+                           spec["below"], name)
+            return
+        adapter = _load_adapter(name)(owner.recorder)
+        try:
+            adapter.patch()
+        except Exception:
+            adapter.unpatch()
+            logger.warning("poolscope: could not instrument %s %s; its pools are not instrumented",
+                           spec["distribution"], version, exc_info=True)
+            return
+        owner.adapters[name] = adapter
+
+
+def instrument(*, meter_provider=None, tracer_provider=None, libraries=None):
+    """Instrument every installed supported HTTP library, or those named in ``libraries``.
+
+    Each library is patched when it is imported (at once if it already is). Idempotent: a
+    second call while instrumented does nothing. Without providers, the global ones are used.
+    """
+    global _active
+    with _lock:
+        if _active is not None:
+            return
+        names = list(ADAPTERS) if libraries is None else list(libraries)
+        unknown = [n for n in names if n not in ADAPTERS]
+        if unknown:
+            raise ValueError(f"poolscope: unknown libraries {', '.join(unknown)}; "
+                             f"supported: {', '.join(ADAPTERS)}")
+        recorder = Recorder(meter_provider,
+                            detailed=setting(env_bool, "POOLSCOPE_DETAILED_TIMINGS", False),
+                            max_origins=setting(env_int, "POOLSCOPE_MAX_ORIGINS", 1000))
+        _active = owner = _Instrumentation(recorder, tracer_provider, names)
+        for name in names:
+            wrapt.register_post_import_hook(functools.partial(_on_import, name, owner),
+                                            SUPPORTED[name]["module"])
+
+
+def uninstrument():
+    """Restore every patched attribute to the very object it was, and stop all hooks."""
+    global _active
+    with _lock:
+        owner, _active = _active, None
+        if owner is None:
+            return
+        for adapter in owner.adapters.values():
+            adapter.unpatch()
+        owner.adapters.clear()
+
+
+def current_recorder():
+    """The recorder of the current instrumentation, or None."""
+    return _active.recorder if _active is not None else None

@@ -1,0 +1,12 @@
+"""Supported libraries as plain data (no imports): read by the adapters, the docs and the test matrix.
+
+``distribution`` is the package whose version is checked; ``module`` is the import that triggers
+patching; versions are ``minimum <= v < below``.
+"""
+
+SUPPORTED = {
+    "urllib3": {"distribution": "urllib3", "module": "urllib3.connectionpool",
+                "minimum": "1.26", "below": "3"},
+    "httpx": {"distribution": "httpcore", "module": "httpcore",
+              "minimum": "1.0.3", "below": "2"},
+}

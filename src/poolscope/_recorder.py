@@ -1,0 +1,486 @@
+"""Pool events in, OpenTelemetry out: the per-pool live state and every instrument.
+
+Adapters call the event methods below; nothing else in poolscope touches the
+metrics API. Counts and gauges are plain integers under one lock, read by
+observable instruments at collection time, so a healthy request costs no SDK
+call. Histograms record only waits, new connections and closes (and, with
+detailed timings, use and idle times).
+"""
+
+import os
+import threading
+import time
+import weakref
+
+from opentelemetry import metrics
+from opentelemetry.metrics import Observation
+
+from . import _semconv as sc
+from ._version import __version__
+
+monotonic = time.monotonic
+
+GRANTED, TIMED_OUT, ABANDONED = "granted", "timed_out", "abandoned"
+
+
+class Series:
+    """One attribute set (a library, or a library and an origin) for the life of the process."""
+
+    __slots__ = ("key", "attrs", "active", "idle", "pending", "acquired", "acquired_seen",
+                 "created", "closed", "timeouts", "saturated", "peak", "_derived")
+
+    def __init__(self, key, attrs):
+        self.key = key
+        self.attrs = attrs
+        self.active = self.idle = self.pending = 0
+        self.acquired = [0, 0]  # [new, reused]
+        self.acquired_seen = [0, 0]
+        self.created = self.timeouts = self.peak = 0
+        self.closed = {}
+        self.saturated = 0.0
+        self._derived = {}
+
+    @property
+    def is_origin(self):
+        return len(self.key) > 1
+
+    def attr(self, name, value):
+        """The series' attributes plus one more, built once."""
+        derived = self._derived.get((name, value))
+        if derived is None:
+            derived = self._derived[(name, value)] = {**self.attrs, name: value}
+        return derived
+
+    def reset_counts(self):
+        self.acquired = [0, 0]
+        self.acquired_seen = [0, 0]
+        self.created = self.timeouts = self.peak = 0
+        self.closed = {}
+        self.saturated = 0.0
+
+
+class Pool:
+    """The live state of one library pool object."""
+
+    __slots__ = ("owner", "library", "scope", "max", "idle_max", "active", "idle", "pending",
+                 "peak", "sat_since", "conns", "waits", "live", "close_reason", "ref", "__weakref__")
+
+    def __init__(self, owner, library, scope, max_, idle_max):
+        self.owner = owner
+        self.library = library
+        self.scope = scope
+        self.max = max_
+        self.idle_max = idle_max
+        self.active = self.idle = self.pending = self.peak = 0
+        self.sat_since = None
+        self.conns = set()
+        self.waits = set()
+        self.live = True
+        self.close_reason = None
+        self.ref = None
+
+
+class Conn:
+    """One connection, from the slot it takes to its close (a socket's lifetime)."""
+
+    __slots__ = ("pool", "series", "in_use", "uses", "opened", "born", "acquired_at",
+                 "released_at", "closed", "reason")
+
+    def __init__(self, pool, series):
+        self.pool = pool
+        self.series = series
+        self.in_use = self.uses = 0
+        self.opened = self.closed = False
+        self.born = self.acquired_at = self.released_at = 0.0
+        self.reason = None
+
+    @property
+    def active(self):
+        return self.in_use > 0 or not self.opened
+
+
+class Wait:
+    """A request waiting for a connection."""
+
+    __slots__ = ("pool", "series", "start", "end", "active", "done")
+
+    def __init__(self, pool, series, start):
+        self.pool = pool
+        self.series = series
+        self.start = start
+        self.end = None
+        self.active = True
+        self.done = False
+
+
+_recorders = weakref.WeakSet()
+
+
+class Recorder:
+    """Owns poolscope's state and instruments; adapters report pool events to it."""
+
+    def __init__(self, meter_provider=None, detailed=False, max_origins=1000):
+        self._lock = threading.Lock()
+        self._series = {}
+        self._origins = {}
+        self._pools = set()
+        self.detailed = detailed
+        self.max_origins = max_origins
+        self._make_instruments(metrics.get_meter(sc.INSTRUMENTATION_NAME, __version__,
+                                                 meter_provider))
+        _recorders.add(self)
+
+    # -- registry ---------------------------------------------------------
+
+    def series(self, library, origin=None):
+        """The series of a library, or of a library and an origin ``(scheme, host, port)``."""
+        key = (library,) if origin is None else (library, *origin)
+        found = self._series.get(key)
+        if found is not None:
+            return found
+        with self._lock:
+            found = self._series.get(key)
+            if found is not None:
+                return found
+            if origin is not None and self._origins.get(library, 0) >= self.max_origins:
+                return self._other(library, origin[0])
+            attrs = {sc.LIBRARY: library}
+            if origin is not None:
+                scheme, host, port = origin
+                attrs.update({sc.URL_SCHEME: scheme, sc.SERVER_ADDRESS: host, sc.SERVER_PORT: port})
+                self._origins[library] = self._origins.get(library, 0) + 1
+            found = self._series[key] = Series(key, attrs)
+            return found
+
+    def _other(self, library, scheme):
+        key = (library, scheme, sc.OTHER_ORIGIN)
+        found = self._series.get(key)
+        if found is None:
+            found = self._series[key] = Series(key, {sc.LIBRARY: library, sc.URL_SCHEME: scheme,
+                                                     sc.SERVER_ADDRESS: sc.OTHER_ORIGIN})
+        return found
+
+    # -- pools ------------------------------------------------------------
+
+    def pool_opened(self, library, obj, max_connections=None, max_idle=None, origin=None):
+        """A library pool came to life; ``origin`` only where the pool serves one origin."""
+        pool = Pool(self, library, self.series(library, origin), max_connections, max_idle)
+        pool.ref = weakref.ref(obj)
+        with self._lock:
+            self._pools.add(pool)
+        weakref.finalize(obj, self.pool_gone, pool)
+        return pool
+
+    def pool_closed(self, pool, reason=sc.POOL_CLOSED):
+        """The application closed the pool: it stops counting as live and saturated."""
+        with self._lock:
+            if pool.close_reason is None:
+                pool.close_reason = reason
+            if pool.live:
+                pool.live = False
+                self._saturation(pool)
+                self._forget(pool)
+
+    def pool_gone(self, pool):
+        """The pool object was garbage-collected: whatever it still held is closed."""
+        self.pool_closed(pool)
+        for conn in list(pool.conns):
+            self.closed(conn, pool.close_reason)
+        for wait in list(pool.waits):
+            self.wait_ended(wait, ABANDONED)
+
+    def _forget(self, pool):
+        if not pool.live and not pool.conns and not pool.waits:
+            self._pools.discard(pool)
+
+    def _saturation(self, pool):
+        if pool.active > pool.peak:
+            pool.peak = pool.active
+            if pool.active > pool.scope.peak:
+                pool.scope.peak = pool.active
+        saturated = pool.live and pool.max is not None and pool.active >= pool.max
+        if saturated:
+            if pool.sat_since is None:
+                pool.sat_since = monotonic()
+        elif pool.sat_since is not None:
+            pool.scope.saturated += monotonic() - pool.sat_since
+            pool.sat_since = None
+
+    # -- connections ------------------------------------------------------
+
+    def conn_created(self, pool, series=None):
+        """The pool reserved a slot for a new connection (not yet established)."""
+        conn = Conn(pool, series or pool.scope)
+        with self._lock:
+            pool.conns.add(conn)
+            conn.series.active += 1
+            pool.active += 1
+            self._saturation(pool)
+        return conn
+
+    def conn_opened(self, conn, seconds=None):
+        """The connection is established; ``seconds`` is its TCP (+TLS) set-up time if measured."""
+        with self._lock:
+            if conn.opened or conn.closed:
+                return
+            conn.opened = True
+            conn.born = monotonic()
+            conn.series.created += 1
+            if conn.in_use == 0:
+                self._to_idle(conn)
+        if seconds is not None:
+            self._create_time.record(seconds, conn.series.attrs)
+
+    def acquired(self, conn, wait=None):
+        """A request got ``conn``; returns whether it was reused. Ends ``wait`` if given."""
+        now = monotonic()
+        with self._lock:
+            reused = conn.uses > 0
+            conn.uses += 1
+            conn.series.acquired[reused] += 1
+            if conn.in_use == 0:
+                conn.acquired_at = now
+                if conn.opened and not conn.closed:
+                    self._to_active(conn)
+            conn.in_use += 1
+            if wait is not None and wait.active:
+                self._unwait(wait)
+                wait.end = now
+        if self.detailed and reused and conn.released_at:
+            self._idle_time.record(now - conn.released_at, conn.series.attrs)
+        return reused
+
+    def unacquired(self, conn, reused, wait=None):
+        """Undo :meth:`acquired`: the connection turned out not to be available after all."""
+        with self._lock:
+            conn.uses -= 1
+            conn.series.acquired[reused] -= 1
+            conn.in_use -= 1
+            if conn.in_use == 0 and conn.opened and not conn.closed:
+                self._to_idle(conn)
+            if wait is not None and not wait.active and not wait.done:
+                wait.active = True
+                wait.end = None
+                self._pend(wait, 1)
+
+    def released(self, conn, close_reason=None):
+        """The request is done with ``conn``; ``close_reason`` if the connection closed with it."""
+        now = monotonic() if self.detailed else 0.0
+        used = None
+        with self._lock:
+            if conn.in_use > 0:
+                conn.in_use -= 1
+                if conn.in_use == 0:
+                    if not conn.opened and close_reason is None:
+                        close_reason = sc.ERROR
+                    elif not conn.closed:
+                        self._to_idle(conn)
+                    if self.detailed:
+                        used = now - conn.acquired_at
+                        conn.released_at = now
+        if used is not None:
+            self._use_time.record(used, conn.series.attrs)
+        if close_reason is not None:
+            self.closed(conn, close_reason)
+
+    def closed(self, conn, reason):
+        """The connection closed. One never established is dropped without being counted."""
+        with self._lock:
+            if conn.closed:
+                return
+            conn.closed = True
+            pool = conn.pool
+            pool.conns.discard(conn)
+            if conn.active:
+                conn.series.active -= 1
+                pool.active -= 1
+                self._saturation(pool)
+            else:
+                conn.series.idle -= 1
+                pool.idle -= 1
+            self._forget(pool)
+            if not conn.opened:
+                return
+            conn.series.closed[reason] = conn.series.closed.get(reason, 0) + 1
+            lifetime = monotonic() - conn.born
+        self._duration.record(lifetime, conn.series.attrs)
+
+    def _to_active(self, conn):
+        conn.series.idle -= 1
+        conn.series.active += 1
+        conn.pool.idle -= 1
+        conn.pool.active += 1
+        self._saturation(conn.pool)
+
+    def _to_idle(self, conn):
+        conn.series.active -= 1
+        conn.series.idle += 1
+        conn.pool.active -= 1
+        conn.pool.idle += 1
+        self._saturation(conn.pool)
+
+    # -- waits ------------------------------------------------------------
+
+    def wait_started(self, pool, series=None):
+        """A request found no free connection and no room to open one."""
+        wait = Wait(pool, series or pool.scope, monotonic())
+        with self._lock:
+            self._pend(wait, 1)
+        return wait
+
+    def wait_ended(self, wait, outcome=GRANTED):
+        """The wait is over: a connection (or a slot) was granted, it timed out, or it was abandoned."""
+        with self._lock:
+            if wait.done:
+                return
+            wait.done = True
+            if wait.active:
+                self._unwait(wait)
+                wait.end = monotonic()
+            if outcome == TIMED_OUT:
+                wait.series.timeouts += 1
+        if outcome == GRANTED:
+            self._wait_time.record(wait.end - wait.start, wait.series.attrs)
+
+    def _unwait(self, wait):
+        wait.active = False
+        self._pend(wait, -1)
+
+    def _pend(self, wait, step):
+        wait.pool.pending += step
+        wait.series.pending += step
+        if step > 0:
+            wait.pool.waits.add(wait)
+        else:
+            wait.pool.waits.discard(wait)
+            self._forget(wait.pool)
+
+    # -- after fork -------------------------------------------------------
+
+    def _after_fork(self):
+        self._lock = threading.Lock()
+        now = monotonic()
+        for series in self._series.values():
+            series.reset_counts()
+        for pool in self._pools:
+            pool.peak = pool.active
+            if pool.sat_since is not None:
+                pool.sat_since = now
+
+    # -- instruments ------------------------------------------------------
+
+    def _make_instruments(self, meter):
+        def histogram(spec, buckets=sc.DURATION_BUCKETS):
+            name, unit, description = spec
+            return meter.create_histogram(name, unit=unit, description=description,
+                                          explicit_bucket_boundaries_advisory=list(buckets))
+
+        def observe(create, spec, callback):
+            name, unit, description = spec
+            create(name, callbacks=[callback], unit=unit, description=description)
+
+        self._wait_time = histogram(sc.WAIT_TIME)
+        self._create_time = histogram(sc.CREATE_TIME)
+        self._use_time = histogram(sc.USE_TIME)
+        self._idle_time = histogram(sc.IDLE_TIME)
+        self._duration = histogram(sc.CONNECTION_DURATION, sc.LIFETIME_BUCKETS)
+        updown, counter, gauge = (meter.create_observable_up_down_counter,
+                                  meter.create_observable_counter, meter.create_observable_gauge)
+        observe(updown, sc.OPEN_CONNECTIONS, self._observe_open)
+        observe(updown, sc.PENDING_REQUESTS, self._origin_values(lambda s: s.pending))
+        observe(counter, sc.ACQUISITIONS, self._observe_acquisitions)
+        observe(counter, sc.CREATED, self._origin_values(lambda s: s.created))
+        observe(counter, sc.TIMEOUTS, self._origin_values(lambda s: s.timeouts))
+        observe(counter, sc.CLOSED, self._observe_closed)
+        observe(updown, sc.MAX, self._pool_sums(lambda p: p.max))
+        observe(updown, sc.IDLE_MAX, self._pool_sums(lambda p: p.idle_max))
+        observe(updown, sc.POOL_COUNT, self._pool_sums(lambda p: 1))
+        observe(counter, sc.SATURATION_TIME, self._observe_saturation)
+        observe(gauge, sc.OLDEST_ACTIVE_AGE, self._observe_ages(
+            lambda c: c.acquired_at if c.in_use else None, lambda w: None))
+        observe(gauge, sc.OLDEST_PENDING_AGE, self._observe_ages(
+            lambda c: None, lambda w: w.start))
+
+    def _origin_series(self):
+        with self._lock:
+            return [s for s in self._series.values() if s.is_origin]
+
+    def _origin_values(self, value):
+        def callback(options):
+            return [Observation(value(s), s.attrs) for s in self._origin_series()]
+        return callback
+
+    def _observe_open(self, options):
+        with self._lock:
+            values = [(s, s.active, s.idle) for s in self._series.values() if s.is_origin]
+        for s, active, idle in values:
+            yield Observation(active, s.attr(sc.CONNECTION_STATE, sc.STATE_ACTIVE))
+            yield Observation(idle, s.attr(sc.CONNECTION_STATE, sc.STATE_IDLE))
+
+    def _observe_acquisitions(self, options):
+        with self._lock:
+            values = []
+            for s in self._series.values():
+                if s.is_origin:
+                    # An acquisition undone (httpcore's ConnectionNotAvailable) must not make
+                    # the exported counter go backwards: report the high-water mark.
+                    seen = s.acquired_seen
+                    seen[0], seen[1] = max(seen[0], s.acquired[0]), max(seen[1], s.acquired[1])
+                    values.append((s, seen[0], seen[1]))
+        for s, new, reused in values:
+            yield Observation(new, s.attr(sc.REUSED, False))
+            yield Observation(reused, s.attr(sc.REUSED, True))
+
+    def _observe_closed(self, options):
+        with self._lock:
+            values = [(s, dict(s.closed)) for s in self._series.values() if s.is_origin]
+        for s, closed in values:
+            for reason, count in closed.items():
+                yield Observation(count, s.attr(sc.CLOSE_REASON, reason))
+
+    def _pool_sums(self, value):
+        def callback(options):
+            sums = {}
+            with self._lock:
+                for pool in self._pools:
+                    v = value(pool)
+                    if pool.live and v is not None:
+                        sums[pool.scope] = sums.get(pool.scope, 0) + v
+            return [Observation(v, s.attrs) for s, v in sums.items()]
+        return callback
+
+    def _observe_saturation(self, options):
+        now = monotonic()
+        with self._lock:
+            totals = {s: s.saturated for s in self._series.values() if s.saturated}
+            for pool in self._pools:
+                if pool.max is not None:
+                    ongoing = now - pool.sat_since if pool.sat_since is not None else 0.0
+                    totals[pool.scope] = totals.get(pool.scope, pool.scope.saturated) + ongoing
+        return [Observation(v, s.attrs) for s, v in totals.items()]
+
+    def _observe_ages(self, conn_start, wait_start):
+        """Age of the oldest item per origin; 0 for an origin with connections or waits but none aged."""
+        def callback(options):
+            now = monotonic()
+            oldest = {}
+            with self._lock:
+                for pool in self._pools:
+                    for items, start_of in ((pool.conns, conn_start), (pool.waits, wait_start)):
+                        for item in items:
+                            start = start_of(item)
+                            if start is None or start > now:
+                                start = now
+                            if start < oldest.get(item.series, now + 1):
+                                oldest[item.series] = start
+            return [Observation(now - start, s.attrs) for s, start in oldest.items()]
+        return callback
+
+
+def _after_fork():
+    for recorder in list(_recorders):
+        recorder._after_fork()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork)

@@ -1,0 +1,116 @@
+"""What every adapter shares: patch bookkeeping and the one guarded wrapper for sync and async."""
+
+import inspect
+
+import wrapt
+
+from .._config import internal_error
+
+_MISSING = object()
+
+
+def around(where, before=None, after=None, is_async=False):
+    """A wrapt wrapper calling the wrapped function exactly once, with poolscope's work guarded.
+
+    ``before(instance, args, kwargs)`` returns a token; ``after(token, instance, result, exc)``
+    runs when there is no ``before`` or its token is not None, with ``exc`` the exception the
+    wrapped call raised (re-raised unchanged afterwards) or None.
+    """
+
+    def enter(instance, args, kwargs):
+        if before is None:
+            return True
+        try:
+            return before(instance, args, kwargs)
+        except Exception:
+            internal_error(where)
+            return None
+
+    def leave(token, instance, result, exc):
+        try:
+            after(token, instance, result, exc)
+        except Exception:
+            internal_error(where)
+
+    if is_async:
+        async def wrapper(wrapped, instance, args, kwargs):
+            token = enter(instance, args, kwargs)
+            if token is None or after is None:
+                return await wrapped(*args, **kwargs)
+            try:
+                result = await wrapped(*args, **kwargs)
+            except BaseException as exc:
+                leave(token, instance, None, exc)
+                raise
+            leave(token, instance, result, None)
+            return result
+    else:
+        def wrapper(wrapped, instance, args, kwargs):
+            token = enter(instance, args, kwargs)
+            if token is None or after is None:
+                return wrapped(*args, **kwargs)
+            try:
+                result = wrapped(*args, **kwargs)
+            except BaseException as exc:
+                leave(token, instance, None, exc)
+                raise
+            leave(token, instance, result, None)
+            return result
+    return wrapper
+
+
+def arg(args, kwargs, index, name):
+    """A wrapped call's argument, whether passed by position or by name."""
+    return args[index] if len(args) > index else kwargs.get(name)
+
+
+class Adapter:
+    """Patches one library. Subclasses set ``library`` and implement ``patch()`` and ``limits()``."""
+
+    library = ""
+
+    def __init__(self, recorder):
+        self.recorder = recorder
+        self._saved = []
+
+    def patch(self):
+        raise NotImplementedError
+
+    def limits(self, pool_obj):
+        """Keyword arguments for ``Recorder.pool_opened`` describing a library pool object."""
+        raise NotImplementedError
+
+    def registered(self, pool_obj, state):
+        """Hook for adapters that attach the pool state to more of the library's objects."""
+
+    def pool_state(self, pool_obj):
+        """The pool state of a library pool, registering it now if this recorder has not seen it."""
+        state = pool_obj.__dict__.get("_poolscope")
+        if state is None or not state.live or state.owner is not self.recorder:
+            state = self.recorder.pool_opened(self.library, pool_obj, **self.limits(pool_obj))
+            pool_obj._poolscope = state
+            self.registered(pool_obj, state)
+        return state
+
+    def wrap(self, owner, name, before=None, after=None):
+        """Wrap ``owner.name`` with :func:`around`; a no-op for a name the owner lacks."""
+        original = inspect.getattr_static(owner, name, _MISSING)
+        if original is _MISSING:
+            return
+        function = original.__func__ if isinstance(original, (classmethod, staticmethod)) else original
+        wrapper = around(f"{self.library}:{getattr(owner, '__name__', owner)}.{name}", before, after,
+                         is_async=inspect.iscoroutinefunction(function))
+        self.replace(owner, name, wrapt.FunctionWrapper(original, wrapper))
+
+    def replace(self, owner, name, value):
+        self._saved.append((owner, name, vars(owner).get(name, _MISSING)))
+        setattr(owner, name, value)
+
+    def unpatch(self):
+        """Put back the very objects that were there before."""
+        while self._saved:
+            owner, name, original = self._saved.pop()
+            if original is _MISSING:
+                delattr(owner, name)
+            else:
+                setattr(owner, name, original)

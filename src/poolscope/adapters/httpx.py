@@ -1,0 +1,214 @@
+"""httpx, through httpcore's ``ConnectionPool`` and ``AsyncConnectionPool`` (httpcore 1.0.3+).
+
+One implementation serves both: the hooks are plain functions, applied to the ``_sync`` and
+``_async`` classes by name. Where the hooks are (per request, cheapest first):
+
+- ``ConnectionPool.handle_request``: tags the request with its pool, for the wait hook.
+- ``PoolRequest.wait_for_connection``: a wait starts when the request has no connection on
+  entry; it ends in PoolTimeout, cancellation, or at the connection's ``handle_request``.
+- ``HTTPConnection.handle_request`` (and the proxy connections'): the acquisition. httpcore may
+  hand one idle HTTP/1.1 connection to several queued requests; all but one then raise
+  ``ConnectionNotAvailable`` and queue again, so that acquisition is undone and the wait goes on.
+- ``PoolByteStream.close``: the release; a connection that closed with its response
+  (``Connection: close``, a failed or abandoned read) is counted closed there.
+
+Pool-initiated closes pass through ``HTTPConnection.close``, where the reason is read from the
+connection as ``_assign_requests_to_connections`` judged it: past ``_expire_at`` is
+``keepalive_expired``, an idle socket the server closed is ``server_closed``, the rest are idle
+connections the pool had no room for (``idle_limit``).
+"""
+
+import importlib
+import sys
+import time
+
+from .. import _semconv as sc
+from .._recorder import ABANDONED, TIMED_OUT
+from ._base import Adapter, arg
+
+FLAVORS = (
+    {"package": "httpcore._sync", "pool": "ConnectionPool", "request": "PoolRequest",
+     "connection": "HTTPConnection", "send": "handle_request", "close": "close",
+     "proxies": (("http_proxy", "HTTPProxy", ("ForwardHTTPConnection", "TunnelHTTPConnection")),
+                 ("socks_proxy", "SOCKSProxy", ("Socks5Connection",)))},
+    {"package": "httpcore._async", "pool": "AsyncConnectionPool", "request": "AsyncPoolRequest",
+     "connection": "AsyncHTTPConnection", "send": "handle_async_request", "close": "aclose",
+     "proxies": (("http_proxy", "AsyncHTTPProxy",
+                  ("AsyncForwardHTTPConnection", "AsyncTunnelHTTPConnection")),
+                 ("socks_proxy", "AsyncSOCKSProxy", ("AsyncSocks5Connection",)))},
+)
+
+
+def _limit(value):
+    return None if value is None or value >= sys.maxsize else value
+
+
+def _protocol(conn):
+    """The HTTP/1.1 or HTTP/2 connection object under an httpcore connection (or proxy one)."""
+    inner = getattr(conn, "_connection", None)
+    while inner is not None and not hasattr(inner, "_expire_at"):
+        inner = getattr(inner, "_connection", None)
+    return inner
+
+
+def _pool_close_reason(conn):
+    inner = _protocol(conn)
+    if inner is None:
+        return sc.ERROR
+    expire_at = inner._expire_at
+    if expire_at is not None and time.monotonic() > expire_at:
+        return sc.KEEPALIVE_EXPIRED
+    if inner.has_expired():
+        return sc.SERVER_CLOSED
+    return sc.IDLE_LIMIT
+
+
+def _self_close_reason(conn):
+    """Why a connection closed along with its response: the server said so, or the exchange broke."""
+    h11_state = getattr(_protocol(conn), "_h11_state", None)
+    if h11_state is None:
+        return sc.SERVER_CLOSED
+    their = getattr(h11_state.their_state, "__name__", "")
+    return sc.SERVER_CLOSED if their in ("MUST_CLOSE", "CLOSED") else sc.ERROR
+
+
+class HttpxAdapter(Adapter):
+    library = "httpx"
+
+    def patch(self):
+        from httpcore import ConnectionNotAvailable, PoolTimeout
+
+        self._not_available = ConnectionNotAvailable
+        self._pool_timeout = PoolTimeout
+        for flavor in FLAVORS:
+            self._patch_flavor(flavor)
+
+    def _patch_flavor(self, f):
+        package = f["package"]
+        pools = importlib.import_module(package + ".connection_pool")
+        pool_cls = getattr(pools, f["pool"])
+        pool_classes = [pool_cls]
+        conn_classes = [getattr(importlib.import_module(package + ".connection"), f["connection"])]
+        for module_name, proxy, connections in f["proxies"]:
+            try:
+                module = importlib.import_module(f"{package}.{module_name}")
+            except ImportError:  # socksio not installed
+                continue
+            pool_classes.append(getattr(module, proxy))
+            conn_classes.extend(getattr(module, name) for name in connections)
+
+        self.wrap(pool_cls, "__init__", after=self._pool_init)
+        self.wrap(pool_cls, f["send"], before=self._tag_request)
+        self.wrap(pool_cls, f["close"], before=self._pool_close)
+        self.wrap(getattr(pools, f["request"]), "wait_for_connection",
+                  before=self._wait_start, after=self._wait_failed)
+        self.wrap(pools.PoolByteStream, f["close"], before=self._release, after=self._released)
+        for cls in pool_classes:
+            if "create_connection" in vars(cls):
+                self.wrap(cls, "create_connection", before=self._origin_arg, after=self._created)
+        for cls in conn_classes:
+            self.wrap(cls, f["send"], before=self._acquire, after=self._sent)
+            self.wrap(cls, f["close"], before=self._conn_close)
+        self.wrap(conn_classes[0], "_connect", before=self._connect_start, after=self._connected)
+
+    def limits(self, pool_obj):
+        return {"max_connections": _limit(pool_obj._max_connections),
+                "max_idle": _limit(pool_obj._max_keepalive_connections)}
+
+    def _series(self, origin):
+        return self.recorder.series(
+            self.library, (origin.scheme.decode("ascii"), origin.host.decode("ascii"), origin.port))
+
+    # -- pool -------------------------------------------------------------
+
+    def _pool_init(self, token, pool_obj, result, exc):
+        if exc is None:
+            self.pool_state(pool_obj)
+
+    def _pool_close(self, pool_obj, args, kwargs):
+        state = pool_obj.__dict__.get("_poolscope")
+        if state is not None:
+            self.recorder.pool_closed(state)
+
+    def _tag_request(self, pool_obj, args, kwargs):
+        arg(args, kwargs, 0, "request")._poolscope_pool = self.pool_state(pool_obj)
+
+    def _origin_arg(self, pool_obj, args, kwargs):
+        return arg(args, kwargs, 0, "origin")
+
+    def _created(self, origin, pool_obj, conn, exc):
+        if exc is None and "_poolscope" not in conn.__dict__:
+            conn._poolscope = self.recorder.conn_created(self.pool_state(pool_obj),
+                                                         self._series(origin))
+
+    # -- waits ------------------------------------------------------------
+
+    def _wait_start(self, pool_request, args, kwargs):
+        if pool_request.connection is not None:
+            return None
+        request = pool_request.request
+        wait = request.__dict__.get("_poolscope_wait")
+        if wait is None or wait.done:
+            pool = request.__dict__.get("_poolscope_pool")
+            if pool is None:
+                return None
+            wait = self.recorder.wait_started(pool, self._series(request.url.origin))
+            request._poolscope_wait = wait
+        return wait
+
+    def _wait_failed(self, wait, pool_request, result, exc):
+        if exc is not None:
+            self.recorder.wait_ended(wait, TIMED_OUT if isinstance(exc, self._pool_timeout)
+                                     else ABANDONED)
+
+    # -- connections ------------------------------------------------------
+
+    def _acquire(self, conn, args, kwargs):
+        rec = conn.__dict__.get("_poolscope")
+        if rec is None:
+            return None
+        wait = arg(args, kwargs, 0, "request").__dict__.get("_poolscope_wait")
+        return rec, wait, self.recorder.acquired(rec, wait)
+
+    def _sent(self, token, conn, response, exc):
+        rec, wait, reused = token
+        if isinstance(exc, self._not_available):
+            self.recorder.unacquired(rec, reused, wait)
+            return
+        if wait is not None:
+            self.recorder.wait_ended(wait)
+        if exc is None:
+            self.recorder.conn_opened(rec)  # a proxied connection; no-op once opened
+        else:
+            self.recorder.released(rec, sc.ERROR if conn.is_closed() else None)
+
+    def _connect_start(self, conn, args, kwargs):
+        rec = conn.__dict__.get("_poolscope")
+        return None if rec is None else (rec, time.monotonic())
+
+    def _connected(self, token, conn, stream, exc):
+        if exc is None:
+            rec, started = token
+            self.recorder.conn_opened(rec, time.monotonic() - started)
+
+    def _release(self, stream, args, kwargs):
+        if stream._closed:
+            return None
+        conn = stream._pool_request.connection
+        rec = conn.__dict__.get("_poolscope") if conn is not None else None
+        if rec is None:
+            return None
+        self.recorder.released(rec)
+        return rec, conn
+
+    def _released(self, token, stream, result, exc):
+        rec, conn = token
+        if not rec.closed and conn.is_closed():
+            self.recorder.closed(rec, _self_close_reason(conn))
+
+    def _conn_close(self, conn, args, kwargs):
+        rec = conn.__dict__.get("_poolscope")
+        if rec is not None and not rec.closed:
+            pool = rec.pool
+            reason = pool.close_reason if not pool.live else _pool_close_reason(conn)
+            self.recorder.closed(rec, reason)

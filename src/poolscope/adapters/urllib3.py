@@ -1,0 +1,169 @@
+"""urllib3 1.26 and 2.x (and so requests and botocore), through ``HTTPConnectionPool``.
+
+- Waits: the pool's ``QueueCls`` becomes a ``LifoQueue`` that tells, under the queue's own
+  mutex, whether a ``get`` found the queue empty (every slot out) and so had to wait.
+- Acquire: ``_get_conn``; the request reuses the connection when its socket is still open
+  (after urllib3's own dropped-connection check), otherwise it will open a new one.
+- Create: ``HTTPConnection.connect`` / ``HTTPSConnection.connect`` (TCP, plus TLS).
+- Release: ``_put_conn``; a ``put`` into a full queue marks the connection ``pool_full``.
+- Close: ``HTTPConnection.close``, the reason read from the context described in
+  :func:`_close_reason`. A urllib3 connection object outlives its sockets (it reconnects), so
+  poolscope counts each socket as one connection.
+- Eviction: ``RecentlyUsedContainer.__setitem__`` marks the pool a ``PoolManager`` drops.
+"""
+
+import queue
+import time
+
+from .. import _semconv as sc
+from .._config import internal_error
+from .._recorder import ABANDONED, GRANTED, TIMED_OUT
+from ._base import Adapter, arg
+
+_DEFAULT_PORTS = {"http": 80, "https": 443}
+
+
+def _event(method, *args):
+    try:
+        return method(*args)
+    except Exception:
+        internal_error("urllib3:PoolQueue")
+        return None
+
+
+class PoolQueue(queue.LifoQueue):
+    """urllib3's pool queue, telling poolscope when a request had to wait for a slot."""
+
+    _poolscope = None  # (recorder, pool state), set when the pool registers
+
+    def get(self, block=True, timeout=None):
+        observed = self._poolscope
+        if observed is None or not block:
+            return super().get(block, timeout)
+        with self.mutex:
+            if self._qsize():  # a free slot: take it at once, exactly as Queue.get does
+                item = self._get()
+                self.not_full.notify()
+                return item
+        recorder, pool = observed
+        wait = _event(recorder.wait_started, pool)
+        outcome = ABANDONED
+        try:
+            item = super().get(block, timeout)
+            outcome = GRANTED
+            return item
+        except queue.Empty:
+            outcome = TIMED_OUT
+            raise
+        finally:
+            if wait is not None:
+                _event(recorder.wait_ended, wait, outcome)
+
+    def put(self, item, block=True, timeout=None):
+        try:
+            super().put(item, block, timeout)
+        except queue.Full:
+            rec = getattr(item, "_poolscope", None)
+            if rec is not None:
+                rec.reason = sc.POOL_FULL
+            raise
+
+
+def _close_reason(conn, rec):
+    """Why urllib3 is closing ``conn``.
+
+    Marked beforehand: ``pool_full`` (the queue refused it) and the pool's own reason once it
+    is closed, evicted or collected. Otherwise, in use: http.client closes an idle-state
+    connection with no response pending only for a ``Connection: close`` reply
+    (``server_closed``); any other close mid-exchange is a failed or abandoned request
+    (``error``). Idle and still pooled: urllib3's dropped-connection check (``server_closed``).
+    """
+    if rec.reason:
+        return rec.reason
+    pool = rec.pool
+    if not pool.live or pool.ref() is None:
+        return pool.close_reason or sc.POOL_CLOSED
+    if rec.in_use:
+        complete = (getattr(conn, "_HTTPConnection__state", None) == "Idle"
+                    and getattr(conn, "_HTTPConnection__response", None) is None)
+        return sc.SERVER_CLOSED if complete else sc.ERROR
+    return sc.SERVER_CLOSED
+
+
+class Urllib3Adapter(Adapter):
+    library = "urllib3"
+
+    def patch(self):
+        from urllib3 import _collections, connection, connectionpool
+
+        pool_cls = connectionpool.HTTPConnectionPool
+        self.replace(pool_cls, "QueueCls", PoolQueue)
+        self.wrap(pool_cls, "__init__", after=self._pool_init)
+        self.wrap(pool_cls, "_get_conn", after=self._acquired)
+        self.wrap(pool_cls, "_put_conn", before=self._release)
+        self.wrap(pool_cls, "close", before=self._pool_close)
+        for cls in (connection.HTTPConnection, connection.HTTPSConnection):
+            if "connect" in vars(cls):
+                self.wrap(cls, "connect", before=self._connect_start, after=self._connected)
+        self.wrap(connection.HTTPConnection, "close", before=self._conn_close)
+        self.wrap(_collections.RecentlyUsedContainer, "__setitem__", before=self._evicting)
+
+    def limits(self, pool_obj):
+        scheme = pool_obj.scheme or "http"
+        size = pool_obj.pool.maxsize if pool_obj.pool is not None else None
+        return {"max_connections": size, "max_idle": size,
+                "origin": (scheme, pool_obj.host, pool_obj.port or _DEFAULT_PORTS.get(scheme))}
+
+    def registered(self, pool_obj, state):
+        if isinstance(pool_obj.pool, PoolQueue):
+            pool_obj.pool._poolscope = (self.recorder, state)
+
+    def _pool_init(self, token, pool_obj, result, exc):
+        if exc is None:
+            self.pool_state(pool_obj)
+
+    def _pool_close(self, pool_obj, args, kwargs):
+        state = pool_obj.__dict__.get("_poolscope")
+        if state is not None:
+            self.recorder.pool_closed(state)
+
+    def _acquired(self, token, pool_obj, conn, exc):
+        if exc is not None:
+            return
+        rec = conn.__dict__.get("_poolscope")
+        if conn.sock is None:
+            rec = conn._poolscope = self.recorder.conn_created(self.pool_state(pool_obj))
+        elif rec is None or rec.closed:
+            return  # opened before poolscope was on: not tracked
+        self.recorder.acquired(rec)
+
+    def _release(self, pool_obj, args, kwargs):
+        conn = arg(args, kwargs, 0, "conn")
+        rec = conn.__dict__.get("_poolscope") if conn is not None else None
+        if rec is not None and not rec.closed:
+            self.recorder.released(rec)
+
+    def _connect_start(self, conn, args, kwargs):
+        rec = conn.__dict__.get("_poolscope")
+        if rec is None or rec.opened or rec.closed:
+            return None
+        return rec, time.monotonic()
+
+    def _connected(self, token, conn, result, exc):
+        if exc is None:
+            rec, started = token
+            self.recorder.conn_opened(rec, time.monotonic() - started)
+
+    def _conn_close(self, conn, args, kwargs):
+        rec = conn.__dict__.get("_poolscope")
+        if rec is not None and not rec.closed:
+            self.recorder.closed(rec, _close_reason(conn, rec))
+
+    def _evicting(self, container, args, kwargs):
+        entries = container._container
+        if arg(args, kwargs, 0, "key") in entries or len(entries) < container._maxsize:
+            return
+        victim = next(iter(entries.values()), None)
+        state = getattr(victim, "__dict__", {}).get("_poolscope")
+        if state is not None and state.close_reason is None:
+            state.close_reason = sc.EVICTED

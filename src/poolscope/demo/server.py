@@ -1,0 +1,86 @@
+"""A small HTTP/1.1 keep-alive server on 127.0.0.1 for poolscope's demo, examples and tests.
+
+Paths: ``/delay/<seconds>`` answers after that delay; ``/close`` answers with
+``Connection: close``; ``/drop`` closes the socket without answering; anything else answers
+``ok`` at once. ``idle_timeout`` closes keep-alive connections left idle that long, as a
+server's own keep-alive limit does. The server counts the connections it accepted.
+"""
+
+import socket
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+
+class _Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+
+    def setup(self):
+        self.timeout = self.server.idle_timeout
+        super().setup()
+        with self.server.lock:
+            self.server.accepted += 1
+
+    def handle_one_request(self):
+        try:
+            super().handle_one_request()
+        except (socket.timeout, ConnectionError):
+            self.close_connection = True
+
+    def do_GET(self):
+        path = self.path.split("?", 1)[0]
+        if "://" in path:  # asked as a forward proxy: answer for the target ourselves
+            path = "/" + path.split("://", 1)[1].partition("/")[2]
+        if path == "/drop":
+            self.close_connection = True
+            self.connection.shutdown(socket.SHUT_RDWR)
+            return
+        if path.startswith("/delay/"):
+            time.sleep(float(path.rsplit("/", 1)[1]))
+        body = b"ok"
+        self.send_response(200)
+        self.send_header("Content-Type", "text/plain")
+        self.send_header("Content-Length", str(len(body)))
+        if path == "/close":
+            self.send_header("Connection", "close")
+            self.close_connection = True
+        self.end_headers()
+        self.wfile.write(body)
+
+    do_POST = do_GET
+
+    def log_message(self, *args):
+        pass
+
+
+class DemoServer(ThreadingHTTPServer):
+    """Start with ``with DemoServer() as server:``; ``server.url`` is its base URL."""
+
+    daemon_threads = True
+    block_on_close = False
+
+    def __init__(self, port=0, idle_timeout=None):
+        super().__init__(("127.0.0.1", port), _Handler)
+        self.idle_timeout = idle_timeout
+        self.lock = threading.Lock()
+        self.accepted = 0
+        self._thread = None
+
+    @property
+    def port(self):
+        return self.server_address[1]
+
+    @property
+    def url(self):
+        return f"http://127.0.0.1:{self.port}"
+
+    def __enter__(self):
+        self._thread = threading.Thread(target=self.serve_forever, kwargs={"poll_interval": 0.05},
+                                        daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.shutdown()
+        self.server_close()
+        self._thread.join(5)

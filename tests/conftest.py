@@ -1,0 +1,70 @@
+import os
+
+import pytest
+from opentelemetry.sdk.metrics import MeterProvider
+from opentelemetry.sdk.metrics.export import InMemoryMetricReader
+
+os.environ.setdefault("POOLSCOPE_STRICT", "true")
+
+import poolscope  # noqa: E402
+from poolscope.demo.server import DemoServer  # noqa: E402
+
+
+class Metrics:
+    """poolscope instrumented into an in-memory SDK pipeline; ``read()`` collects it."""
+
+    def __init__(self):
+        self.reader = InMemoryMetricReader()
+        self.provider = MeterProvider(metric_readers=[self.reader])
+
+    def read(self):
+        """{metric name: [(attributes dict, point)]} from one collection."""
+        out = {}
+        data = self.reader.get_metrics_data()
+        for rm in data.resource_metrics if data else ():
+            for sm in rm.scope_metrics:
+                for metric in sm.metrics:
+                    out.setdefault(metric.name, []).extend(
+                        (dict(p.attributes), p) for p in metric.data.data_points)
+        return out
+
+    def value(self, data, name, **attrs):
+        """Sum of the points of ``name`` whose attributes include ``attrs`` (None if no point)."""
+        want = {k.replace("__", "."): v for k, v in attrs.items()}
+        points = [p for a, p in data.get(name, []) if want.items() <= a.items()]
+        if not points:
+            return None
+        return sum(getattr(p, "value", None) if hasattr(p, "value") else p.count for p in points)
+
+    def histogram(self, data, name, **attrs):
+        """(count, sum) of a histogram's points whose attributes include ``attrs``."""
+        want = {k.replace("__", "."): v for k, v in attrs.items()}
+        points = [p for a, p in data.get(name, []) if want.items() <= a.items()]
+        return sum(p.count for p in points), sum(p.sum for p in points)
+
+
+@pytest.fixture
+def metrics():
+    m = Metrics()
+    poolscope.instrument(meter_provider=m.provider)
+    yield m
+    poolscope.uninstrument()
+    m.provider.shutdown()
+
+
+@pytest.fixture
+def server():
+    with DemoServer() as s:
+        yield s
+
+
+@pytest.fixture
+def short_keepalive_server():
+    with DemoServer(idle_timeout=0.3) as s:
+        yield s
+
+
+def buckets(point):
+    """{upper bound: count} of a histogram point (inf for the last bucket)."""
+    bounds = list(point.explicit_bounds) + [float("inf")]
+    return {b: c for b, c in zip(bounds, point.bucket_counts) if c}

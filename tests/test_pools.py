@@ -1,0 +1,138 @@
+"""Scenarios with known answers, run on every client flavor against a real local server."""
+
+import time
+
+import pytest
+
+from conftest import buckets
+from drivers import DRIVERS
+
+OPEN = "http.client.open_connections"
+WAIT = "poolscope.connection.wait_time"
+ACQ = "poolscope.connection.acquisitions"
+
+
+@pytest.fixture(params=sorted(DRIVERS))
+def make(request, server):
+    drivers = []
+
+    def factory(srv=server, **kw):
+        d = DRIVERS[request.param](srv, **kw)
+        drivers.append(d)
+        return d
+    yield factory
+    for d in drivers:
+        d.close()
+
+
+def figures(metrics, lib):
+    data = metrics.read()
+
+    def v(name, **attrs):
+        return metrics.value(data, name, poolscope__library=lib, **attrs)
+    return data, v
+
+
+def test_saturation_six_requests_limit_two(metrics, make, server):
+    """6 at once, limit 2, 300 ms server: waves at 0, 0.3, 0.6 s; 4 waits of ~0.3, 0.3, 0.6, 0.6."""
+    d = make(limit=2)
+    assert d.get_all(["/delay/0.3"] * 6) == [200] * 6
+    data, v = figures(metrics, d.library)
+    count, total = metrics.histogram(data, WAIT, poolscope__library=d.library)
+    assert count == 4
+    assert 1.75 <= total <= 2.2
+    [(_, point)] = [(a, p) for a, p in data[WAIT] if a["poolscope.library"] == d.library]
+    assert buckets(point) == {0.5: 2, 1.0: 2}
+    assert v("poolscope.connection.created") == 2
+    assert server.accepted == 2
+    assert v(ACQ, poolscope__connection__reused=False) == 2
+    assert v(ACQ, poolscope__connection__reused=True) == 4
+    assert v(OPEN, http__connection__state="idle") == 2
+    assert v(OPEN, http__connection__state="active") == 0
+    assert v("poolscope.connection.pending_requests") == 0
+    assert v("poolscope.connection.timeouts") == 0
+    assert v("poolscope.connection.max") == 2
+    assert v("poolscope.pool.count") == 1
+    assert 0.85 <= v("poolscope.pool.saturation_time") <= 1.3
+    assert v("poolscope.connection.oldest_pending_age") == 0
+    assert v("poolscope.connection.oldest_active_age") == 0
+
+
+def test_sequential_requests_reuse_one_connection(metrics, make):
+    d = make()
+    for _ in range(3):
+        assert d.get("/") == 200
+    data, v = figures(metrics, d.library)
+    assert v("poolscope.connection.created") == 1
+    assert metrics.histogram(data, "poolscope.connection.create_time",
+                             poolscope__library=d.library)[0] == 1
+    assert v(ACQ, poolscope__connection__reused=False) == 1
+    assert v(ACQ, poolscope__connection__reused=True) == 2
+    assert metrics.histogram(data, WAIT, poolscope__library=d.library) == (0, 0)
+    assert v(OPEN, http__connection__state="idle") == 1
+    assert v("poolscope.pool.saturation_time") in (None, 0)
+
+
+def test_pool_timeout(metrics, make):
+    """Limit 1 held for 0.6 s; a second request with a 0.2 s pool timeout gives up."""
+    d = make(limit=1, pool_timeout=0.2)
+    held = d.submit("/delay/0.6")
+    time.sleep(0.15)
+    with pytest.raises(Exception) as info:
+        d.get("/")
+    assert type(info.value).__name__ in ("PoolTimeout", "EmptyPoolError")
+    assert held.result(5) == 200
+    data, v = figures(metrics, d.library)
+    assert v("poolscope.connection.timeouts") == 1
+    assert metrics.histogram(data, WAIT, poolscope__library=d.library)[0] == 0
+    assert v("poolscope.connection.pending_requests") == 0
+    assert v(OPEN, http__connection__state="active") == 0
+    assert v(OPEN, http__connection__state="idle") == 1
+
+
+def test_connection_close_response(metrics, make):
+    d = make()
+    assert d.get("/close") == 200
+    _, v = figures(metrics, d.library)
+    assert v("poolscope.connection.closed", poolscope__close__reason="server_closed") == 1
+    assert v("poolscope.connection.closed") == 1
+    assert v("poolscope.connection.created") == 1
+    assert v(OPEN) == 0
+
+
+def test_failed_request_closes_with_error(metrics, make):
+    d = make()
+    with pytest.raises(Exception):
+        d.get("/drop")
+    _, v = figures(metrics, d.library)
+    assert v("poolscope.connection.closed", poolscope__close__reason="error") == 1
+    assert v("poolscope.connection.closed") == 1
+    assert v("poolscope.connection.created") == 1
+    assert v(ACQ) == 1
+    assert v(OPEN) == 0
+
+
+def test_server_drops_idle_connection(metrics, make, short_keepalive_server):
+    """The server closes idle keep-alive connections after 0.3 s; the next request finds it."""
+    d = make(short_keepalive_server)
+    assert d.get("/") == 200
+    time.sleep(0.6)
+    assert d.get("/") == 200
+    _, v = figures(metrics, d.library)
+    assert v("poolscope.connection.closed", poolscope__close__reason="server_closed") == 1
+    assert v("poolscope.connection.closed") == 1
+    assert v("poolscope.connection.created") == 2
+    assert v(ACQ, poolscope__connection__reused=False) == 2
+    assert v(OPEN, http__connection__state="idle") == 1
+
+
+def test_closing_the_pool(metrics, make):
+    d = make()
+    assert d.get_all(["/delay/0.1"] * 2) == [200, 200]
+    d.close()
+    _, v = figures(metrics, d.library)
+    assert v("poolscope.connection.closed", poolscope__close__reason="pool_closed") == 2
+    assert v("poolscope.connection.closed") == 2
+    assert v(OPEN) == 0
+    assert v("poolscope.pool.count") in (None, 0)
+    assert v("poolscope.connection.max") in (None, 0)
