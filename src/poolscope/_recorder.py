@@ -113,6 +113,12 @@ class Wait:
         self.done = False
 
 
+class _Limits:
+    """Which limits a scope's pools ever had (for the pool sums to report 0, not nothing)."""
+
+    max = idle_max = None
+
+
 _recorders = weakref.WeakSet()
 
 
@@ -124,6 +130,7 @@ class Recorder:
         self._series = {}
         self._origins = {}
         self._pools = set()
+        self._scopes = {}  # scope series -> _Limits seen on its pools
         self.detailed = detailed
         self.max_origins = max_origins
         self._make_instruments(metrics.get_meter(sc.INSTRUMENTATION_NAME, __version__,
@@ -168,6 +175,9 @@ class Recorder:
         pool.ref = weakref.ref(obj)
         with self._lock:
             self._pools.add(pool)
+            seen = self._scopes.setdefault(pool.scope, _Limits())
+            seen.max = seen.max if max_connections is None else max_connections
+            seen.idle_max = seen.idle_max if max_idle is None else max_idle
         weakref.finalize(obj, self.pool_gone, pool)
         return pool
 
@@ -440,8 +450,9 @@ class Recorder:
 
     def _pool_sums(self, value):
         def callback(options):
-            sums = {}
             with self._lock:
+                # a scope that ever had such a pool reads 0 when they are gone, not nothing
+                sums = {s: 0 for s, values in self._scopes.items() if value(values) is not None}
                 for pool in self._pools:
                     v = value(pool)
                     if pool.live and v is not None:

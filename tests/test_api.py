@@ -1,0 +1,194 @@
+"""The public API: lazy, idempotent, version-gated patching that restores the very same objects."""
+
+import logging
+import subprocess
+import sys
+import textwrap
+from importlib.metadata import entry_points
+
+import httpcore
+import pytest
+import urllib3
+
+import poolscope
+from poolscope import _config, _instrument
+from poolscope._package import SUPPORTED
+from poolscope.demo.server import DemoServer
+
+PATCHED = [
+    (urllib3.connectionpool.HTTPConnectionPool, ("__init__", "_get_conn", "_put_conn", "close",
+                                                 "QueueCls")),
+    (urllib3.connection.HTTPConnection, ("connect", "close")),
+    (httpcore.ConnectionPool, ("__init__", "handle_request", "close", "create_connection")),
+    (httpcore.AsyncConnectionPool, ("__init__", "handle_async_request", "aclose")),
+    (httpcore.HTTPConnection, ("handle_request", "_connect", "close")),
+]
+
+
+def snapshot():
+    return {(cls, name): vars(cls).get(name) for cls, names in PATCHED for name in names}
+
+
+def run(code, **env):
+    """Run ``code`` in a fresh interpreter; return its stdout."""
+    result = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True,
+                            text=True, timeout=60, env={**_env(), **env})
+    assert result.returncode == 0, result.stderr
+    return result.stdout
+
+
+def _env():
+    import os
+    return {k: v for k, v in os.environ.items() if not k.startswith("POOLSCOPE_")}
+
+
+def test_uninstrument_restores_the_very_same_objects():
+    before = snapshot()
+    for _ in range(2):
+        poolscope.instrument()
+        poolscope.instrument()  # idempotent
+        during = snapshot()
+        assert all(during[k] is not before[k] for k in before)
+        assert all(getattr(during[k], "__wrapped__", during[k]) is before[k]
+                   for k in before if k[1] != "QueueCls")
+        poolscope.uninstrument()
+        after = snapshot()
+        assert all(after[k] is before[k] for k in before)
+
+
+def test_patching_is_lazy_and_happens_at_import():
+    out = run("""
+        import sys, poolscope
+        poolscope.instrument()
+        print("urllib3" in sys.modules, "httpx" in sys.modules, "httpcore" in sys.modules)
+        import requests, httpx, httpcore
+        from urllib3.connectionpool import HTTPConnectionPool
+        print(HTTPConnectionPool.QueueCls.__name__,
+              type(vars(httpcore.ConnectionPool)["handle_request"]).__name__)
+    """)
+    assert out.split() == ["False", "False", "False", "PoolQueue", "FunctionWrapper"]
+
+
+def test_instrument_after_import_and_clients_made_before():
+    """A pool made before instrument() is picked up at its first new connection."""
+    out = run("""
+        import urllib3, poolscope
+        from opentelemetry.sdk.metrics import MeterProvider
+        from opentelemetry.sdk.metrics.export import InMemoryMetricReader
+        from poolscope.demo.server import DemoServer
+        with DemoServer() as server:
+            pool = urllib3.HTTPConnectionPool("127.0.0.1", server.port)
+            reader = InMemoryMetricReader()
+            poolscope.instrument(meter_provider=MeterProvider(metric_readers=[reader]))
+            for _ in range(2):
+                pool.request("GET", "/")
+            for m in reader.get_metrics_data().resource_metrics[0].scope_metrics[0].metrics:
+                if m.name == "poolscope.connection.created":
+                    print(sum(p.value for p in m.data.data_points))
+    """)
+    assert out.split() == ["1"]
+
+
+def test_unsupported_version_is_skipped_with_one_line(monkeypatch, caplog):
+    monkeypatch.setitem(SUPPORTED, "urllib3", {**SUPPORTED["urllib3"], "minimum": "99"})
+    before = snapshot()
+    with caplog.at_level(logging.WARNING, logger="poolscope"):
+        poolscope.instrument()
+    try:
+        lines = [r.getMessage() for r in caplog.records]
+        assert len(lines) == 1 and "urllib3" in lines[0] and "not supported" in lines[0]
+        assert vars(urllib3.connectionpool.HTTPConnectionPool)["_get_conn"] is \
+            before[(urllib3.connectionpool.HTTPConnectionPool, "_get_conn")]
+    finally:
+        poolscope.uninstrument()
+
+
+def test_unknown_library_is_a_clear_error():
+    with pytest.raises(ValueError, match="unknown libraries nope"):
+        poolscope.instrument(libraries=["nope"])
+
+
+def test_only_named_libraries():
+    poolscope.instrument(libraries=["httpx"])
+    try:
+        assert type(vars(urllib3.connectionpool.HTTPConnectionPool)["_get_conn"]).__name__ \
+            == "function"
+        assert type(vars(httpcore.ConnectionPool)["handle_request"]).__name__ == "FunctionWrapper"
+    finally:
+        poolscope.uninstrument()
+
+
+def test_internal_failure_never_reaches_the_application(metrics, server, monkeypatch, caplog):
+    monkeypatch.setattr(_config, "strict", False)
+    monkeypatch.setattr(_config, "_reported", set())
+    recorder = _instrument.current_recorder()
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("boom")
+    monkeypatch.setattr(recorder, "acquired", broken)
+    monkeypatch.setattr(recorder, "conn_created", broken)
+    pool = urllib3.HTTPConnectionPool("127.0.0.1", server.port)
+    with caplog.at_level(logging.WARNING, logger="poolscope"):
+        assert [pool.request("GET", "/").status for _ in range(3)] == [200] * 3
+    assert [r.getMessage() for r in caplog.records] == [
+        "poolscope: internal error in urllib3:HTTPConnectionPool._get_conn ignored; "
+        "the application is not affected"]
+    pool.close()
+
+
+def test_origins_beyond_the_cap_fold_into_other(monkeypatch):
+    from conftest import Metrics
+    monkeypatch.setenv("POOLSCOPE_MAX_ORIGINS", "2")
+    m = Metrics()
+    poolscope.instrument(meter_provider=m.provider)
+    try:
+        with DemoServer() as a, DemoServer() as b, DemoServer() as c:
+            for srv in (a, b, c):
+                urllib3.HTTPConnectionPool("127.0.0.1", srv.port).request("GET", "/")
+        data = m.read()
+        addresses = sorted((a["server.address"], a.get("server.port")) for a, _ in
+                           data["poolscope.connection.created"])
+        assert addresses == sorted([("127.0.0.1", a.port), ("127.0.0.1", b.port), ("_other", None)])
+    finally:
+        poolscope.uninstrument()
+
+
+def test_detailed_timings(monkeypatch, server):
+    from conftest import Metrics
+    monkeypatch.setenv("POOLSCOPE_DETAILED_TIMINGS", "true")
+    m = Metrics()
+    poolscope.instrument(meter_provider=m.provider)
+    try:
+        pool = urllib3.HTTPConnectionPool("127.0.0.1", server.port)
+        for _ in range(3):
+            pool.request("GET", "/delay/0.05")
+        data = m.read()
+        assert m.histogram(data, "poolscope.connection.use_time")[0] == 3
+        assert 0.15 <= m.histogram(data, "poolscope.connection.use_time")[1] < 0.5
+        assert m.histogram(data, "poolscope.connection.idle_time")[0] == 2
+        pool.close()
+    finally:
+        poolscope.uninstrument()
+
+
+def test_bad_setting_is_one_clear_line_and_the_default(monkeypatch, caplog):
+    monkeypatch.setenv("POOLSCOPE_MAX_ORIGINS", "lots")
+    with caplog.at_level(logging.ERROR, logger="poolscope"):
+        poolscope.instrument()
+    try:
+        assert [r.getMessage() for r in caplog.records] == [
+            "poolscope: POOLSCOPE_MAX_ORIGINS='lots' is not a whole number; using 1000"]
+        assert _instrument.current_recorder().max_origins == 1000
+    finally:
+        poolscope.uninstrument()
+
+
+def test_registered_as_an_opentelemetry_instrumentor():
+    [ep] = [ep for ep in entry_points(group="opentelemetry_instrumentor") if ep.name == "poolscope"]
+    instrumentor = ep.load()()
+    instrumentor.instrument()
+    try:
+        assert _instrument.current_recorder() is not None
+    finally:
+        instrumentor.uninstrument()
+    assert _instrument.current_recorder() is None

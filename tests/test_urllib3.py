@@ -1,0 +1,84 @@
+"""urllib3-only behaviour: pool_full discards, PoolManager eviction, requests, block=False."""
+
+import logging
+import threading
+
+import requests
+import urllib3
+
+from drivers import Urllib3Driver
+from poolscope.demo.server import DemoServer
+
+
+def v(metrics, name, **attrs):
+    return metrics.value(metrics.read(), name, poolscope__library="urllib3", **attrs)
+
+
+def test_pool_full_discards_connections(metrics, server, caplog):
+    """block=False, maxsize 1, 3 at once: 3 connections, 2 discarded as the pool is full."""
+    d = Urllib3Driver(server, limit=1, block=False)
+    with caplog.at_level(logging.WARNING, logger="urllib3.connectionpool"):
+        assert d.get_all(["/delay/0.2"] * 3) == [200] * 3
+    assert sum("Connection pool is full" in r.getMessage() for r in caplog.records) == 2
+    data = metrics.read()
+    val = lambda name, **a: metrics.value(data, name, poolscope__library="urllib3", **a)  # noqa: E731
+    assert val("poolscope.connection.created") == 3
+    assert val("poolscope.connection.closed", poolscope__close__reason="pool_full") == 2
+    assert val("poolscope.connection.closed") == 2
+    assert val("http.client.open_connections", http__connection__state="idle") == 1
+    assert val("http.client.open_connections", http__connection__state="active") == 0
+    assert metrics.histogram(data, "poolscope.connection.wait_time")[0] == 0
+    assert val("poolscope.connection.max") == 1
+    assert val("poolscope.pool.saturation_time") > 0.15
+    d.close()
+
+
+def test_pool_manager_eviction(metrics):
+    """num_pools=1: a request to a second origin evicts the first origin's pool."""
+    with DemoServer() as a, DemoServer() as b:
+        manager = urllib3.PoolManager(num_pools=1, retries=False)
+        assert manager.request("GET", a.url + "/").status == 200
+        assert manager.request("GET", b.url + "/").status == 200
+        data = metrics.read()
+        for srv, closed, pools in ((a, 1, 0), (b, None, 1)):
+            val = lambda name, **x: metrics.value(data, name, server__port=srv.port, **x)  # noqa: E731
+            assert val("poolscope.connection.closed", poolscope__close__reason="evicted") == closed
+            assert val("poolscope.pool.count") == pools
+            assert val("poolscope.connection.created") == 1
+        manager.clear()
+
+
+def test_requests_session_with_blocking_pool(metrics, server):
+    session = requests.Session()
+    session.mount("http://", requests.adapters.HTTPAdapter(pool_connections=1, pool_maxsize=2,
+                                                           pool_block=True))
+    results = []
+
+    def get():
+        results.append(session.get(server.url + "/delay/0.3").status_code)
+
+    threads = [threading.Thread(target=get) for _ in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert results == [200] * 6
+    data = metrics.read()
+    count, total = metrics.histogram(data, "poolscope.connection.wait_time")
+    assert count == 4 and 1.75 <= total <= 2.2
+    assert metrics.value(data, "poolscope.connection.created") == 2
+    assert metrics.value(data, "http.client.open_connections", http__connection__state="idle") == 2
+    session.close()
+    assert v(metrics, "poolscope.connection.closed", poolscope__close__reason="pool_closed") == 2
+
+
+def test_unread_streamed_response_is_an_error_close(metrics, server):
+    pool = urllib3.HTTPConnectionPool("127.0.0.1", server.port, retries=False)
+    response = pool.request("GET", "/delay/0", preload_content=False)
+    assert v(metrics, "http.client.open_connections", http__connection__state="active") == 1
+    assert v(metrics, "poolscope.connection.oldest_active_age") > 0
+    response.close()
+    response.release_conn()
+    assert v(metrics, "poolscope.connection.closed", poolscope__close__reason="error") == 1
+    assert v(metrics, "http.client.open_connections") == 0
+    pool.close()
