@@ -1,5 +1,6 @@
 """httpx-only behaviour: keep-alive expiry, the idle limit, limits, proxy pools."""
 
+import inspect
 import time
 
 import httpx
@@ -63,7 +64,8 @@ def test_unlimited_pool_reports_no_max_and_never_saturates(metrics, server):
 
 def test_forward_proxy_pool(metrics, server):
     """Through an HTTP proxy the pool's connections go to the proxy; origins stay the targets."""
-    client = httpx.Client(proxy=server.url)
+    keyword = "proxy" if "proxy" in inspect.signature(httpx.Client).parameters else "proxies"
+    client = httpx.Client(**{keyword: server.url})
     for _ in range(3):
         assert client.get("http://example.test:8080/").status_code == 200
     data = metrics.read()
