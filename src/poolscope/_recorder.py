@@ -27,7 +27,7 @@ class Series:
     """One attribute set (a library, or a library and an origin) for the life of the process."""
 
     __slots__ = ("key", "attrs", "active", "idle", "pending", "acquired", "acquired_seen",
-                 "created", "closed", "timeouts", "saturated", "peak", "_derived")
+                 "created", "closed", "timeouts", "saturated", "peak", "pools_opened", "_derived")
 
     def __init__(self, key, attrs):
         self.key = key
@@ -35,7 +35,7 @@ class Series:
         self.active = self.idle = self.pending = 0
         self.acquired = [0, 0]  # [new, reused]
         self.acquired_seen = [0, 0]
-        self.created = self.timeouts = self.peak = 0
+        self.created = self.timeouts = self.peak = self.pools_opened = 0
         self.closed = {}
         self.saturated = 0.0
         self._derived = {}
@@ -54,7 +54,7 @@ class Series:
     def reset_counts(self):
         self.acquired = [0, 0]
         self.acquired_seen = [0, 0]
-        self.created = self.timeouts = self.peak = 0
+        self.created = self.timeouts = self.peak = self.pools_opened = 0
         self.closed = {}
         self.saturated = 0.0
 
@@ -116,7 +116,7 @@ class Wait:
 class _Limits:
     """Which limits a scope's pools ever had (for the pool sums to report 0, not nothing)."""
 
-    max = idle_max = None
+    max = idle_max = peak_limit = None
 
 
 _recorders = weakref.WeakSet()
@@ -175,6 +175,7 @@ class Recorder:
         pool.ref = weakref.ref(obj)
         with self._lock:
             self._pools.add(pool)
+            pool.scope.pools_opened += 1
             seen = self._scopes.setdefault(pool.scope, _Limits())
             seen.max = seen.max if max_connections is None else max_connections
             seen.idle_max = seen.idle_max if max_idle is None else max_idle
@@ -208,6 +209,7 @@ class Recorder:
             pool.peak = pool.active
             if pool.active > pool.scope.peak:
                 pool.scope.peak = pool.active
+                self._scopes[pool.scope].peak_limit = pool.max
         saturated = pool.live and pool.max is not None and pool.active >= pool.max
         if saturated:
             if pool.sat_since is None:
@@ -364,6 +366,12 @@ class Recorder:
         else:
             wait.pool.waits.discard(wait)
             self._forget(wait.pool)
+
+    def scopes(self):
+        """{scope series: (limit of the pool that peaked, peak in use, pools opened)}, for the report."""
+        with self._lock:
+            return {s: (limits.peak_limit if s.peak else limits.max, s.peak, s.pools_opened)
+                    for s, limits in self._scopes.items()}
 
     # -- after fork -------------------------------------------------------
 

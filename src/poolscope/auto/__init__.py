@@ -1,0 +1,1 @@
+"""The launcher: ``poolscope-instrument`` and the bootstrap that runs inside the application."""

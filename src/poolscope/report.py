@@ -1,0 +1,131 @@
+"""The pool report: a short table per pool, from the same metrics poolscope exports, with advice."""
+
+from . import _semconv as sc
+
+# The setting that raises each library's connection limit, and its keep-alive expiry.
+LIMIT_SETTING = {"urllib3": "maxsize (requests: HTTPAdapter pool_maxsize; botocore: max_pool_connections)",
+                 "httpx": "httpx.Limits(max_connections=...)"}
+KEEPALIVE_SETTING = {"httpx": "httpx.Limits(keepalive_expiry=...)"}
+
+
+def _key(attrs):
+    if sc.SERVER_ADDRESS in attrs:
+        return (attrs[sc.LIBRARY], attrs.get(sc.URL_SCHEME), attrs[sc.SERVER_ADDRESS],
+                attrs.get(sc.SERVER_PORT))
+    return (attrs.get(sc.LIBRARY),)
+
+
+def collect(metrics_data):
+    """{series key: {metric name or (name, attribute value): value or histogram point}}."""
+    figures = {}
+    for rm in metrics_data.resource_metrics if metrics_data else ():
+        for sm in rm.scope_metrics:
+            if sm.scope.name != sc.INSTRUMENTATION_NAME:
+                continue
+            for metric in sm.metrics:
+                for point in metric.data.data_points:
+                    attrs = dict(point.attributes)
+                    extra = (attrs.get(sc.CLOSE_REASON) if metric.name == sc.CLOSED[0] else
+                             attrs.get(sc.REUSED) if metric.name == sc.ACQUISITIONS[0] else
+                             attrs.get(sc.CONNECTION_STATE))
+                    name = metric.name if extra is None else (metric.name, extra)
+                    figures.setdefault(_key(attrs), {})[name] = (
+                        point if hasattr(point, "bucket_counts") else point.value)
+    return figures
+
+
+def quantile(point, q):
+    """Estimate a quantile from a histogram point, as Prometheus does, kept within [min, max]."""
+    if point is None or not point.count:
+        return None
+    rank = q * point.count
+    bounds = list(point.explicit_bounds)
+    seen, lower = 0, 0.0
+    for i, count in enumerate(point.bucket_counts):
+        upper = bounds[i] if i < len(bounds) else point.max
+        if count and seen + count >= rank:
+            estimate = lower + (upper - lower) * (rank - seen) / count
+            return min(max(estimate, point.min), point.max)
+        seen += count
+        lower = upper
+    return point.max
+
+
+def _seconds(value):
+    if value is None:
+        return "-"
+    return f"{value * 1000:.0f} ms" if value < 1 else f"{value:.2f} s"
+
+
+def render(metrics_data, scopes):
+    """The report text. ``scopes`` is ``Recorder.scopes()`` (limits, peaks, pools opened)."""
+    figures = collect(metrics_data)
+    scope_info = {s.key: info for s, info in scopes.items()}
+    origins = sorted(k for k in figures if len(k) > 1)
+    if not origins:
+        return "poolscope: no HTTP connection pool was used.\n"
+    lines = ["poolscope pool report"]
+    for key in origins:
+        library, scheme, host, port = key
+        f = figures[key]
+        own_scope = key in scope_info
+        scope = key if own_scope else (library,)
+        limit, peak, pools_opened = scope_info.get(scope, (None, 0, 0))
+        saturated = figures.get(scope, {}).get(sc.SATURATION_TIME[0], 0.0)
+        origin = f"{scheme}://{host}" + (f":{port}" if port else "")
+        new = f.get((sc.ACQUISITIONS[0], False), 0)
+        reused = f.get((sc.ACQUISITIONS[0], True), 0)
+        total = new + reused
+        wait = f.get(sc.WAIT_TIME[0])
+        waited = wait.count if wait is not None else 0
+        timeouts = f.get(sc.TIMEOUTS[0], 0)
+        created = f.get(sc.CREATED[0], 0)
+        closes = {r: f[(sc.CLOSED[0], r)] for r in sc.CLOSE_REASONS if f.get((sc.CLOSED[0], r))}
+        pool_word = "pool" if own_scope else f"{library} client pools (all origins)"
+        lines.append(f"\n{library} {origin}")
+        lines.append(f"  {pool_word}: limit {limit if limit is not None else 'none'}, "
+                     f"peak {peak} in use, saturated {_seconds(saturated)}, "
+                     f"{pools_opened} pool(s) created")
+        lines.append(f"  requests: {total} acquisitions, {waited} waited"
+                     + (f" (p50 {_seconds(quantile(wait, 0.5))}, p99 {_seconds(quantile(wait, 0.99))})"
+                        if waited else "")
+                     + f", {timeouts} timed out")
+        lines.append(f"  connections: {created} created, reuse {100 * reused / total if total else 0:.0f}%, "
+                     f"open {f.get((sc.OPEN_CONNECTIONS[0], sc.STATE_ACTIVE), 0)} active / "
+                     f"{f.get((sc.OPEN_CONNECTIONS[0], sc.STATE_IDLE), 0)} idle, closed: "
+                     + (", ".join(f"{r} {n}" for r, n in closes.items()) or "none"))
+        for line in advise(library, total, waited, timeouts, limit, peak, pools_opened, reused,
+                           closes, wait):
+            lines.append(f"  advice: {line}")
+    return "\n".join(lines) + "\n"
+
+
+def advise(library, total, waited, timeouts, limit, peak, pools_opened, reused, closes, wait):
+    """Plain-language advice for the figures of one origin."""
+    advice = []
+    setting = LIMIT_SETTING.get(library, "the pool's connection limit")
+    if waited and limit is not None:
+        advice.append(f"{waited} of {total} requests waited for a connection "
+                      f"(p99 {_seconds(quantile(wait, 0.99))}) with all {limit} in use: raise "
+                      f"{setting} above {peak}, or send fewer requests at once.")
+    if timeouts:
+        advice.append(f"{timeouts} requests gave up waiting for the pool: raise the limit or the "
+                      "pool timeout, and look for responses held open (streams not closed).")
+    if closes.get(sc.POOL_FULL):
+        advice.append(f"{closes[sc.POOL_FULL]} connections were discarded because the pool was "
+                      f"full (\"Connection pool is full\"): raise {setting} to at least {peak}, "
+                      "the number of requests in flight at once.")
+    if closes.get(sc.SERVER_CLOSED):
+        expiry = KEEPALIVE_SETTING.get(library)
+        advice.append(f"{closes[sc.SERVER_CLOSED]} connections were closed by the server "
+                      "(stale keep-alive or Connection: close)"
+                      + (f": set {expiry} below the server's keep-alive timeout." if expiry else
+                         ": enable retries for idempotent requests, and keep the server's "
+                         "keep-alive timeout longer than the client's idle periods."))
+    if closes.get(sc.IDLE_LIMIT) and closes[sc.IDLE_LIMIT] * 4 >= total:
+        advice.append(f"{closes[sc.IDLE_LIMIT]} idle connections were closed because the pool "
+                      "kept too few: raise max_keepalive_connections.")
+    if pools_opened >= 10 and total and reused * 2 < total:
+        advice.append(f"{pools_opened} pools were created for few requests each: the application "
+                      "makes a client per request; create one client and reuse it.")
+    return advice
