@@ -12,9 +12,9 @@ PROTOCOLS = ("http/protobuf", "grpc")
 EXTRAS = {
     ("metrics", "prometheus"): ("opentelemetry.exporter.prometheus", "prometheus"),
     ("metrics", "otlp", "http/protobuf"): ("opentelemetry.exporter.otlp.proto.http", "otlp"),
-    ("metrics", "otlp", "grpc"): ("opentelemetry.exporter.otlp.proto.grpc", "otlp"),
+    ("metrics", "otlp", "grpc"): ("opentelemetry.exporter.otlp.proto.grpc", "otlp-grpc"),
     ("traces", "otlp", "http/protobuf"): ("opentelemetry.exporter.otlp.proto.http", "otlp"),
-    ("traces", "otlp", "grpc"): ("opentelemetry.exporter.otlp.proto.grpc", "otlp"),
+    ("traces", "otlp", "grpc"): ("opentelemetry.exporter.otlp.proto.grpc", "otlp-grpc"),
 }
 
 

@@ -76,7 +76,7 @@ class Pipeline:
                 from opentelemetry.exporter.otlp.proto.grpc.metric_exporter import OTLPMetricExporter
             else:
                 from opentelemetry.exporter.otlp.proto.http.metric_exporter import OTLPMetricExporter
-            _quiet("opentelemetry.exporter.otlp")
+            _quiet_exporters()
             return PeriodicExportingMetricReader(OTLPMetricExporter(), export_interval_millis=interval)
         if name == "prometheus":
             return self._prometheus()
@@ -113,7 +113,7 @@ class Pipeline:
                 from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
                 exporter = OTLPSpanExporter()
             provider.add_span_processor(BatchSpanProcessor(exporter))
-        _quiet("opentelemetry.exporter.otlp")
+        _quiet_exporters()
         trace.set_tracer_provider(provider)
         self.owned.append(provider)
         return provider
@@ -134,11 +134,17 @@ class Pipeline:
                 pass
 
 
-def _quiet(prefix):
-    once = _OnceFilter()
-    for name in (prefix, prefix + ".proto.http", prefix + ".proto.grpc", prefix + ".exporter",
-                 "opentelemetry.sdk.metrics._internal.export", "opentelemetry.sdk._shared_internal"):
-        logging.getLogger(name).addFilter(once)
+def _quiet_exporters():
+    """OpenTelemetry's exporter warnings (an unreachable collector) reach stderr once, not per try."""
+    otel = logging.getLogger("opentelemetry")
+    if any(isinstance(f, _OnceFilter) for h in otel.handlers for f in h.filters):
+        return
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("poolscope: OpenTelemetry export: %(message)s "
+                                           "(further export errors are not shown)"))
+    handler.addFilter(_OnceFilter())
+    otel.addHandler(handler)
+    otel.propagate = False
 
 
 def start_in_process():

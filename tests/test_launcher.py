@@ -1,0 +1,194 @@
+"""The launcher end to end: a plain application (no poolscope import) in a subprocess."""
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import textwrap
+import time
+import urllib.request
+
+import pytest
+
+from poolscope.demo.server import DemoServer
+
+LAUNCHER = os.path.join(os.path.dirname(sys.executable), "poolscope-instrument")
+APP = textwrap.dedent("""
+    import sys, threading, urllib3
+    pool = urllib3.HTTPConnectionPool("127.0.0.1", int(sys.argv[1]), maxsize=2, block=True)
+    threads = [threading.Thread(target=pool.request, args=("GET", "/delay/0.3")) for _ in range(6)]
+    [t.start() for t in threads]
+    [t.join() for t in threads]
+    print("workload done", flush=True)
+    sys.stdin.readline()
+""")
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def clean_env(**extra):
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(("OTEL_", "POOLSCOPE_")) and k != "PYTHONPATH"}
+    return {**env, **extra}
+
+
+@pytest.fixture
+def app_file(tmp_path):
+    path = tmp_path / "app.py"
+    path.write_text(APP)
+    return str(path)
+
+
+def launch(args, env, **kw):
+    return subprocess.Popen([LAUNCHER, *args], env=env, stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kw)
+
+
+def finish(proc):
+    out, err = proc.communicate("\n", timeout=60)
+    assert proc.returncode == 0, err
+    return out, err
+
+
+def test_report_is_printed_at_exit_for_a_plain_app(app_file, server):
+    proc = launch(["python", app_file, str(server.port)], clean_env())
+    out, err = finish(proc)
+    assert out == "workload done\n"
+    assert f"urllib3 http://127.0.0.1:{server.port}" in err
+    assert "pool: limit 2, peak 2 in use" in err
+    assert "requests: 6 acquisitions, 4 waited" in err
+    assert "connections: 2 created, reuse 67%, open 0 active / 2 idle" in err
+    assert "raise maxsize" in err
+
+
+def scrape(port):
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+    return {line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1])
+            for line in text.splitlines() if line and not line.startswith("#")}
+
+
+def series(samples, name, **labels):
+    return [v for k, v in samples.items() if k.split("{")[0] == name
+            and all(f'{a}="{b}"' in k for a, b in labels.items())]
+
+
+def test_prometheus_endpoint_and_a_real_prometheus_server(app_file, server, tmp_path):
+    if shutil.which("prometheus") is None:
+        if os.environ.get("CI"):
+            pytest.fail("prometheus is not installed (scripts/test.sh installs it as root)")
+        pytest.skip("prometheus not installed")
+    port = free_port()
+    proc = launch(["--metrics-exporter", "prometheus", "--service-name", "e2e", "python",
+                   app_file, str(server.port)],
+                  clean_env(OTEL_EXPORTER_PROMETHEUS_PORT=str(port)))
+    try:
+        assert proc.stdout.readline() == "workload done\n"
+        samples = scrape(port)
+        origin = {"server_port": str(server.port), "poolscope_library": "urllib3"}
+        assert series(samples, "poolscope_connection_wait_time_seconds_count", **origin) == [4.0]
+        assert series(samples, "poolscope_connection_created_total", **origin) == [2.0]
+
+        prom_port = free_port()
+        (tmp_path / "prometheus.yml").write_text(textwrap.dedent(f"""
+            global: {{scrape_interval: 1s}}
+            scrape_configs:
+              - job_name: poolscope
+                static_configs: [{{targets: ["127.0.0.1:{port}"]}}]
+        """))
+        prom = subprocess.Popen(
+            ["prometheus", f"--config.file={tmp_path / 'prometheus.yml'}",
+             f"--storage.tsdb.path={tmp_path / 'data'}",
+             f"--web.listen-address=127.0.0.1:{prom_port}"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        try:
+            query = ('{__name__=~"poolscope_connection_wait_time_seconds_count|'
+                     f'poolscope_connection_created_total",server_port="{server.port}"}}')
+            url = (f"http://127.0.0.1:{prom_port}/api/v1/query?query="
+                   + urllib.request.quote(query))
+            found = {}
+            deadline = time.monotonic() + 30
+            while time.monotonic() < deadline and len(found) < 2:
+                time.sleep(0.5)
+                try:
+                    result = json.load(urllib.request.urlopen(url, timeout=5))["data"]["result"]
+                except OSError:
+                    continue
+                found = {r["metric"]["__name__"]: float(r["value"][1]) for r in result}
+            assert found == {"poolscope_connection_wait_time_seconds_count": 4.0,
+                             "poolscope_connection_created_total": 2.0}
+        finally:
+            prom.terminate()
+            prom.wait(10)
+    finally:
+        finish(proc)
+
+
+@pytest.mark.parametrize("args, env, message", [
+    (["--bogus", "python", "x.py"], {}, "unrecognized arguments: --bogus"),
+    (["--metrics-exporter", "nope", "python", "x.py"], {}, "unknown exporter nope"),
+    (["python", "x.py"], {"OTEL_EXPORTER_PROMETHEUS_PORT": "abc",
+                          "OTEL_METRICS_EXPORTER": "prometheus"}, "is not a whole number"),
+    (["--libraries", "nope", "python", "x.py"], {}, "unknown libraries nope"),
+    ([], {}, "no command given"),
+])
+def test_bad_input_is_one_line_and_exit_2(args, env, message):
+    result = subprocess.run([LAUNCHER, *args], env=clean_env(**env), capture_output=True,
+                            text=True, timeout=30)
+    assert result.returncode == 2
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1 and message in lines[0] and "Traceback" not in result.stderr
+
+
+def test_port_in_use_is_refused_before_the_app_starts():
+    with socket.create_server(("127.0.0.1", 0)) as busy:
+        port = busy.getsockname()[1]
+        result = subprocess.run([LAUNCHER, "--metrics-exporter", "prometheus", "python", "-c", "0"],
+                                env=clean_env(OTEL_EXPORTER_PROMETHEUS_PORT=str(port)),
+                                capture_output=True, text=True, timeout=30)
+    assert result.returncode == 2
+    assert f"cannot serve Prometheus metrics on 127.0.0.1:{port}" in result.stderr
+
+
+def test_unreachable_collector_warns_once_and_the_app_runs_on(app_file, server):
+    port = free_port()  # nothing listens there
+    start = time.monotonic()
+    proc = launch(["--metrics-exporter", "otlp", "python", app_file, str(server.port)],
+                  clean_env(OTEL_EXPORTER_OTLP_ENDPOINT=f"http://127.0.0.1:{port}",
+                            OTEL_METRIC_EXPORT_INTERVAL="200", OTEL_EXPORTER_OTLP_TIMEOUT="1"))
+    assert proc.stdout.readline() == "workload done\n"
+    assert time.monotonic() - start < 10
+    time.sleep(1)
+    out, err = finish(proc)
+    assert "Traceback" not in err
+    assert 1 <= len([line for line in err.splitlines() if line.strip()]) <= 2
+
+
+def test_user_sitecustomize_still_runs(tmp_path):
+    (tmp_path / "sitecustomize.py").write_text("import builtins; builtins.USER_SITE = 42\n")
+    result = subprocess.run(
+        [LAUNCHER, "python", "-c", "import builtins, sys; print(builtins.USER_SITE, "
+                                   "'poolscope' in sys.modules)"],
+        env=clean_env(PYTHONPATH=str(tmp_path)), capture_output=True, text=True, timeout=30)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == ["42", "True"]
+
+
+@pytest.mark.parametrize("example, expected", [
+    ("urllib3_pool.py", ["urllib3 http://127.0.0.1", "6 acquisitions, 4 waited"]),
+    ("requests_session.py", ["urllib3 http://127.0.0.1", "closed: pool_full 4"]),
+    ("httpx_client.py", ["httpx http://127.0.0.1", "12 acquisitions, 8 waited"]),
+])
+def test_examples_run_under_the_launcher(example, expected):
+    path = os.path.join(os.path.dirname(__file__), "..", "examples", example)
+    result = subprocess.run([LAUNCHER, "python", path], env=clean_env(), capture_output=True,
+                            text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    for text in expected:
+        assert text in result.stderr
