@@ -15,6 +15,7 @@ import pytest
 
 from poolscope.demo.server import DemoServer
 
+PY = sys.executable
 LAUNCHER = os.path.join(os.path.dirname(sys.executable), "poolscope-instrument")
 APP = textwrap.dedent("""
     import sys, threading, urllib3
@@ -58,7 +59,7 @@ def finish(proc):
 
 
 def test_report_is_printed_at_exit_for_a_plain_app(app_file, server):
-    proc = launch(["python", app_file, str(server.port)], clean_env())
+    proc = launch([PY, app_file, str(server.port)], clean_env())
     out, err = finish(proc)
     assert out == "workload done\n"
     assert f"urllib3 http://127.0.0.1:{server.port}" in err
@@ -85,7 +86,7 @@ def test_prometheus_endpoint_and_a_real_prometheus_server(app_file, server, tmp_
             pytest.fail("prometheus is not installed (scripts/test.sh installs it as root)")
         pytest.skip("prometheus not installed")
     port = free_port()
-    proc = launch(["--metrics-exporter", "prometheus", "--service-name", "e2e", "python",
+    proc = launch(["--metrics-exporter", "prometheus", "--service-name", "e2e", PY,
                    app_file, str(server.port)],
                   clean_env(OTEL_EXPORTER_PROMETHEUS_PORT=str(port)))
     try:
@@ -149,7 +150,7 @@ def test_bad_input_is_one_line_and_exit_2(args, env, message):
 def test_port_in_use_is_refused_before_the_app_starts():
     with socket.create_server(("127.0.0.1", 0)) as busy:
         port = busy.getsockname()[1]
-        result = subprocess.run([LAUNCHER, "--metrics-exporter", "prometheus", "python", "-c", "0"],
+        result = subprocess.run([LAUNCHER, "--metrics-exporter", "prometheus", PY, "-c", "0"],
                                 env=clean_env(OTEL_EXPORTER_PROMETHEUS_PORT=str(port)),
                                 capture_output=True, text=True, timeout=30)
     assert result.returncode == 2
@@ -159,7 +160,7 @@ def test_port_in_use_is_refused_before_the_app_starts():
 def test_unreachable_collector_warns_once_and_the_app_runs_on(app_file, server):
     port = free_port()  # nothing listens there
     start = time.monotonic()
-    proc = launch(["--metrics-exporter", "otlp", "python", app_file, str(server.port)],
+    proc = launch(["--metrics-exporter", "otlp", PY, app_file, str(server.port)],
                   clean_env(OTEL_EXPORTER_OTLP_ENDPOINT=f"http://127.0.0.1:{port}",
                             OTEL_METRIC_EXPORT_INTERVAL="200", OTEL_EXPORTER_OTLP_TIMEOUT="1"))
     assert proc.stdout.readline() == "workload done\n"
@@ -173,7 +174,7 @@ def test_unreachable_collector_warns_once_and_the_app_runs_on(app_file, server):
 def test_user_sitecustomize_still_runs(tmp_path):
     (tmp_path / "sitecustomize.py").write_text("import builtins; builtins.USER_SITE = 42\n")
     result = subprocess.run(
-        [LAUNCHER, "python", "-c", "import builtins, sys; print(builtins.USER_SITE, "
+        [LAUNCHER, PY, "-c", "import builtins, sys; print(builtins.USER_SITE, "
                                    "'poolscope' in sys.modules)"],
         env=clean_env(PYTHONPATH=str(tmp_path)), capture_output=True, text=True, timeout=30)
     assert result.returncode == 0, result.stderr
@@ -187,8 +188,69 @@ def test_user_sitecustomize_still_runs(tmp_path):
 ])
 def test_examples_run_under_the_launcher(example, expected):
     path = os.path.join(os.path.dirname(__file__), "..", "examples", example)
-    result = subprocess.run([LAUNCHER, "python", path], env=clean_env(), capture_output=True,
+    result = subprocess.run([LAUNCHER, PY, path], env=clean_env(), capture_output=True,
                             text=True, timeout=60)
     assert result.returncode == 0, result.stderr
     for text in expected:
         assert text in result.stderr
+
+
+def test_otlp_http_export_reaches_a_receiver_that_decodes_the_protobuf(app_file, server):
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    from opentelemetry.proto.collector.metrics.v1.metrics_service_pb2 import (
+        ExportMetricsServiceRequest)
+
+    received = []
+
+    class Receiver(BaseHTTPRequestHandler):
+        def do_POST(self):
+            body = self.rfile.read(int(self.headers["Content-Length"]))
+            request = ExportMetricsServiceRequest()
+            request.ParseFromString(body)
+            received.append((self.path, request))
+            self.send_response(200)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        def log_message(self, *args):
+            pass
+
+    collector = ThreadingHTTPServer(("127.0.0.1", 0), Receiver)
+    threading.Thread(target=collector.serve_forever, daemon=True).start()
+    try:
+        proc = launch(["--metrics-exporter", "otlp", "--service-name", "otlp-e2e", PY,
+                       app_file, str(server.port)],
+                      clean_env(OTEL_EXPORTER_OTLP_ENDPOINT=f"http://127.0.0.1:{collector.server_port}"))
+        finish(proc)  # the final export happens at exit
+    finally:
+        collector.shutdown()
+        collector.server_close()
+    assert received and all(path == "/v1/metrics" for path, _ in received)
+    last = {}
+    for _, request in received:
+        for rm in request.resource_metrics:
+            service = {a.key: a.value.string_value for a in rm.resource.attributes}["service.name"]
+            for sm in rm.scope_metrics:
+                assert sm.scope.name == "poolscope"
+                for metric in sm.metrics:
+                    last[metric.name] = (service, metric)
+
+    def origin_points(name):
+        service, metric = last[name]
+        assert service == "otlp-e2e"
+        kind = metric.WhichOneof("data")
+        points = getattr(metric, kind).data_points
+        return metric, [p for p in points if {a.key: (a.value.string_value or a.value.int_value)
+                                               for a in p.attributes}.get("server.port") == server.port]
+
+    metric, [wait] = origin_points("poolscope.connection.wait_time")
+    assert metric.unit == "s" and wait.count == 4 and 1.75 <= wait.sum <= 2.2
+    attrs = {a.key: a.value for a in wait.attributes}
+    assert attrs["poolscope.library"].string_value == "urllib3"
+    assert attrs["server.address"].string_value == "127.0.0.1"
+    assert attrs["url.scheme"].string_value == "http"
+    metric, [created] = origin_points("poolscope.connection.created")
+    assert metric.unit == "{connection}" and created.as_int == 2
+    assert metric.sum.is_monotonic

@@ -317,19 +317,15 @@ class Recorder:
             lifetime = monotonic() - conn.born
         self._duration.record(lifetime, conn.series.attrs)
 
-    def _to_active(self, conn):
-        conn.series.idle -= 1
-        conn.series.active += 1
-        conn.pool.idle -= 1
-        conn.pool.active += 1
+    def _to_active(self, conn, step=1):
+        """Move ``conn`` from idle to active (``step=-1``: from active to idle)."""
+        for counts in (conn.series, conn.pool):
+            counts.idle -= step
+            counts.active += step
         self._saturation(conn.pool)
 
     def _to_idle(self, conn):
-        conn.series.active -= 1
-        conn.series.idle += 1
-        conn.pool.active -= 1
-        conn.pool.idle += 1
-        self._saturation(conn.pool)
+        self._to_active(conn, -1)
 
     # -- waits ------------------------------------------------------------
 

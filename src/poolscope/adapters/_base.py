@@ -92,6 +92,15 @@ class Adapter:
             self.registered(pool_obj, state)
         return state
 
+    def _pool_init(self, token, pool_obj, result, exc):
+        if exc is None:
+            self.pool_state(pool_obj)
+
+    def _pool_close(self, pool_obj, args, kwargs):
+        state = pool_obj.__dict__.get("_poolscope")
+        if state is not None:
+            self.recorder.pool_closed(state)
+
     def wrap(self, owner, name, before=None, after=None):
         """Wrap ``owner.name`` with :func:`around`; a no-op for a name the owner lacks."""
         original = inspect.getattr_static(owner, name, _MISSING)

@@ -121,15 +121,6 @@ class HttpxAdapter(Adapter):
 
     # -- pool -------------------------------------------------------------
 
-    def _pool_init(self, token, pool_obj, result, exc):
-        if exc is None:
-            self.pool_state(pool_obj)
-
-    def _pool_close(self, pool_obj, args, kwargs):
-        state = pool_obj.__dict__.get("_poolscope")
-        if state is not None:
-            self.recorder.pool_closed(state)
-
     def _tag_request(self, pool_obj, args, kwargs):
         arg(args, kwargs, 0, "request")._poolscope_pool = self.pool_state(pool_obj)
 

@@ -118,15 +118,6 @@ class Urllib3Adapter(Adapter):
         if isinstance(pool_obj.pool, PoolQueue):
             pool_obj.pool._poolscope = (self.recorder, state)
 
-    def _pool_init(self, token, pool_obj, result, exc):
-        if exc is None:
-            self.pool_state(pool_obj)
-
-    def _pool_close(self, pool_obj, args, kwargs):
-        state = pool_obj.__dict__.get("_poolscope")
-        if state is not None:
-            self.recorder.pool_closed(state)
-
     def _acquired(self, token, pool_obj, conn, exc):
         if exc is not None:
             return
