@@ -319,10 +319,12 @@ class Recorder:
 
     def _to_active(self, conn, step=1):
         """Move ``conn`` from idle to active (``step=-1``: from active to idle)."""
-        for counts in (conn.series, conn.pool):
-            counts.idle -= step
-            counts.active += step
-        self._saturation(conn.pool)
+        series, pool = conn.series, conn.pool
+        series.idle -= step
+        series.active += step
+        pool.idle -= step
+        pool.active += step
+        self._saturation(pool)
 
     def _to_idle(self, conn):
         self._to_active(conn, -1)
