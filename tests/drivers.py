@@ -1,10 +1,13 @@
 """One interface over each client flavor, so a scenario is written once and run on all."""
 
 import asyncio
+import queue
 import threading
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 
+import aiohttp
 import httpx
+import pycurl
 import urllib3
 
 
@@ -83,27 +86,18 @@ class HttpxDriver(_Driver):
         self.client.close()
 
 
-class AsyncHttpxDriver(_Driver):
-    """An AsyncClient living in its own event loop thread, driven from the test's thread."""
+class _AsyncDriver(_Driver):
+    """A client living in its own event loop thread, driven from the test's thread."""
 
-    library = "httpx"
-
-    def __init__(self, server, limit=10, pool_timeout=5.0, **limits):
+    def __init__(self, server, **kw):
         self.server = server
         self.loop = asyncio.new_event_loop()
         self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
         self.thread.start()
-
-        async def make():
-            return httpx.AsyncClient(limits=httpx.Limits(max_connections=limit, **limits),
-                                     timeout=httpx.Timeout(5.0, pool=pool_timeout))
-        self.client = self._call(make())
+        self.client = self._call(self._make(**kw))
 
     def _call(self, coro):
         return asyncio.run_coroutine_threadsafe(coro, self.loop).result(30)
-
-    async def _get(self, path):
-        return (await self.client.get(self.server.url + path)).status_code
 
     def get(self, path):
         return self._call(self._get(path))
@@ -117,10 +111,103 @@ class AsyncHttpxDriver(_Driver):
         return asyncio.run_coroutine_threadsafe(self._get(path), self.loop)
 
     def _close(self):
-        self._call(self.client.aclose())
+        self._call(self._aclose())
         self.loop.call_soon_threadsafe(self.loop.stop)
         self.thread.join(5)
         self.loop.close()
 
 
-DRIVERS = {"urllib3": Urllib3Driver, "httpx-sync": HttpxDriver, "httpx-async": AsyncHttpxDriver}
+class AsyncHttpxDriver(_AsyncDriver):
+    library = "httpx"
+
+    async def _make(self, limit=10, pool_timeout=5.0, **limits):
+        return httpx.AsyncClient(limits=httpx.Limits(max_connections=limit, **limits),
+                                 timeout=httpx.Timeout(5.0, pool=pool_timeout))
+
+    async def _get(self, path):
+        return (await self.client.get(self.server.url + path)).status_code
+
+    async def _aclose(self):
+        await self.client.aclose()
+
+
+class AiohttpDriver(_AsyncDriver):
+    library = "aiohttp"
+
+    async def _make(self, limit=10, pool_timeout=5.0, **connector):
+        # aiohttp bounds the wait for the pool with the connect timeout
+        return aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=limit, **connector),
+                                     timeout=aiohttp.ClientTimeout(total=10, connect=pool_timeout))
+
+    async def _get(self, path):
+        async with self.client.get(self.server.url + path) as response:
+            await response.read()
+            return response.status
+
+    async def _aclose(self):
+        await self.client.close()
+
+
+class PycurlDriver(_Driver):
+    """A CurlMulti run by its own thread; requests from any thread join it as transfers."""
+
+    library = "pycurl"
+
+    def __init__(self, server, limit=10, pool_timeout=None):
+        self.server = server
+        self.multi = pycurl.CurlMulti()
+        self.multi.setopt(pycurl.M_MAX_TOTAL_CONNECTIONS, limit)
+        self.pool_timeout = pool_timeout
+        self.incoming = queue.Queue()
+        self.stopping = False
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def submit(self, path):
+        future = Future()
+        self.incoming.put((path, future))
+        return future
+
+    def get(self, path):
+        return self.submit(path).result(30)
+
+    def get_all(self, paths):
+        futures = [self.submit(p) for p in paths]
+        return [f.exception(30) or f.result() for f in futures]
+
+    def _start(self, path, future):
+        curl = pycurl.Curl()
+        curl.setopt(pycurl.URL, self.server.url + path)
+        curl.setopt(pycurl.WRITEFUNCTION, lambda data: None)
+        if self.pool_timeout is not None:  # libcurl bounds a queued transfer by its connect timeout
+            curl.setopt(pycurl.CONNECTTIMEOUT_MS, int(self.pool_timeout * 1000))
+        self.multi.add_handle(curl)
+        return curl
+
+    def _run(self):
+        running = {}
+        while not (self.stopping and not running):
+            while not self.incoming.empty():
+                path, future = self.incoming.get()
+                running[self._start(path, future)] = future
+            self.multi.perform()
+            more = True
+            while more:
+                more, ok, failed = self.multi.info_read()
+                for curl, error in [(c, None) for c in ok] + [(c, pycurl.error(n, m))
+                                                              for c, n, m in failed]:
+                    future = running.pop(curl)
+                    status = curl.getinfo(pycurl.RESPONSE_CODE)
+                    self.multi.remove_handle(curl)
+                    curl.close()
+                    future.set_exception(error) if error else future.set_result(status)
+            self.multi.select(0.01)
+
+    def _close(self):
+        self.stopping = True
+        self.thread.join(10)
+        self.multi.close()
+
+
+DRIVERS = {"urllib3": Urllib3Driver, "httpx-sync": HttpxDriver, "httpx-async": AsyncHttpxDriver,
+           "aiohttp": AiohttpDriver, "pycurl": PycurlDriver}

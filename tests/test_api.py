@@ -6,7 +6,10 @@ import sys
 import textwrap
 from importlib.metadata import entry_points
 
+import aiohttp.client_proto
+import aiohttp.connector
 import httpcore
+import pycurl
 import pytest
 import urllib3
 
@@ -22,11 +25,17 @@ PATCHED = [
     (httpcore.ConnectionPool, ("__init__", "handle_request", "close", "create_connection")),
     (httpcore.AsyncConnectionPool, ("__init__", "handle_async_request", "aclose")),
     (httpcore.HTTPConnection, ("handle_request", "_connect", "close")),
+    (aiohttp.connector.BaseConnector, ("__init__", "connect", "_wait_for_available_connection",
+                                       "_release", "_close")),
+    (aiohttp.connector.TCPConnector, ("_create_connection",)),
+    (aiohttp.client_proto.ResponseHandler, ("close", "connection_lost")),
 ]
+REPLACED = [(pycurl, ("Curl", "CurlMulti", "CurlShare"))]
 
 
 def snapshot():
-    return {(cls, name): vars(cls).get(name) for cls, names in PATCHED for name in names}
+    return {(cls, name): vars(cls).get(name) for cls, names in PATCHED + REPLACED
+            for name in names}
 
 
 def run(code, **env):
@@ -52,7 +61,9 @@ def test_uninstrument_restores_the_very_same_objects():
             assert all(during[k] is not before[k] for k in before)
             # wrapped once, around the original (a name only inherited is shadowed, then removed)
             assert all(during[k].__wrapped__ is before[k]
-                       for k in before if k[1] != "QueueCls" and before[k] is not None)
+                       for k in before if k[1] != "QueueCls" and k[0] is not pycurl
+                       and before[k] is not None)
+            assert all(issubclass(during[(pycurl, n)], before[(pycurl, n)]) for n in REPLACED[0][1])
         finally:
             poolscope.uninstrument()
         after = snapshot()
@@ -63,13 +74,16 @@ def test_patching_is_lazy_and_happens_at_import():
     out = run("""
         import sys, poolscope
         poolscope.instrument()
-        print("urllib3" in sys.modules, "httpx" in sys.modules, "httpcore" in sys.modules)
-        import requests, httpx, httpcore
+        print(*(m in sys.modules for m in ("urllib3", "httpx", "httpcore", "aiohttp", "pycurl")))
+        import requests, httpx, httpcore, aiohttp, pycurl
         from urllib3.connectionpool import HTTPConnectionPool
         print(HTTPConnectionPool.QueueCls.__name__,
-              type(vars(httpcore.ConnectionPool)["handle_request"]).__name__)
+              type(vars(httpcore.ConnectionPool)["handle_request"]).__name__,
+              type(vars(aiohttp.connector.BaseConnector)["connect"]).__name__,
+              pycurl.Curl.__module__)
     """)
-    assert out.split() == ["False", "False", "False", "PoolQueue", "FunctionWrapper"]
+    assert out.split() == ["False"] * 5 + ["PoolQueue", "FunctionWrapper", "FunctionWrapper",
+                                          "poolscope.adapters.pycurl"]
 
 
 def test_instrument_after_import_and_clients_made_before():

@@ -185,6 +185,9 @@ def test_user_sitecustomize_still_runs(tmp_path):
     ("urllib3_pool.py", ["urllib3 http://127.0.0.1", "6 acquisitions, 4 waited"]),
     ("requests_session.py", ["urllib3 http://127.0.0.1", "closed: pool_full 4"]),
     ("httpx_client.py", ["httpx http://127.0.0.1", "12 acquisitions, 8 waited"]),
+    ("aiohttp_session.py", ["aiohttp http://127.0.0.1", "6 acquisitions, 4 waited"]),
+    ("pycurl_multi.py", ["pycurl http://127.0.0.1", "9 acquisitions, 4 waited",
+                         "3 created"]),
 ])
 def test_examples_run_under_the_launcher(example, expected):
     path = os.path.join(os.path.dirname(__file__), "..", "examples", example)

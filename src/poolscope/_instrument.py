@@ -15,6 +15,8 @@ from ._recorder import Recorder
 ADAPTERS = {
     "urllib3": "poolscope.adapters.urllib3:Urllib3Adapter",
     "httpx": "poolscope.adapters.httpx:HttpxAdapter",
+    "aiohttp": "poolscope.adapters.aiohttp:AiohttpAdapter",
+    "pycurl": "poolscope.adapters.pycurl:PycurlAdapter",
 }
 
 _lock = threading.RLock()

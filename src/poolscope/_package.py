@@ -9,4 +9,8 @@ SUPPORTED = {
                 "minimum": "1.26", "below": "3"},
     "httpx": {"distribution": "httpcore", "module": "httpcore",
               "minimum": "1.0.3", "below": "2"},
+    "aiohttp": {"distribution": "aiohttp", "module": "aiohttp.connector",
+                "minimum": "3.10.11", "below": "4"},
+    "pycurl": {"distribution": "pycurl", "module": "pycurl",
+               "minimum": "7.45.2", "below": "8"},
 }

@@ -63,10 +63,12 @@ class Pool:
     """The live state of one library pool object."""
 
     __slots__ = ("owner", "library", "scope", "max", "idle_max", "active", "idle", "pending",
-                 "peak", "sat_since", "conns", "waits", "live", "close_reason", "ref", "__weakref__")
+                 "peak", "sat_since", "conns", "waits", "live", "close_reason", "ref", "parent",
+                 "__weakref__")
 
-    def __init__(self, owner, library, scope, max_, idle_max):
+    def __init__(self, owner, library, scope, max_, idle_max, parent=None):
         self.owner = owner
+        self.parent = parent  # a pool whose limit also applies (aiohttp: the connector of a host)
         self.library = library
         self.scope = scope
         self.max = max_
@@ -169,9 +171,14 @@ class Recorder:
 
     # -- pools ------------------------------------------------------------
 
-    def pool_opened(self, library, obj, max_connections=None, max_idle=None, origin=None):
-        """A library pool came to life; ``origin`` only where the pool serves one origin."""
-        pool = Pool(self, library, self.series(library, origin), max_connections, max_idle)
+    def pool_opened(self, library, obj, max_connections=None, max_idle=None, origin=None,
+                    parent=None):
+        """A library pool came to life; ``origin`` only where the pool serves one origin.
+
+        ``parent``: the pool this one is part of, whose counts include this one's (a per-host
+        limit inside a connector-wide one).
+        """
+        pool = Pool(self, library, self.series(library, origin), max_connections, max_idle, parent)
         pool.ref = weakref.ref(obj)
         with self._lock:
             self._pools.add(pool)
@@ -226,8 +233,7 @@ class Recorder:
         with self._lock:
             pool.conns.add(conn)
             conn.series.active += 1
-            pool.active += 1
-            self._saturation(pool)
+            self._count(pool, 1, 0)
         return conn
 
     def conn_opened(self, conn, seconds=None):
@@ -305,11 +311,10 @@ class Recorder:
             pool.conns.discard(conn)
             if conn.active:
                 conn.series.active -= 1
-                pool.active -= 1
-                self._saturation(pool)
+                self._count(pool, -1, 0)
             else:
                 conn.series.idle -= 1
-                pool.idle -= 1
+                self._count(pool, 0, -1)
             self._forget(pool)
             if not conn.opened:
                 return
@@ -319,12 +324,18 @@ class Recorder:
 
     def _to_active(self, conn, step=1):
         """Move ``conn`` from idle to active (``step=-1``: from active to idle)."""
-        series, pool = conn.series, conn.pool
+        series = conn.series
         series.idle -= step
         series.active += step
-        pool.idle -= step
-        pool.active += step
-        self._saturation(pool)
+        self._count(conn.pool, step, -step)
+
+    def _count(self, pool, active, idle):
+        while pool is not None:
+            pool.active += active
+            pool.idle += idle
+            if active:
+                self._saturation(pool)
+            pool = pool.parent
 
     def _to_idle(self, conn):
         self._to_active(conn, -1)
@@ -352,13 +363,25 @@ class Recorder:
         if outcome == GRANTED:
             self._wait_time.record(wait.end - wait.start, wait.series.attrs)
 
+    def waited(self, series, seconds):
+        """A wait seen only once it was over (pycurl): ``seconds`` long, or None if it timed out."""
+        if seconds is None:
+            with self._lock:
+                series.timeouts += 1
+        else:
+            self._wait_time.record(seconds, series.attrs)
+
     def _unwait(self, wait):
         wait.active = False
         self._pend(wait, -1)
 
     def _pend(self, wait, step):
-        wait.pool.pending += step
         wait.series.pending += step
+        pool = wait.pool.parent
+        while pool is not None:
+            pool.pending += step
+            pool = pool.parent
+        wait.pool.pending += step
         if step > 0:
             wait.pool.waits.add(wait)
         else:

@@ -4,8 +4,15 @@ from . import _semconv as sc
 
 # The setting that raises each library's connection limit, and its keep-alive expiry.
 LIMIT_SETTING = {"urllib3": "maxsize (requests: HTTPAdapter pool_maxsize; botocore: max_pool_connections)",
-                 "httpx": "httpx.Limits(max_connections=...)"}
-KEEPALIVE_SETTING = {"httpx": "httpx.Limits(keepalive_expiry=...)"}
+                 "httpx": "httpx.Limits(max_connections=...)",
+                 "aiohttp": "TCPConnector(limit=..., limit_per_host=...)",
+                 "pycurl": "the multi's M_MAX_TOTAL_CONNECTIONS / M_MAX_HOST_CONNECTIONS"}
+KEEPALIVE_SETTING = {"httpx": "httpx.Limits(keepalive_expiry=...)",
+                     "aiohttp": "TCPConnector(keepalive_timeout=...)",
+                     "pycurl": "MAXAGE_CONN"}
+IDLE_SETTING = {"httpx": "httpx.Limits(max_keepalive_connections=...)",
+                "aiohttp": "TCPConnector(force_close=False)",
+                "pycurl": "MAXCONNECTS / M_MAXCONNECTS, or drop FORBID_REUSE"}
 
 
 def _key(attrs):
@@ -124,7 +131,7 @@ def advise(library, total, waited, timeouts, limit, peak, pools_opened, reused, 
                          "keep-alive timeout longer than the client's idle periods."))
     if closes.get(sc.IDLE_LIMIT) and closes[sc.IDLE_LIMIT] * 4 >= total:
         advice.append(f"{closes[sc.IDLE_LIMIT]} idle connections were closed because the pool "
-                      "kept too few: raise max_keepalive_connections.")
+                      f"kept too few: raise {IDLE_SETTING.get(library, 'its idle limit')}.")
     if pools_opened >= 10 and total and reused * 2 < total:
         advice.append(f"{pools_opened} pools were created for few requests each: the application "
                       "makes a client per request; create one client and reuse it.")

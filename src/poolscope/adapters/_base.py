@@ -85,7 +85,7 @@ class Adapter:
 
     def pool_state(self, pool_obj):
         """The pool state of a library pool, registering it now if this recorder has not seen it."""
-        state = pool_obj.__dict__.get("_poolscope")
+        state = getattr(pool_obj, "_poolscope", None)
         if state is None or not state.live or state.owner is not self.recorder:
             state = self.recorder.pool_opened(self.library, pool_obj, **self.limits(pool_obj))
             pool_obj._poolscope = state
@@ -97,7 +97,7 @@ class Adapter:
             self.pool_state(pool_obj)
 
     def _pool_close(self, pool_obj, args, kwargs):
-        state = pool_obj.__dict__.get("_poolscope")
+        state = getattr(pool_obj, "_poolscope", None)
         if state is not None:
             self.recorder.pool_closed(state)
 

@@ -1,15 +1,17 @@
 """The demo application: an ordinary program that knows nothing of poolscope.
 
-It saturates a urllib3 pool, a requests session, and httpx sync and async clients (limit 2
-each, 6 requests at once against a 300 ms server), then waits for a line on stdin, so that
-the demo can scrape its Prometheus endpoint before it exits.
+It saturates a urllib3 pool, a requests session, httpx sync and async clients, an aiohttp
+session and a pycurl multi (limit 2 each, 6 requests at once against a 300 ms server), then
+waits for a line on stdin, so that the demo can scrape its Prometheus endpoint before it exits.
 """
 
 import asyncio
 import sys
 import threading
 
+import aiohttp
 import httpx
+import pycurl
 import requests
 import urllib3
 
@@ -39,8 +41,44 @@ def main(url):
             await asyncio.gather(*(aclient.get(slow) for _ in range(6)))
     asyncio.run(async_requests())
 
+    async def aiohttp_requests():
+        async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=2)) as session:
+            async def get():
+                async with session.get(slow) as response:
+                    await response.read()
+            await asyncio.gather(*(get() for _ in range(6)))
+    asyncio.run(aiohttp_requests())
+
+    curl_multi(slow)
+
     print("workload done", flush=True)
     sys.stdin.readline()
+
+
+def curl_multi(url, n=6, limit=2):
+    """``n`` transfers at once through a pycurl multi limited to ``limit`` connections."""
+    multi = pycurl.CurlMulti()
+    multi.setopt(pycurl.M_MAX_TOTAL_CONNECTIONS, limit)
+    handles = []
+    for _ in range(n):
+        curl = pycurl.Curl()
+        curl.setopt(pycurl.URL, url)
+        curl.setopt(pycurl.WRITEFUNCTION, lambda data: None)
+        multi.add_handle(curl)
+        handles.append(curl)
+    done = 0
+    while done < n:
+        multi.perform()
+        while True:
+            queued, ok, failed = multi.info_read()
+            done += len(ok) + len(failed)
+            if not queued:
+                break
+        multi.select(0.1)
+    for curl in handles:
+        multi.remove_handle(curl)
+        curl.close()
+    multi.close()
 
 
 if __name__ == "__main__":

@@ -1,0 +1,177 @@
+"""aiohttp 3.10.11+, through ``aiohttp.connector.BaseConnector`` and ``ResponseHandler``.
+
+- Acquire: ``connect``; the connection it returns was reused unless ``_create_connection``
+  made it during this call (that one is acquired as it is made).
+- Wait: ``_wait_for_available_connection``, entered only when no slot is free under ``limit``
+  or ``limit_per_host``. aiohttp turns a timeout while queued into ``asyncio.TimeoutError``
+  out of ``connect``; a cancellation arrives as ``CancelledError``, which is not a timeout.
+- Create: ``_create_connection`` (name resolution, TCP, TLS, and the proxy's when there is one).
+- Release: ``_release``; its arguments and the protocol's state tell whether the connection
+  closes with the response and why.
+- Close: ``ResponseHandler.close`` when aiohttp closes an idle connection (``_get`` and the
+  periodic ``_cleanup``: expired if still connected, else the server had closed it), and
+  ``ResponseHandler.connection_lost`` when the server or the network closes the socket first.
+- Limits: the connector's ``limit`` is one pool; with ``limit_per_host`` each host's
+  connections also form a pool of that size inside it.
+
+Before 3.10.11 aiohttp waited inline in ``connect()``, with nothing to hook that tells a
+queued request from one served at once; those versions are skipped.
+"""
+
+import asyncio
+import time
+import weakref
+
+from .. import _semconv as sc
+from .._recorder import ABANDONED, TIMED_OUT
+from ._base import Adapter, arg
+
+
+def _origin(key):
+    scheme = "https" if key.is_ssl else "http"
+    return scheme, key.host, key.port
+
+
+def _release_reason(connector, proto, should_close):
+    """Why ``_release`` will close ``proto``, or None when it goes back to the pool."""
+    if should_close:
+        return sc.ERROR
+    if connector._force_close:
+        return sc.IDLE_LIMIT  # a force_close connector keeps no idle connection
+    if not proto.should_close:
+        return None
+    if proto.exception() is not None or proto.upgraded:
+        return sc.ERROR
+    payload = proto._payload
+    if payload is not None and not payload.is_eof():
+        return sc.ERROR  # released before the body was read
+    return sc.SERVER_CLOSED
+
+
+class AiohttpAdapter(Adapter):
+    library = "aiohttp"
+
+    def patch(self):
+        from aiohttp import client_proto, connector
+
+        self._unresolved = weakref.WeakKeyDictionary()  # task -> wait that ended in an exception
+        base = connector.BaseConnector
+        self.wrap(base, "__init__", after=self._pool_init)
+        self.wrap(base, "connect", after=self._connected)
+        self.wrap(base, "_wait_for_available_connection", before=self._wait_start,
+                  after=self._wait_end)
+        self.wrap(base, "_release", before=self._release)
+        self.wrap(base, "_close", before=self._closing)
+        for cls in vars(connector).values():
+            if isinstance(cls, type) and issubclass(cls, base) and "_create_connection" in vars(cls):
+                self.wrap(cls, "_create_connection", before=self._create_start, after=self._created)
+        handler = client_proto.ResponseHandler
+        self.wrap(handler, "close", before=self._proto_close)
+        self.wrap(handler, "connection_lost", after=self._proto_lost)
+
+    def limits(self, connector):
+        idle_max = 0 if connector._force_close else None
+        return {"max_connections": connector._limit or None, "max_idle": idle_max}
+
+    def _pool(self, connector, key):
+        """The pool a connection key counts against: its host's, under ``limit_per_host``."""
+        main = self.pool_state(connector)
+        per_host = connector._limit_per_host
+        if not per_host:
+            return main
+        hosts = connector.__dict__.get("_poolscope_hosts")
+        if hosts is None or hosts[0] is not main:
+            hosts = connector._poolscope_hosts = (main, {})
+        pool = hosts[1].get(key)
+        if pool is None or not pool.live:
+            pool = hosts[1][key] = self.recorder.pool_opened(
+                self.library, connector, max_connections=per_host,
+                max_idle=main.idle_max, origin=_origin(key), parent=main)
+        return pool
+
+    def _series(self, key):
+        return self.recorder.series(self.library, _origin(key))
+
+    def _closing(self, connector, args, kwargs):
+        state = connector.__dict__.get("_poolscope")
+        if state is None or connector._closed:
+            return
+        hosts = connector.__dict__.get("_poolscope_hosts")
+        for pool in (hosts[1].values() if hosts is not None else ()):
+            self.recorder.pool_closed(pool)
+        self.recorder.pool_closed(state)
+
+    # -- waits ------------------------------------------------------------
+
+    def _wait_start(self, connector, args, kwargs):
+        key = arg(args, kwargs, 0, "key")
+        return self.recorder.wait_started(self._pool(connector, key), self._series(key))
+
+    def _wait_end(self, wait, connector, result, exc):
+        if exc is None:
+            self.recorder.wait_ended(wait)
+        else:
+            self._unresolved[asyncio.current_task()] = wait
+
+    # -- connections ------------------------------------------------------
+
+    def _create_start(self, connector, args, kwargs):
+        key = arg(args, kwargs, 0, "req").connection_key
+        rec = self.recorder.conn_created(self._pool(connector, key), self._series(key))
+        return rec, time.monotonic()
+
+    def _created(self, token, connector, proto, exc):
+        rec, started = token
+        if exc is not None:
+            self.recorder.closed(rec, sc.ERROR)
+            return
+        proto._poolscope = rec
+        self.recorder.acquired(rec)
+        self.recorder.conn_opened(rec, time.monotonic() - started)
+
+    def _connected(self, token, connector, connection, exc):
+        if exc is not None:
+            wait = self._unresolved.pop(asyncio.current_task(), None)
+            if wait is not None:
+                self.recorder.wait_ended(
+                    wait, TIMED_OUT if isinstance(exc, asyncio.TimeoutError) else ABANDONED)
+            return
+        rec = connection._protocol.__dict__.get("_poolscope")
+        if rec is not None and not rec.in_use and not rec.closed:
+            self.recorder.acquired(rec)
+
+    def _release(self, connector, args, kwargs):
+        proto = arg(args, kwargs, 1, "protocol")
+        rec = proto.__dict__.get("_poolscope")
+        if rec is None or not rec.in_use:
+            return
+        reason = None
+        if not connector._closed and not rec.closed:
+            reason = _release_reason(connector, proto, kwargs.get("should_close", False))
+        self.recorder.released(rec, reason)
+
+    def _proto_close(self, proto, args, kwargs):
+        rec = proto.__dict__.get("_poolscope")
+        if rec is None or rec.closed or proto.transport is None:
+            return
+        pool = rec.pool
+        if not pool.live:
+            reason = pool.close_reason or sc.POOL_CLOSED
+        elif rec.in_use:
+            reason = sc.ERROR
+        else:
+            reason = sc.KEEPALIVE_EXPIRED if proto.is_connected() else sc.SERVER_CLOSED
+        self.recorder.closed(rec, reason)
+
+    def _proto_lost(self, token, proto, result, exc):
+        rec = proto.__dict__.get("_poolscope")
+        if rec is None or rec.closed:
+            return
+        pool = rec.pool
+        if not pool.live:
+            reason = pool.close_reason or sc.POOL_CLOSED
+        elif rec.in_use and proto.exception() is not None:
+            reason = sc.ERROR
+        else:
+            reason = sc.SERVER_CLOSED
+        self.recorder.closed(rec, reason)

@@ -1,0 +1,375 @@
+"""pycurl 7.45.2+ (libcurl 7.80+), by replacing ``pycurl.Curl``, ``CurlMulti`` and ``CurlShare``.
+
+Their methods are C functions that cannot be patched, so poolscope puts subclasses in their
+place in the ``pycurl`` module. Code that took a reference to the original classes before
+instrumenting (``from pycurl import Curl`` at import time, before ``instrument()``) and handles
+made by ``duphandle()`` are not observed.
+
+A pool is a libcurl connection cache: the multi handle's for transfers in a ``CurlMulti``, a
+``CurlShare``'s when it shares connections, otherwise the easy handle's own.
+
+- Acquire: libcurl's ``PREREQFUNCTION``, called once a transfer has its connection (new or
+  reused), names the connection by its addresses and ports. An application's own
+  ``PREREQFUNCTION`` is chained, never replaced.
+- Create: the connection's TCP (+TLS) time from ``CONNECT_TIME_T``/``APPCONNECT_TIME_T`` minus
+  ``NAMELOOKUP_TIME_T``, read when its first transfer completes.
+- Release: when the transfer completes (``perform`` returns, or the multi's ``info_read``
+  reports it). ``ACTIVESOCKET`` is -1 when the connection closed with the transfer.
+- Wait: only a multi with ``M_MAX_TOTAL_CONNECTIONS`` or ``M_MAX_HOST_CONNECTIONS`` holds
+  transfers back. libcurl's ``QUEUE_TIME_T`` is the time spent pending when a transfer was
+  pending once, but adds up more than the elapsed time when it was woken and sent back to the
+  queue (libcurl 8.23: 1.35 s reported for a 0.65 s wait), so the wait is the smaller of it and
+  ``PRETRANSFER_TIME_T`` less the connection's set-up. A transfer counts as having waited when
+  that is 1 ms or more: an unqueued one leaves the queue in microseconds.
+- Close: libcurl closes idle cached connections on its own (``MAXAGE_CONN`` expiry, a full
+  cache, a dead socket) with no callback poolscope can rely on, so each idle connection's
+  socket is checked when its pool opens a new connection and when the pool closes.
+"""
+
+import socket
+import time
+from urllib.parse import urlsplit
+
+import pycurl
+
+from .. import _semconv as sc
+from .._config import internal_error
+from ._base import Adapter
+
+_DEFAULT_PORTS = {"http": 80, "https": 443}
+_QUEUED = 0.001
+_DEFAULT_MAXAGE = 118.0  # libcurl's MAXAGE_CONN default, seconds
+
+_adapter = None  # the active PycurlAdapter
+
+
+def _alive(fd, key):
+    """Whether ``fd`` is still the socket of connection ``key`` (local port, peer port)."""
+    try:
+        sock = socket.socket(fileno=fd)
+    except OSError:
+        return False
+    try:
+        return sock.getsockname()[1] == key[1] and sock.getpeername()[1] == key[3]
+    except OSError:
+        return False
+    finally:
+        sock.detach()
+
+
+def _origin(url):
+    parts = urlsplit(url if "://" in url else "http://" + url)
+    scheme = parts.scheme.lower()
+    try:
+        port = parts.port
+    except ValueError:
+        port = None
+    return scheme, parts.hostname or "", port or _DEFAULT_PORTS.get(scheme)
+
+
+class _Cache:
+    """poolscope's view of one libcurl connection cache."""
+
+    __slots__ = ("conns", "fds", "maxage", "max_total", "max_host", "__weakref__")
+
+    def __init__(self):
+        self.conns = {}  # (local ip, local port, peer ip, peer port) -> Conn
+        self.fds = {}  # key -> (socket, idle since) of an idle connection
+        self.maxage = _DEFAULT_MAXAGE
+        self.max_total = self.max_host = 0
+
+
+def _cache(owner):
+    cache = getattr(owner, "_poolscope_cache", None)
+    if cache is None:
+        cache = owner._poolscope_cache = _Cache()
+    return cache
+
+
+def _guard(where, fn, *args):
+    try:
+        return fn(*args)
+    except Exception:
+        internal_error(where)
+        return None
+
+
+class Curl(pycurl.Curl):
+    """``pycurl.Curl``, observed by poolscope."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._ps_url = ""
+        self._ps_prereq = None
+        self._ps_forbid_reuse = False
+        self._ps_conn = None
+        self._ps_multi = self._ps_share = self._ps_sockopt = None
+        self._ps_fresh = False
+        self._ps_callbacks()
+
+    def _ps_callbacks(self):
+        super().setopt(pycurl.PREREQFUNCTION, self._ps_granted)
+        super().setopt(pycurl.SOCKOPTFUNCTION, self._ps_socket)
+
+    def setopt(self, option, value):
+        if option == pycurl.URL:
+            self._ps_url = value if isinstance(value, str) else value.decode("utf-8", "replace")
+        elif option == pycurl.PREREQFUNCTION:
+            self._ps_prereq = value
+            return None
+        elif option == pycurl.SOCKOPTFUNCTION:
+            self._ps_sockopt = value
+            return None
+        elif option == pycurl.MAXAGE_CONN:
+            _cache(self).maxage = value
+        elif option == pycurl.FORBID_REUSE:
+            self._ps_forbid_reuse = bool(value)
+        elif option == pycurl.SHARE:
+            self._ps_share = value
+        return super().setopt(option, value)
+
+    def unsetopt(self, option):
+        if option in (pycurl.PREREQFUNCTION, pycurl.SOCKOPTFUNCTION):
+            self._ps_prereq = None if option == pycurl.PREREQFUNCTION else self._ps_prereq
+            self._ps_sockopt = None if option == pycurl.SOCKOPTFUNCTION else self._ps_sockopt
+            return None
+        return super().unsetopt(option)
+
+    def reset(self):
+        super().reset()
+        self._ps_prereq = self._ps_sockopt = self._ps_share = None
+        self._ps_forbid_reuse = False
+        self._ps_callbacks()
+
+    def _ps_socket(self, fd, purpose):
+        self._ps_fresh = True
+        app = self._ps_sockopt
+        return pycurl.SOCKOPT_OK if app is None else app(fd, purpose)
+
+    def _ps_granted(self, peer_ip, local_ip, peer_port, local_port):
+        if _adapter is not None:
+            _guard("pycurl:PREREQFUNCTION", _adapter.granted, self,
+                   (local_ip, local_port, peer_ip, peer_port))
+        app = self._ps_prereq
+        return pycurl.PREREQFUNC_OK if app is None else app(peer_ip, local_ip, peer_port,
+                                                            local_port)
+
+    def _ps_perform(self, perform):
+        errno = 0
+        try:
+            return perform()
+        except pycurl.error as exc:
+            errno = exc.args[0] if exc.args else -1
+            raise
+        finally:
+            if _adapter is not None:
+                _guard("pycurl:Curl.perform", _adapter.finished, self, errno)
+
+    def perform(self):
+        return self._ps_perform(super().perform)
+
+    def perform_rb(self):
+        return self._ps_perform(super().perform_rb)
+
+    def perform_rs(self):
+        return self._ps_perform(super().perform_rs)
+
+    def close(self):
+        if _adapter is not None:
+            _guard("pycurl:Curl.close", _adapter.cache_closed, self)
+        return super().close()
+
+
+class CurlMulti(pycurl.CurlMulti):
+    """``pycurl.CurlMulti``, observed by poolscope."""
+
+    def setopt(self, option, value):
+        if option == pycurl.M_MAX_TOTAL_CONNECTIONS:
+            _cache(self).max_total = value
+        elif option == pycurl.M_MAX_HOST_CONNECTIONS:
+            _cache(self).max_host = value
+        result = super().setopt(option, value)
+        if _adapter is not None and option == pycurl.M_MAX_TOTAL_CONNECTIONS:
+            _guard("pycurl:CurlMulti.setopt", _adapter.limit_changed, self)
+        return result
+
+    def add_handle(self, handle):
+        result = super().add_handle(handle)
+        if isinstance(handle, Curl):
+            handle._ps_multi = self
+        return result
+
+    def info_read(self, *args):
+        result = super().info_read(*args)
+        if _adapter is not None:
+            _, ok, failed = result
+            for handle in ok:
+                _guard("pycurl:CurlMulti.info_read", _adapter.finished, handle, 0)
+            for handle, errno, _ in failed:
+                _guard("pycurl:CurlMulti.info_read", _adapter.finished, handle, errno)
+        return result
+
+    def remove_handle(self, handle):
+        result = super().remove_handle(handle)
+        if isinstance(handle, Curl):
+            if _adapter is not None:  # a transfer removed before info_read reported it
+                _guard("pycurl:CurlMulti.remove_handle", _adapter.finished, handle, None)
+            handle._ps_multi = None
+        return result
+
+    def close(self):
+        if _adapter is not None:
+            _guard("pycurl:CurlMulti.close", _adapter.cache_closed, self)
+        return super().close()
+
+
+class CurlShare(pycurl.CurlShare):
+    """``pycurl.CurlShare``, observed by poolscope."""
+
+    def setopt(self, option, value):
+        if option == pycurl.SH_SHARE and value == pycurl.LOCK_DATA_CONNECT:
+            self._ps_connections = True
+        elif option == pycurl.SH_UNSHARE and value == pycurl.LOCK_DATA_CONNECT:
+            self._ps_connections = False
+        return super().setopt(option, value)
+
+    def close(self):
+        if _adapter is not None:
+            _guard("pycurl:CurlShare.close", _adapter.cache_closed, self)
+        return super().close()
+
+
+class PycurlAdapter(Adapter):
+    library = "pycurl"
+
+    def patch(self):
+        global _adapter
+        if pycurl.version_info()[2] < 0x075000:
+            raise RuntimeError("libcurl 7.80 or newer is needed (PREREQFUNCTION)")
+        for cls in (Curl, CurlMulti, CurlShare):
+            self.replace(pycurl, cls.__name__, cls)
+        _adapter = self
+
+    def unpatch(self):
+        global _adapter
+        if _adapter is self:
+            _adapter = None
+        super().unpatch()
+
+    def limits(self, owner):
+        if isinstance(owner, pycurl.CurlMulti):
+            return {"max_connections": _cache(owner).max_total or None}
+        return {}
+
+    def limit_changed(self, multi):
+        state = getattr(multi, "_poolscope", None)
+        if state is not None:
+            state.max = _cache(multi).max_total or None
+
+    @staticmethod
+    def _owner(curl):
+        if curl._ps_multi is not None:
+            return curl._ps_multi
+        share = curl._ps_share
+        if share is not None and getattr(share, "_ps_connections", False):
+            return share
+        return curl
+
+    def granted(self, curl, key):
+        if curl._ps_conn is not None:  # libcurl retried on a new connection, or followed a redirect
+            self._let_go(curl._ps_conn)
+        owner = self._owner(curl)
+        cache = _cache(owner)
+        fresh, curl._ps_fresh = curl._ps_fresh, False
+        rec = cache.conns.get(key)
+        if fresh or rec is None or rec.closed:
+            pool = self.pool_state(owner)
+            self._sweep(cache, fresh_key=key)
+            rec = self.recorder.conn_created(pool, self.recorder.series(
+                self.library, _origin(curl._ps_url)))
+            cache.conns[key] = rec
+        curl._ps_conn = (rec, key, cache, owner)
+        self.recorder.acquired(rec)
+
+    def finished(self, curl, errno):
+        """A transfer ended: ``errno`` 0 when it succeeded, None when not known."""
+        if not isinstance(curl, Curl):
+            return
+        taken, curl._ps_conn = curl._ps_conn, None
+        multi = curl._ps_multi
+        cache = getattr(multi, "_poolscope_cache", None) if multi is not None else None
+        limited = cache is not None and (cache.max_total or cache.max_host)
+        if taken is None:
+            if limited and errno == pycurl.E_OPERATION_TIMEDOUT and \
+                    curl.getinfo(pycurl.NUM_CONNECTS) == 0:
+                self.recorder.waited(self.recorder.series(self.library, _origin(curl._ps_url)),
+                                     None)
+            return
+        rec, key, cache, owner = taken
+        setup = 0.0
+        if not rec.opened:
+            getinfo = curl.getinfo
+            connected = getinfo(pycurl.APPCONNECT_TIME_T) or getinfo(pycurl.CONNECT_TIME_T)
+            setup = max(0, connected - getinfo(pycurl.NAMELOOKUP_TIME_T)) / 1e6
+            self.recorder.conn_opened(rec, setup)
+        if limited:
+            queued = min(curl.getinfo(pycurl.QUEUE_TIME_T) / 1e6,
+                         curl.getinfo(pycurl.PRETRANSFER_TIME_T) / 1e6 - setup)
+            if queued >= _QUEUED:
+                self.recorder.waited(rec.series, queued)
+        fd = curl.getinfo(pycurl.ACTIVESOCKET) if not rec.closed else -1
+        if fd == -1:
+            if errno == 0:
+                reason = sc.IDLE_LIMIT if curl._ps_forbid_reuse else sc.SERVER_CLOSED
+            else:
+                reason = sc.ERROR
+            cache.conns.pop(key, None)
+            cache.fds.pop(key, None)
+            self.recorder.released(rec, reason)
+        else:
+            cache.fds[key] = (fd, time.monotonic())
+            self.recorder.released(rec)
+
+    def _let_go(self, taken):
+        """Release a connection a transfer moved off; libcurl closed it if it was found dead."""
+        rec, key, cache, _ = taken
+        fd = cache.fds.get(key, (None,))[0]
+        if fd is not None and not _alive(fd, key):
+            cache.conns.pop(key, None)
+            cache.fds.pop(key, None)
+            self.recorder.released(rec, sc.SERVER_CLOSED)
+        else:
+            self.recorder.released(rec)
+
+    def _sweep(self, cache, reason=None, fresh_key=None):
+        """Close the idle connections whose sockets libcurl has closed since poolscope looked.
+
+        ``fresh_key``: a new connection's key, which a closed one may have had before it.
+        """
+        now = time.monotonic()
+        for key, rec in list(cache.conns.items()):
+            if rec.closed:
+                del cache.conns[key]
+                continue
+            if rec.in_use:
+                continue
+            fd, idle_since = cache.fds.get(key, (None, now))
+            if reason is None and key != fresh_key and (fd is None or _alive(fd, key)):
+                continue  # alive, or never seen idle (a redirect's): kept until the pool closes
+            del cache.conns[key]
+            cache.fds.pop(key, None)
+            if reason is not None:
+                why = reason
+            elif now - idle_since >= cache.maxage:
+                why = sc.KEEPALIVE_EXPIRED
+            else:
+                why = sc.SERVER_CLOSED
+            self.recorder.closed(rec, why)
+
+    def cache_closed(self, owner):
+        state = getattr(owner, "_poolscope", None)
+        cache = getattr(owner, "_poolscope_cache", None)
+        if state is None or cache is None:
+            return
+        self.recorder.pool_closed(state)
+        self._sweep(cache, sc.POOL_CLOSED)

@@ -1,0 +1,106 @@
+"""aiohttp specifics: keep-alive expiry both ways, limit_per_host, force_close, cancellation."""
+
+import asyncio
+import time
+
+import aiohttp
+import pytest
+
+LIB = {"poolscope__library": "aiohttp"}
+
+
+def run(scenario, **connector):
+    async def main():
+        async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(**connector)) as session:
+            return await scenario(session)
+    return asyncio.run(main())
+
+
+async def fetch(session, url):
+    async with session.get(url) as response:
+        await response.read()
+        return response.status
+
+
+def test_keepalive_expiry_found_on_reuse_and_by_cleanup(metrics, server):
+    async def scenario(session):
+        await fetch(session, server.url + "/")
+        time.sleep(0.4)  # block the loop: the next request's _get finds it expired first
+        await fetch(session, server.url + "/")
+        await asyncio.sleep(0.6)  # now the connector's periodic clean-up expires the second
+        return metrics.read()
+
+    data = run(scenario, keepalive_timeout=0.3)
+    v = lambda name, **a: metrics.value(data, name, **LIB, **a)  # noqa: E731
+    assert v("poolscope.connection.closed", poolscope__close__reason="keepalive_expired") == 2
+    assert v("poolscope.connection.closed") == 2
+    assert v("poolscope.connection.created") == 2
+    assert v("http.client.open_connections") == 0
+    assert server.accepted == 2
+
+
+def test_limit_per_host_is_a_pool_per_origin(metrics, server):
+    """limit_per_host=1, no total limit: three 0.3 s requests at once queue behind each other."""
+    async def scenario(session):
+        statuses = await asyncio.gather(*(fetch(session, server.url + "/delay/0.3")
+                                          for _ in range(3)))
+        return statuses, metrics.read()
+
+    statuses, data = run(scenario, limit=0, limit_per_host=1)
+    assert statuses == [200] * 3
+    count, total = metrics.histogram(data, "poolscope.connection.wait_time", **LIB)
+    assert count == 2 and 0.85 <= total <= 1.2  # 0.3 + 0.6
+    origin = dict(LIB, server__address="127.0.0.1", server__port=server.port)
+    assert metrics.value(data, "poolscope.connection.max", **origin) == 1
+    assert metrics.value(data, "poolscope.connection.max", **LIB) == 1  # no total limit
+    assert 0.8 <= metrics.value(data, "poolscope.pool.saturation_time", **origin) <= 1.2
+    assert metrics.value(data, "poolscope.connection.created", **LIB) == 1
+    assert metrics.value(data, "poolscope.pool.count", **LIB) == 2  # the connector and its host
+
+
+def test_force_close_keeps_no_idle_connection(metrics, server):
+    async def scenario(session):
+        for _ in range(3):
+            await fetch(session, server.url + "/")
+        return metrics.read()
+
+    data = run(scenario, force_close=True)
+    v = lambda name, **a: metrics.value(data, name, **LIB, **a)  # noqa: E731
+    assert v("poolscope.connection.created") == 3
+    assert v("poolscope.connection.closed", poolscope__close__reason="idle_limit") == 3
+    assert v("poolscope.connection.acquisitions", poolscope__connection__reused=True) == 0
+    assert v("poolscope.connection.idle.max") == 0
+    assert v("http.client.open_connections") == 0
+
+
+@pytest.mark.parametrize("cancel_after", [0.1, 0.4], ids=["waiting", "holding"])
+def test_cancelled_request_leaves_no_count(metrics, server, cancel_after):
+    """limit=1: A holds the connection for 0.3 s; B queues behind it and is cancelled either
+    while it waits (0.1 s) or while it holds the connection for its own 0.3 s (0.4 s)."""
+    async def scenario(session):
+        a = asyncio.create_task(fetch(session, server.url + "/delay/0.3"))
+        await asyncio.sleep(0.05)
+        b = asyncio.create_task(fetch(session, server.url + "/delay/0.3"))
+        await asyncio.sleep(cancel_after)
+        b.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await b
+        assert await a == 200
+        await asyncio.sleep(0.05)
+        return metrics.read()
+
+    data = run(scenario, limit=1)
+    v = lambda name, **a: metrics.value(data, name, **LIB, **a)  # noqa: E731
+    assert v("poolscope.connection.pending_requests") == 0
+    assert v("http.client.open_connections", http__connection__state="active") == 0
+    assert v("poolscope.connection.timeouts") == 0
+    waited, _ = metrics.histogram(data, "poolscope.connection.wait_time", **LIB)
+    if cancel_after == 0.1:  # an abandoned wait is no wait_time and no timeout
+        assert waited == 0
+        assert v("poolscope.connection.acquisitions") == 1
+        assert v("http.client.open_connections", http__connection__state="idle") == 1
+    else:  # B got A's connection after 0.3 s, and its cancellation broke it
+        assert waited == 1
+        assert v("poolscope.connection.acquisitions", poolscope__connection__reused=True) == 1
+        assert v("poolscope.connection.closed", poolscope__close__reason="error") == 1
+        assert v("http.client.open_connections") == 0
