@@ -1,4 +1,5 @@
 import os
+import shutil
 
 import pytest
 from opentelemetry.sdk.metrics import MeterProvider
@@ -68,3 +69,13 @@ def buckets(point):
     """{upper bound: count} of a histogram point (inf for the last bucket)."""
     bounds = list(point.explicit_bounds) + [float("inf")]
     return {b: c for b, c in zip(bounds, point.bucket_counts) if c}
+
+
+def require_tool(name):
+    """The path of a command-line tool; fails under CI (CI=true) when missing, else skips."""
+    path = shutil.which(name)
+    if path is None:
+        if os.environ.get("CI"):
+            pytest.fail(f"{name} is not installed (scripts/test.sh installs it as root)")
+        pytest.skip(f"{name} not installed")
+    return path

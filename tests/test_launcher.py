@@ -2,18 +2,16 @@
 
 import json
 import os
-import shutil
 import socket
 import subprocess
 import sys
-import tempfile
 import textwrap
 import time
 import urllib.request
 
 import pytest
 
-from poolscope.demo.server import DemoServer
+from conftest import require_tool
 
 PY = sys.executable
 LAUNCHER = os.path.join(os.path.dirname(sys.executable), "poolscope-instrument")
@@ -81,10 +79,7 @@ def series(samples, name, **labels):
 
 
 def test_prometheus_endpoint_and_a_real_prometheus_server(app_file, server, tmp_path):
-    if shutil.which("prometheus") is None:
-        if os.environ.get("CI"):
-            pytest.fail("prometheus is not installed (scripts/test.sh installs it as root)")
-        pytest.skip("prometheus not installed")
+    require_tool("prometheus")
     port = free_port()
     proc = launch(["--metrics-exporter", "prometheus", "--service-name", "e2e", PY,
                    app_file, str(server.port)],

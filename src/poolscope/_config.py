@@ -38,6 +38,19 @@ def env_int(name, default, minimum=1):
     return value
 
 
+def env_seconds(name, default):
+    raw = os.environ.get(name)
+    if raw is None or not raw.strip():
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        raise ConfigError(f"{name}={raw!r} is not a number of seconds") from None
+    if not value > 0:
+        raise ConfigError(f"{name}={raw!r} must be more than 0")
+    return value
+
+
 def setting(reader, name, default, *args):
     """Read a setting for the library API: a bad value is logged once and the default used."""
     try:

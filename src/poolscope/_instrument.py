@@ -8,7 +8,7 @@ import threading
 
 import wrapt
 
-from ._config import env_bool, env_int, logger, setting
+from ._config import env_bool, env_int, env_seconds, logger, setting
 from ._package import SUPPORTED
 from ._recorder import Recorder
 
@@ -91,7 +91,10 @@ def instrument(*, meter_provider=None, tracer_provider=None, libraries=None):
                              f"supported: {', '.join(ADAPTERS)}")
         recorder = Recorder(meter_provider,
                             detailed=setting(env_bool, "POOLSCOPE_DETAILED_TIMINGS", False),
-                            max_origins=setting(env_int, "POOLSCOPE_MAX_ORIGINS", 1000))
+                            max_origins=setting(env_int, "POOLSCOPE_MAX_ORIGINS", 1000),
+                            leak_after=(setting(env_seconds, "POOLSCOPE_LEAK_SECONDS", 30.0)
+                                        if setting(env_bool, "POOLSCOPE_LEAK_WARNINGS", False)
+                                        else None))
         _active = owner = _Instrumentation(recorder, tracer_provider, names)
         for name in names:
             wrapt.register_post_import_hook(functools.partial(_on_import, name, owner),
@@ -108,6 +111,7 @@ def uninstrument():
         for adapter in owner.adapters.values():
             adapter.unpatch()
         owner.adapters.clear()
+        owner.recorder.close()
 
 
 def current_recorder():

@@ -7,7 +7,9 @@ call. Histograms record only waits, new connections and closes (and, with
 detailed timings, use and idle times).
 """
 
+import logging
 import os
+import sys
 import threading
 import time
 import weakref
@@ -86,15 +88,15 @@ class Conn:
     """One connection, from the slot it takes to its close (a socket's lifetime)."""
 
     __slots__ = ("pool", "series", "in_use", "uses", "opened", "born", "acquired_at",
-                 "released_at", "closed", "reason")
+                 "released_at", "closed", "reason", "site", "warned")
 
     def __init__(self, pool, series):
         self.pool = pool
         self.series = series
         self.in_use = self.uses = 0
-        self.opened = self.closed = False
+        self.opened = self.closed = self.warned = False
         self.born = self.acquired_at = self.released_at = 0.0
-        self.reason = None
+        self.reason = self.site = None
 
     @property
     def active(self):
@@ -122,13 +124,38 @@ class _Limits:
 
 
 _recorders = weakref.WeakSet()
+logger = logging.getLogger("poolscope")
+
+# Frames of these packages are not "where the application acquired a connection".
+_NOT_CALLERS = ("poolscope", "wrapt", "urllib3", "requests", "botocore", "httpx", "httpcore",
+                "aiohttp", "pycurl", "asyncio", "anyio", "concurrent", "threading", "contextlib")
+
+
+def _caller():
+    frame = sys._getframe(2)
+    while frame is not None:
+        module = frame.f_globals.get("__name__", "")
+        if module.partition(".")[0] not in _NOT_CALLERS:
+            return f"{frame.f_code.co_filename}:{frame.f_lineno}"
+        frame = frame.f_back
+    return None
+
+
+def _origin_text(series):
+    attrs = series.attrs
+    return (f"{attrs.get(sc.URL_SCHEME)}://{attrs.get(sc.SERVER_ADDRESS)}:"
+            f"{attrs.get(sc.SERVER_PORT)} ({attrs[sc.LIBRARY]})")
 
 
 class Recorder:
     """Owns poolscope's state and instruments; adapters report pool events to it."""
 
-    def __init__(self, meter_provider=None, detailed=False, max_origins=1000):
+    def __init__(self, meter_provider=None, detailed=False, max_origins=1000, leak_after=None):
+        """``leak_after``: seconds after which a held connection is logged as a likely leak,
+        with where it was acquired (None: off)."""
         self._lock = threading.Lock()
+        self.leak_after = leak_after
+        self._stopped = threading.Event()
         self._series = {}
         self._origins = {}
         self._pools = set()
@@ -138,6 +165,38 @@ class Recorder:
         self._make_instruments(metrics.get_meter(sc.INSTRUMENTATION_NAME, __version__,
                                                  meter_provider))
         _recorders.add(self)
+        self._start_watch()
+
+    def close(self):
+        """Stop the leak watch thread, if any."""
+        self._stopped.set()
+
+    def _start_watch(self):
+        if self.leak_after is not None:
+            threading.Thread(target=self._watch, name="poolscope-leaks", daemon=True).start()
+
+    def _watch(self):
+        interval = min(max(self.leak_after / 4, 0.05), 5.0)
+        while not self._stopped.wait(interval):
+            try:
+                self.warn_leaks()
+            except Exception:
+                logger.warning("poolscope: leak watch failed", exc_info=True)
+                return
+
+    def warn_leaks(self):
+        """Log one warning per connection held longer than ``leak_after`` (once each)."""
+        now = monotonic()
+        with self._lock:
+            leaked = [c for pool in self._pools for c in pool.conns
+                      if c.in_use and not c.warned and now - c.acquired_at >= self.leak_after]
+            for conn in leaked:
+                conn.warned = True
+        for conn in leaked:
+            logger.warning("poolscope: a connection to %s has been held for %.1f s without being "
+                           "returned, acquired at %s; a response that is never closed keeps its "
+                           "connection", _origin_text(conn.series), now - conn.acquired_at,
+                           conn.site or "an unknown place")
 
     # -- registry ---------------------------------------------------------
 
@@ -258,6 +317,7 @@ class Recorder:
             conn.series.acquired[reused] += 1
             if conn.in_use == 0:
                 conn.acquired_at = now
+                conn.warned = False
                 if conn.opened and not conn.closed:
                     self._to_active(conn)
             conn.in_use += 1
@@ -266,6 +326,8 @@ class Recorder:
                 wait.end = now
         if self.detailed and reused and conn.released_at:
             self._idle_time.record(now - conn.released_at, conn.series.attrs)
+        if self.leak_after is not None:
+            conn.site = _caller()
         return reused
 
     def unacquired(self, conn, reused, wait=None):
@@ -364,12 +426,8 @@ class Recorder:
             self._wait_time.record(wait.end - wait.start, wait.series.attrs)
 
     def waited(self, series, seconds):
-        """A wait seen only once it was over (pycurl): ``seconds`` long, or None if it timed out."""
-        if seconds is None:
-            with self._lock:
-                series.timeouts += 1
-        else:
-            self._wait_time.record(seconds, series.attrs)
+        """The length of a wait known only after it ended (pycurl)."""
+        self._wait_time.record(seconds, series.attrs)
 
     def _unwait(self, wait):
         wait.active = False
@@ -398,6 +456,8 @@ class Recorder:
 
     def _after_fork(self):
         self._lock = threading.Lock()
+        self._stopped = threading.Event()
+        self._start_watch()
         now = monotonic()
         for series in self._series.values():
             series.reset_counts()
@@ -500,18 +560,16 @@ class Recorder:
         return [Observation(v, s.attrs) for s, v in totals.items()]
 
     def _observe_ages(self, conn_start, wait_start):
-        """Age of the oldest item per origin; 0 for an origin with connections or waits but none aged."""
+        """Age of the oldest item per origin; 0 for an origin with none."""
         def callback(options):
             now = monotonic()
-            oldest = {}
             with self._lock:
+                oldest = {s: now for s in self._series.values() if s.is_origin}
                 for pool in self._pools:
                     for items, start_of in ((pool.conns, conn_start), (pool.waits, wait_start)):
                         for item in items:
                             start = start_of(item)
-                            if start is None or start > now:
-                                start = now
-                            if start < oldest.get(item.series, now + 1):
+                            if start is not None and start < oldest.get(item.series, now):
                                 oldest[item.series] = start
             return [Observation(now - start, s.attrs) for s, start in oldest.items()]
         return callback

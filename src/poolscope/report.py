@@ -64,8 +64,9 @@ def _seconds(value):
     return f"{value * 1000:.0f} ms" if value < 1 else f"{value:.2f} s"
 
 
-def render(metrics_data, scopes):
-    """The report text. ``scopes`` is ``Recorder.scopes()`` (limits, peaks, pools opened)."""
+def render(metrics_data, scopes, leak_after=30.0):
+    """The report text. ``scopes`` is ``Recorder.scopes()`` (limits, peaks, pools opened);
+    a connection held, or a request waiting, ``leak_after`` seconds or more is flagged."""
     figures = collect(metrics_data)
     scope_info = {s.key: info for s, info in scopes.items()}
     origins = sorted(k for k in figures if len(k) > 1)
@@ -101,10 +102,29 @@ def render(metrics_data, scopes):
                      f"open {f.get((sc.OPEN_CONNECTIONS[0], sc.STATE_ACTIVE), 0)} active / "
                      f"{f.get((sc.OPEN_CONNECTIONS[0], sc.STATE_IDLE), 0)} idle, closed: "
                      + (", ".join(f"{r} {n}" for r, n in closes.items()) or "none"))
+        for line in stuck(f.get(sc.OLDEST_ACTIVE_AGE[0]), f.get(sc.OLDEST_PENDING_AGE[0]),
+                          leak_after):
+            lines.append(f"  WARNING: {line}")
         for line in advise(library, total, waited, timeouts, limit, peak, pools_opened, reused,
                            closes, wait):
             lines.append(f"  advice: {line}")
     return "\n".join(lines) + "\n"
+
+
+def stuck(active_age, pending_age, leak_after):
+    """Warnings for a connection held, or a request waiting, ``leak_after`` seconds or more."""
+    warnings = []
+    if active_age is not None and active_age >= leak_after:
+        warnings.append(f"a connection has been held for {_seconds(active_age)} and is still not "
+                        "returned: a response that is never closed keeps its connection (a stream "
+                        "read outside `with`, an unread preload_content=False response, an aiohttp "
+                        "response never released). Run with POOLSCOPE_LEAK_WARNINGS=true to log "
+                        "where it was acquired.")
+    if pending_age is not None and pending_age >= leak_after:
+        warnings.append(f"a request has been waiting {_seconds(pending_age)} for a connection: "
+                        "the pool has stopped handing out connections, because every connection "
+                        "is held (see leaks above) or the pool is stuck.")
+    return warnings
 
 
 def advise(library, total, waited, timeouts, limit, peak, pools_opened, reused, closes, wait):

@@ -20,7 +20,8 @@ A pool is a libcurl connection cache: the multi handle's for transfers in a ``Cu
   pending once, but adds up more than the elapsed time when it was woken and sent back to the
   queue (libcurl 8.23: 1.35 s reported for a 0.65 s wait), so the wait is the smaller of it and
   ``PRETRANSFER_TIME_T`` less the connection's set-up. A transfer counts as having waited when
-  that is 1 ms or more: an unqueued one leaves the queue in microseconds.
+  that is 1 ms or more: an unqueued one leaves the queue in microseconds. A transfer added to
+  such a multi is pending from ``add_handle`` until it has a connection.
 - Close: libcurl closes idle cached connections on its own (``MAXAGE_CONN`` expiry, a full
   cache, a dead socket) with no callback poolscope can rely on, so each idle connection's
   socket is checked when its pool opens a new connection and when the pool closes.
@@ -34,6 +35,7 @@ import pycurl
 
 from .. import _semconv as sc
 from .._config import internal_error
+from .._recorder import ABANDONED, TIMED_OUT
 from ._base import Adapter
 
 _DEFAULT_PORTS = {"http": 80, "https": 443}
@@ -102,7 +104,7 @@ class Curl(pycurl.Curl):
         self._ps_url = ""
         self._ps_prereq = None
         self._ps_forbid_reuse = False
-        self._ps_conn = None
+        self._ps_conn = self._ps_wait = None
         self._ps_multi = self._ps_share = self._ps_sockopt = None
         self._ps_fresh = False
         self._ps_callbacks()
@@ -197,6 +199,8 @@ class CurlMulti(pycurl.CurlMulti):
         result = super().add_handle(handle)
         if isinstance(handle, Curl):
             handle._ps_multi = self
+            if _adapter is not None:
+                _guard("pycurl:CurlMulti.add_handle", _adapter.queued, self, handle)
         return result
 
     def info_read(self, *args):
@@ -275,7 +279,16 @@ class PycurlAdapter(Adapter):
             return share
         return curl
 
+    def queued(self, multi, curl):
+        cache = _cache(multi)
+        if cache.max_total or cache.max_host:
+            curl._ps_wait = self.recorder.wait_started(
+                self.pool_state(multi), self.recorder.series(self.library, _origin(curl._ps_url)))
+
     def granted(self, curl, key):
+        wait, curl._ps_wait = curl._ps_wait, None
+        if wait is not None:  # no longer pending; libcurl's figure for the wait comes at the end
+            self.recorder.wait_ended(wait, ABANDONED)
         if curl._ps_conn is not None:  # libcurl retried on a new connection, or followed a redirect
             self._let_go(curl._ps_conn)
         owner = self._owner(curl)
@@ -300,10 +313,11 @@ class PycurlAdapter(Adapter):
         cache = getattr(multi, "_poolscope_cache", None) if multi is not None else None
         limited = cache is not None and (cache.max_total or cache.max_host)
         if taken is None:
-            if limited and errno == pycurl.E_OPERATION_TIMEDOUT and \
-                    curl.getinfo(pycurl.NUM_CONNECTS) == 0:
-                self.recorder.waited(self.recorder.series(self.library, _origin(curl._ps_url)),
-                                     None)
+            wait, curl._ps_wait = curl._ps_wait, None
+            if wait is not None:
+                timed_out = errno == pycurl.E_OPERATION_TIMEDOUT and \
+                    curl.getinfo(pycurl.NUM_CONNECTS) == 0
+                self.recorder.wait_ended(wait, TIMED_OUT if timed_out else ABANDONED)
             return
         rec, key, cache, owner = taken
         setup = 0.0

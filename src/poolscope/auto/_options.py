@@ -3,7 +3,7 @@
 import importlib.util
 import os
 
-from .._config import ConfigError, env_bool, env_int
+from .._config import ConfigError, env_bool, env_int, env_seconds
 
 METRICS_EXPORTERS = ("report", "prometheus", "otlp", "console", "none")
 TRACES_EXPORTERS = ("otlp", "console", "none")
@@ -49,6 +49,8 @@ class Options:
         self.libraries = [n.strip() for n in libraries.split(",") if n.strip()] if libraries else None
         self.detailed = env_bool("POOLSCOPE_DETAILED_TIMINGS")
         env_int("POOLSCOPE_MAX_ORIGINS", 1000, 1)
+        env_bool("POOLSCOPE_LEAK_WARNINGS")
+        self.leak_seconds = env_seconds("POOLSCOPE_LEAK_SECONDS", 30.0)
 
     def missing_packages(self):
         """One line per configured exporter whose package is missing, naming the extra to install."""

@@ -122,7 +122,8 @@ class Pipeline:
         recorder = current_recorder()
         if self.report_reader is not None and recorder is not None:
             try:
-                text = report.render(self.report_reader.get_metrics_data(), recorder.scopes())
+                text = report.render(self.report_reader.get_metrics_data(), recorder.scopes(),
+                                     self.options.leak_seconds)
                 sys.stderr.write("\n" + text)
                 sys.stderr.flush()
             except Exception:

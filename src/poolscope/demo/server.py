@@ -1,7 +1,8 @@
 """A small HTTP/1.1 keep-alive server on 127.0.0.1 for poolscope's demo, examples and tests.
 
 Paths: ``/delay/<seconds>`` answers after that delay; ``/close`` answers with
-``Connection: close``; ``/drop`` closes the socket without answering; anything else answers
+``Connection: close``; ``/drop`` closes the socket without answering; ``/bytes/<n>`` answers
+``n`` bytes (a body too large to be buffered at once); anything else answers
 ``ok`` at once. ``idle_timeout`` closes keep-alive connections left idle that long, as a
 server's own keep-alive limit does. The server counts the connections it accepted.
 """
@@ -37,7 +38,7 @@ class _Handler(BaseHTTPRequestHandler):
             return
         if path.startswith("/delay/"):
             time.sleep(float(path.rsplit("/", 1)[1]))
-        body = b"ok"
+        body = b"x" * int(path[len("/bytes/"):]) if path.startswith("/bytes/") else b"ok"
         self.send_response(200)
         self.send_header("Content-Type", "text/plain")
         self.send_header("Content-Length", str(len(body)))
