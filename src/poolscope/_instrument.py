@@ -24,9 +24,8 @@ _active = None  # the current _Instrumentation
 
 
 class _Instrumentation:
-    def __init__(self, recorder, tracer_provider, libraries):
+    def __init__(self, recorder, libraries):
         self.recorder = recorder
-        self.tracer_provider = tracer_provider
         self.libraries = libraries
         self.adapters = {}
 
@@ -89,13 +88,13 @@ def instrument(*, meter_provider=None, tracer_provider=None, libraries=None):
         if unknown:
             raise ValueError(f"poolscope: unknown libraries {', '.join(unknown)}; "
                              f"supported: {', '.join(ADAPTERS)}")
-        recorder = Recorder(meter_provider,
+        recorder = Recorder(meter_provider, tracer_provider,
                             detailed=setting(env_bool, "POOLSCOPE_DETAILED_TIMINGS", False),
                             max_origins=setting(env_int, "POOLSCOPE_MAX_ORIGINS", 1000),
                             leak_after=(setting(env_seconds, "POOLSCOPE_LEAK_SECONDS", 30.0)
                                         if setting(env_bool, "POOLSCOPE_LEAK_WARNINGS", False)
                                         else None))
-        _active = owner = _Instrumentation(recorder, tracer_provider, names)
+        _active = owner = _Instrumentation(recorder, names)
         for name in names:
             wrapt.register_post_import_hook(functools.partial(_on_import, name, owner),
                                             SUPPORTED[name]["module"])

@@ -14,8 +14,10 @@ import threading
 import time
 import weakref
 
-from opentelemetry import metrics
+from opentelemetry import context as otel_context
+from opentelemetry import metrics, trace
 from opentelemetry.metrics import Observation
+from opentelemetry.trace import SpanKind, StatusCode
 
 from . import _semconv as sc
 from ._version import __version__
@@ -106,13 +108,13 @@ class Conn:
 class Wait:
     """A request waiting for a connection."""
 
-    __slots__ = ("pool", "series", "start", "end", "active", "done")
+    __slots__ = ("pool", "series", "start", "end", "end_ns", "active", "done", "span", "parent")
 
     def __init__(self, pool, series, start):
         self.pool = pool
         self.series = series
         self.start = start
-        self.end = None
+        self.end = self.end_ns = self.span = self.parent = None
         self.active = True
         self.done = False
 
@@ -150,7 +152,8 @@ def _origin_text(series):
 class Recorder:
     """Owns poolscope's state and instruments; adapters report pool events to it."""
 
-    def __init__(self, meter_provider=None, detailed=False, max_origins=1000, leak_after=None):
+    def __init__(self, meter_provider=None, tracer_provider=None, detailed=False, max_origins=1000,
+                 leak_after=None):
         """``leak_after``: seconds after which a held connection is logged as a likely leak,
         with where it was acquired (None: off)."""
         self._lock = threading.Lock()
@@ -164,6 +167,7 @@ class Recorder:
         self.max_origins = max_origins
         self._make_instruments(metrics.get_meter(sc.INSTRUMENTATION_NAME, __version__,
                                                  meter_provider))
+        self._tracer = trace.get_tracer(sc.INSTRUMENTATION_NAME, __version__, tracer_provider)
         _recorders.add(self)
         self._start_watch()
 
@@ -308,8 +312,11 @@ class Recorder:
         if seconds is not None:
             self._create_time.record(seconds, conn.series.attrs)
 
-    def acquired(self, conn, wait=None):
-        """A request got ``conn``; returns whether it was reused. Ends ``wait`` if given."""
+    def acquired(self, conn, wait=None, context=None):
+        """A request got ``conn``; returns whether it was reused. Ends ``wait`` if given.
+
+        ``context``: the request's, where it is not the current one (see :meth:`context`).
+        """
         now = monotonic()
         with self._lock:
             reused = conn.uses > 0
@@ -324,8 +331,14 @@ class Recorder:
             if wait is not None and wait.active:
                 self._unwait(wait)
                 wait.end = now
+                wait.end_ns = time.time_ns()
         if self.detailed and reused and conn.released_at:
             self._idle_time.record(now - conn.released_at, conn.series.attrs)
+        span = trace.get_current_span(context)
+        if span.is_recording():
+            span.set_attribute(sc.SPAN_REUSED, reused)
+            if reused and conn.released_at:
+                span.set_attribute(sc.SPAN_IDLE_TIME, now - conn.released_at)
         if self.leak_after is not None:
             conn.site = _caller()
         return reused
@@ -340,12 +353,12 @@ class Recorder:
                 self._to_idle(conn)
             if wait is not None and not wait.active and not wait.done:
                 wait.active = True
-                wait.end = None
+                wait.end = wait.end_ns = None
                 self._pend(wait, 1)
 
     def released(self, conn, close_reason=None):
         """The request is done with ``conn``; ``close_reason`` if the connection closed with it."""
-        now = monotonic() if self.detailed else 0.0
+        now = monotonic()
         used = None
         with self._lock:
             if conn.in_use > 0:
@@ -355,9 +368,9 @@ class Recorder:
                         close_reason = sc.ERROR
                     elif not conn.closed:
                         self._to_idle(conn)
+                    conn.released_at = now
                     if self.detailed:
                         used = now - conn.acquired_at
-                        conn.released_at = now
         if used is not None:
             self._use_time.record(used, conn.series.attrs)
         if close_reason is not None:
@@ -383,6 +396,9 @@ class Recorder:
             conn.series.closed[reason] = conn.series.closed.get(reason, 0) + 1
             lifetime = monotonic() - conn.born
         self._duration.record(lifetime, conn.series.attrs)
+        span = trace.get_current_span()
+        if span.is_recording():
+            span.add_event(sc.EVENT_CLOSED, {sc.CLOSE_REASON: reason})
 
     def _to_active(self, conn, step=1):
         """Move ``conn`` from idle to active (``step=-1``: from active to idle)."""
@@ -404,15 +420,30 @@ class Recorder:
 
     # -- waits ------------------------------------------------------------
 
-    def wait_started(self, pool, series=None):
-        """A request found no free connection and no room to open one."""
+    def wait_started(self, pool, series=None, traced=True):
+        """A request found no free connection and no room to open one.
+
+        With ``traced`` and a recording span current, the wait is an ``HTTP wait_for_connection``
+        span under it, ended by :meth:`wait_ended` at the moment the wait ended.
+        """
         wait = Wait(pool, series or pool.scope, monotonic())
         with self._lock:
             self._pend(wait, 1)
+            snapshot = (pool.active, pool.idle, pool.pending, pool.max)
+        if traced:
+            parent = trace.get_current_span()
+            if parent.is_recording():
+                wait.parent = parent
+                wait.span = self._tracer.start_span(
+                    sc.SPAN_WAIT, kind=SpanKind.INTERNAL,
+                    attributes={**self._span_attrs(wait.series),
+                                **{k: v for k, v in zip(sc.POOL_SNAPSHOT, snapshot)
+                                   if v is not None}})
         return wait
 
-    def wait_ended(self, wait, outcome=GRANTED):
-        """The wait is over: a connection (or a slot) was granted, it timed out, or it was abandoned."""
+    def wait_ended(self, wait, outcome=GRANTED, error=None):
+        """The wait is over: a connection (or a slot) was granted, it timed out (``error`` the
+        library's exception, if known), or it was abandoned."""
         with self._lock:
             if wait.done:
                 return
@@ -420,14 +451,69 @@ class Recorder:
             if wait.active:
                 self._unwait(wait)
                 wait.end = monotonic()
+                wait.end_ns = time.time_ns()
             if outcome == TIMED_OUT:
                 wait.series.timeouts += 1
+        seconds = wait.end - wait.start
         if outcome == GRANTED:
-            self._wait_time.record(wait.end - wait.start, wait.series.attrs)
+            self._wait_time.record(seconds, wait.series.attrs)
+        if wait.span is not None:
+            self._end_wait_span(wait.span, wait.parent, outcome, seconds, error, wait.end_ns)
 
-    def waited(self, series, seconds):
-        """The length of a wait known only after it ended (pycurl)."""
-        self._wait_time.record(seconds, series.attrs)
+    def _end_wait_span(self, span, parent, outcome, seconds, error, end_ns):
+        if outcome == TIMED_OUT:
+            span.set_status(StatusCode.ERROR, "pool timeout: no connection within the timeout")
+            if error is not None:
+                span.record_exception(error)
+        elif outcome == GRANTED and parent is not None:
+            parent.set_attribute(sc.SPAN_WAIT_TIME, seconds)
+        span.end(end_time=end_ns)
+
+    def waited(self, series, seconds, context=None, end_ns=None, error=None):
+        """A wait known only after it ended (pycurl): ``seconds`` long, ending at ``end_ns``
+        (now if None), traced under ``context`` (see :meth:`context`). With ``error`` it timed
+        out: traced, not recorded (count the timeout with :meth:`wait_ended`)."""
+        if error is None:
+            self._wait_time.record(seconds, series.attrs)
+        parent = trace.get_current_span(context)
+        if parent.is_recording():
+            end_ns = end_ns or time.time_ns()
+            span = self._tracer.start_span(sc.SPAN_WAIT, context=context, kind=SpanKind.INTERNAL,
+                                           attributes=self._span_attrs(series),
+                                           start_time=end_ns - int(seconds * 1e9))
+            self._end_wait_span(span, parent, GRANTED if error is None else TIMED_OUT, seconds,
+                                error, end_ns)
+
+    # -- spans ------------------------------------------------------------
+
+    @staticmethod
+    def context():
+        """The current context if a recording span is current, else None: for adapters whose
+        library runs a request outside the context it was made in (a pycurl multi)."""
+        return otel_context.get_current() if trace.get_current_span().is_recording() else None
+
+    @staticmethod
+    def _span_attrs(series):
+        return {k: v for k, v in series.attrs.items() if k in sc.SPAN_ATTRIBUTES}
+
+    def setup_started(self, series, context=None, start_ns=None):
+        """An ``HTTP connection_setup`` span if a recording span is current (or in ``context``)."""
+        if not trace.get_current_span(context).is_recording():
+            return None
+        return self._tracer.start_span(sc.SPAN_SETUP, context=context, kind=SpanKind.INTERNAL,
+                                       attributes=self._span_attrs(series), start_time=start_ns)
+
+    @staticmethod
+    def setup_ended(span, error=None, peer=None, end_ns=None):
+        """End a span from :meth:`setup_started` (a no-op for None)."""
+        if span is None:
+            return
+        if peer:
+            span.set_attribute(sc.NETWORK_PEER_ADDRESS, peer)
+        if error is not None:
+            span.set_status(StatusCode.ERROR, type(error).__name__)
+            span.record_exception(error)
+        span.end(end_time=end_ns)
 
     def _unwait(self, wait):
         wait.active = False

@@ -118,23 +118,27 @@ class AiohttpAdapter(Adapter):
     def _create_start(self, connector, args, kwargs):
         key = arg(args, kwargs, 0, "req").connection_key
         rec = self.recorder.conn_created(self._pool(connector, key), self._series(key))
-        return rec, time.monotonic()
+        return rec, time.monotonic(), self.recorder.setup_started(rec.series)
 
     def _created(self, token, connector, proto, exc):
-        rec, started = token
+        rec, started, span = token
         if exc is not None:
+            self.recorder.setup_ended(span, exc)
             self.recorder.closed(rec, sc.ERROR)
             return
         proto._poolscope = rec
         self.recorder.acquired(rec)
         self.recorder.conn_opened(rec, time.monotonic() - started)
+        if span is not None:
+            peer = proto.transport.get_extra_info("peername") if proto.transport else None
+            self.recorder.setup_ended(span, peer=peer[0] if peer else None)
 
     def _connected(self, token, connector, connection, exc):
         if exc is not None:
             wait = self._unresolved.pop(asyncio.current_task(), None)
             if wait is not None:
-                self.recorder.wait_ended(
-                    wait, TIMED_OUT if isinstance(exc, asyncio.TimeoutError) else ABANDONED)
+                timed_out = isinstance(exc, asyncio.TimeoutError)
+                self.recorder.wait_ended(wait, TIMED_OUT if timed_out else ABANDONED, exc)
             return
         rec = connection._protocol.__dict__.get("_poolscope")
         if rec is not None and not rec.in_use and not rec.closed:

@@ -149,8 +149,8 @@ class HttpxAdapter(Adapter):
 
     def _wait_failed(self, wait, pool_request, result, exc):
         if exc is not None:
-            self.recorder.wait_ended(wait, TIMED_OUT if isinstance(exc, self._pool_timeout)
-                                     else ABANDONED)
+            timed_out = isinstance(exc, self._pool_timeout)
+            self.recorder.wait_ended(wait, TIMED_OUT if timed_out else ABANDONED, exc)
 
     # -- connections ------------------------------------------------------
 
@@ -175,12 +175,17 @@ class HttpxAdapter(Adapter):
 
     def _connect_start(self, conn, args, kwargs):
         rec = conn.__dict__.get("_poolscope")
-        return None if rec is None else (rec, time.monotonic())
+        if rec is None:
+            return None
+        return rec, time.monotonic(), self.recorder.setup_started(rec.series)
 
     def _connected(self, token, conn, stream, exc):
+        rec, started, span = token
         if exc is None:
-            rec, started = token
             self.recorder.conn_opened(rec, time.monotonic() - started)
+        if span is not None:
+            peer = stream.get_extra_info("server_addr") if exc is None else None
+            self.recorder.setup_ended(span, exc, peer[0] if peer else None)
 
     def _release(self, stream, args, kwargs):
         if stream._closed:

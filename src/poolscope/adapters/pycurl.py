@@ -104,7 +104,7 @@ class Curl(pycurl.Curl):
         self._ps_url = ""
         self._ps_prereq = None
         self._ps_forbid_reuse = False
-        self._ps_conn = self._ps_wait = None
+        self._ps_conn = self._ps_wait = self._ps_context = None
         self._ps_multi = self._ps_share = self._ps_sockopt = None
         self._ps_fresh = False
         self._ps_callbacks()
@@ -218,7 +218,7 @@ class CurlMulti(pycurl.CurlMulti):
         if isinstance(handle, Curl):
             if _adapter is not None:  # a transfer removed before info_read reported it
                 _guard("pycurl:CurlMulti.remove_handle", _adapter.finished, handle, None)
-            handle._ps_multi = None
+            handle._ps_multi = handle._ps_context = None
         return result
 
     def close(self):
@@ -280,10 +280,13 @@ class PycurlAdapter(Adapter):
         return curl
 
     def queued(self, multi, curl):
+        """A transfer joined a multi: it runs later, outside the context it was added in."""
+        curl._ps_context = self.recorder.context()
         cache = _cache(multi)
         if cache.max_total or cache.max_host:
             curl._ps_wait = self.recorder.wait_started(
-                self.pool_state(multi), self.recorder.series(self.library, _origin(curl._ps_url)))
+                self.pool_state(multi), self.recorder.series(self.library, _origin(curl._ps_url)),
+                traced=False)
 
     def granted(self, curl, key):
         wait, curl._ps_wait = curl._ps_wait, None
@@ -302,36 +305,47 @@ class PycurlAdapter(Adapter):
                 self.library, _origin(curl._ps_url)))
             cache.conns[key] = rec
         curl._ps_conn = (rec, key, cache, owner)
-        self.recorder.acquired(rec)
+        self.recorder.acquired(rec, context=curl._ps_context)
 
     def finished(self, curl, errno):
         """A transfer ended: ``errno`` 0 when it succeeded, None when not known."""
         if not isinstance(curl, Curl):
             return
         taken, curl._ps_conn = curl._ps_conn, None
-        multi = curl._ps_multi
-        cache = getattr(multi, "_poolscope_cache", None) if multi is not None else None
-        limited = cache is not None and (cache.max_total or cache.max_host)
+        context = curl._ps_context
         if taken is None:
             wait, curl._ps_wait = curl._ps_wait, None
             if wait is not None:
                 timed_out = errno == pycurl.E_OPERATION_TIMEDOUT and \
                     curl.getinfo(pycurl.NUM_CONNECTS) == 0
-                self.recorder.wait_ended(wait, TIMED_OUT if timed_out else ABANDONED)
+                error = pycurl.error(errno, "timed out waiting for a connection")
+                if timed_out:
+                    self.recorder.waited(wait.series, time.monotonic() - wait.start, context,
+                                         error=error)
+                self.recorder.wait_ended(wait, TIMED_OUT if timed_out else ABANDONED, error)
             return
         rec, key, cache, owner = taken
+        getinfo = curl.getinfo
+        now_ns = time.time_ns()
+        start_ns = now_ns - getinfo(pycurl.TOTAL_TIME_T) * 1000  # libcurl's times run from here
         setup = 0.0
         if not rec.opened:
-            getinfo = curl.getinfo
             connected = getinfo(pycurl.APPCONNECT_TIME_T) or getinfo(pycurl.CONNECT_TIME_T)
-            setup = max(0, connected - getinfo(pycurl.NAMELOOKUP_TIME_T)) / 1e6
+            resolved = getinfo(pycurl.NAMELOOKUP_TIME_T)
+            setup = max(0, connected - resolved) / 1e6
             self.recorder.conn_opened(rec, setup)
-        if limited:
-            queued = min(curl.getinfo(pycurl.QUEUE_TIME_T) / 1e6,
-                         curl.getinfo(pycurl.PRETRANSFER_TIME_T) / 1e6 - setup)
+            span = self.recorder.setup_started(rec.series, context, start_ns + resolved * 1000)
+            self.recorder.setup_ended(span, peer=getinfo(pycurl.PRIMARY_IP) if span else None,
+                                      end_ns=start_ns + connected * 1000)
+        multi = curl._ps_multi
+        limits = getattr(multi, "_poolscope_cache", None) if multi is not None else None
+        if limits is not None and (limits.max_total or limits.max_host):
+            queued = min(getinfo(pycurl.QUEUE_TIME_T) / 1e6,
+                         getinfo(pycurl.PRETRANSFER_TIME_T) / 1e6 - setup)
             if queued >= _QUEUED:
-                self.recorder.waited(rec.series, queued)
-        fd = curl.getinfo(pycurl.ACTIVESOCKET) if not rec.closed else -1
+                self.recorder.waited(rec.series, queued, context,
+                                     start_ns + int(queued * 1e9))
+        fd = getinfo(pycurl.ACTIVESOCKET) if not rec.closed else -1
         if fd == -1:
             if errno == 0:
                 reason = sc.IDLE_LIMIT if curl._ps_forbid_reuse else sc.SERVER_CLOSED

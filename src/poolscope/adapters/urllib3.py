@@ -21,6 +21,7 @@ from .._recorder import ABANDONED, GRANTED, TIMED_OUT
 from ._base import Adapter, arg
 
 _DEFAULT_PORTS = {"http": 80, "https": 443}
+_EMPTY_POOL = None  # the EmptyPoolError urllib3 raises next, for the wait span (set at patch)
 
 
 def _event(method, *args):
@@ -47,17 +48,17 @@ class PoolQueue(queue.LifoQueue):
                 return item
         recorder, pool = observed
         wait = _event(recorder.wait_started, pool)
-        outcome = ABANDONED
+        outcome, error = ABANDONED, None
         try:
             item = super().get(block, timeout)
             outcome = GRANTED
             return item
         except queue.Empty:
-            outcome = TIMED_OUT
+            outcome, error = TIMED_OUT, _EMPTY_POOL
             raise
         finally:
             if wait is not None:
-                _event(recorder.wait_ended, wait, outcome)
+                _event(recorder.wait_ended, wait, outcome, error)
 
     def put(self, item, block=True, timeout=None):
         try:
@@ -94,8 +95,11 @@ class Urllib3Adapter(Adapter):
     library = "urllib3"
 
     def patch(self):
-        from urllib3 import _collections, connection, connectionpool
+        global _EMPTY_POOL
+        from urllib3 import _collections, connection, connectionpool, exceptions
 
+        _EMPTY_POOL = exceptions.EmptyPoolError(
+            None, "Pool is empty and a new connection can't be opened due to blocking mode.")
         pool_cls = connectionpool.HTTPConnectionPool
         self.replace(pool_cls, "QueueCls", PoolQueue)
         self.wrap(pool_cls, "__init__", after=self._pool_init)
@@ -138,12 +142,15 @@ class Urllib3Adapter(Adapter):
         rec = conn.__dict__.get("_poolscope")
         if rec is None or rec.opened or rec.closed:
             return None
-        return rec, time.monotonic()
+        return rec, time.monotonic(), self.recorder.setup_started(rec.series)
 
     def _connected(self, token, conn, result, exc):
+        rec, started, span = token
         if exc is None:
-            rec, started = token
             self.recorder.conn_opened(rec, time.monotonic() - started)
+        if span is not None:
+            sock = getattr(conn, "sock", None)
+            self.recorder.setup_ended(span, exc, sock.getpeername()[0] if sock else None)
 
     def _conn_close(self, conn, args, kwargs):
         rec = conn.__dict__.get("_poolscope")

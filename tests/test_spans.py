@@ -1,0 +1,180 @@
+"""Spans beside OpenTelemetry's official HTTP instrumentations: waits and set-ups under requests."""
+
+import io
+import time
+
+import pycurl
+import pytest
+from opentelemetry import trace
+from opentelemetry.instrumentation.aiohttp_client import AioHttpClientInstrumentor
+from opentelemetry.instrumentation.httpx import HTTPXClientInstrumentor
+from opentelemetry.instrumentation.urllib3 import URLLib3Instrumentor
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from opentelemetry.trace import SpanKind, StatusCode
+
+import poolscope
+from conftest import Metrics
+from drivers import DRIVERS
+
+WAIT, SETUP = "HTTP wait_for_connection", "HTTP connection_setup"
+OFFICIAL = [HTTPXClientInstrumentor, URLLib3Instrumentor, AioHttpClientInstrumentor]
+
+
+class Traced(Metrics):
+    def __init__(self):
+        super().__init__()
+        self.spans = InMemorySpanExporter()
+        self.tracer_provider = TracerProvider()
+        self.tracer_provider.add_span_processor(SimpleSpanProcessor(self.spans))
+
+    def finished(self, name=None):
+        return [s for s in self.spans.get_finished_spans() if name is None or s.name == name]
+
+
+@pytest.fixture
+def traced():
+    t = Traced()
+    poolscope.instrument(meter_provider=t.provider, tracer_provider=t.tracer_provider)
+    yield t
+    poolscope.uninstrument()
+    t.provider.shutdown()
+
+
+@pytest.fixture
+def official(traced):
+    instrumentors = [cls() for cls in OFFICIAL]
+    for instrumentor in instrumentors:
+        instrumentor.instrument(tracer_provider=traced.tracer_provider)
+    yield traced
+    for instrumentor in instrumentors:
+        instrumentor.uninstrument()
+
+
+def seconds(span):
+    return (span.end_time - span.start_time) / 1e9
+
+
+def parent_of(span, spans):
+    [parent] = [s for s in spans if s.context.span_id == span.parent.span_id]
+    return parent
+
+
+@pytest.mark.parametrize("flavor", ["urllib3", "httpx-sync", "httpx-async", "aiohttp"])
+def test_the_requests_that_waited_have_a_wait_span_under_their_own_span(official, server, flavor):
+    """6 at once, limit 2, 300 ms: waits of 0.3, 0.3, 0.6, 0.6 s under four request spans."""
+    driver = DRIVERS[flavor](server, limit=2)
+    try:
+        assert driver.get_all(["/delay/0.3"] * 6) == [200] * 6
+    finally:
+        driver.close()
+    spans = official.finished()
+    requests = [s for s in spans if s.kind == SpanKind.CLIENT]
+    assert len(requests) == 6
+    waits = official.finished(WAIT)
+    assert len(waits) == 4
+    durations = sorted(seconds(w) for w in waits)
+    assert all(0.25 <= d <= 0.45 for d in durations[:2]), durations
+    assert all(0.55 <= d <= 0.75 for d in durations[2:]), durations
+    parents = [parent_of(w, spans) for w in waits]
+    assert all(p.kind == SpanKind.CLIENT for p in parents)
+    assert len({p.context.span_id for p in parents}) == 4  # each under its own request
+    for wait, parent in zip(waits, parents):
+        assert wait.context.trace_id == parent.context.trace_id
+        assert wait.attributes["poolscope.pool.max"] == 2
+        assert wait.attributes["poolscope.pool.active"] == 2
+        assert wait.attributes["server.port"] == server.port
+        assert wait.attributes["poolscope.library"] == driver.library
+        assert parent.attributes["poolscope.connection.wait_time"] == \
+            pytest.approx(seconds(wait), abs=0.02)
+    setups = official.finished(SETUP)
+    assert len(setups) == 2
+    assert all(parent_of(s, spans).kind == SpanKind.CLIENT for s in setups)
+    assert all(s.attributes["network.peer.address"] == "127.0.0.1" for s in setups)
+    reused = sorted(r.attributes["poolscope.connection.reused"] for r in requests)
+    assert reused == [False, False, True, True, True, True]
+
+
+@pytest.mark.parametrize("flavor", ["urllib3", "httpx-sync", "aiohttp"])
+def test_a_pool_timeout_is_one_wait_span_with_error(official, server, flavor):
+    driver = DRIVERS[flavor](server, limit=1, pool_timeout=0.2)
+    try:
+        held = driver.submit("/delay/0.6")
+        time.sleep(0.1)
+        with pytest.raises(Exception):
+            driver.get("/")
+        assert held.result(5) == 200
+    finally:
+        driver.close()
+    [wait] = official.finished(WAIT)
+    assert wait.status.status_code == StatusCode.ERROR
+    assert [e.name for e in wait.events] == ["exception"]
+    assert 0.15 <= seconds(wait) <= 0.4
+    assert parent_of(wait, official.finished()).kind == SpanKind.CLIENT
+
+
+@pytest.mark.parametrize("flavor", ["urllib3", "httpx-async", "aiohttp", "pycurl"])
+def test_no_spans_without_a_recording_parent(traced, server, flavor):
+    driver = DRIVERS[flavor](server, limit=2)
+    try:
+        assert driver.get_all(["/delay/0.2"] * 4) == [200] * 4
+    finally:
+        driver.close()
+    assert traced.finished() == []
+    assert traced.value(traced.read(), "poolscope.connection.wait_time") == 2
+
+
+def test_pycurl_multi_waits_under_the_span_that_added_each_transfer(traced, server):
+    tracer = traced.tracer_provider.get_tracer("app")
+    multi = pycurl.CurlMulti()
+    multi.setopt(pycurl.M_MAX_TOTAL_CONNECTIONS, 2)
+    handles, parents, spans = [], {}, []
+    for i in range(6):  # each request's span stays open until its transfer is done
+        span = tracer.start_span(f"request {i}")
+        spans.append(span)
+        with trace.use_span(span):
+            curl = pycurl.Curl()
+            curl.setopt(pycurl.URL, server.url + "/delay/0.3")
+            curl.setopt(pycurl.WRITEDATA, io.BytesIO())
+            multi.add_handle(curl)
+            handles.append(curl)
+            parents[span.get_span_context().span_id] = i
+    done = 0
+    while done < 6:
+        multi.perform()
+        more = True
+        while more:
+            more, ok, failed = multi.info_read()
+            done += len(ok) + len(failed)
+        multi.select(0.05)
+    for curl in handles:
+        multi.remove_handle(curl)
+        curl.close()
+    multi.close()
+    for span in spans:
+        span.end()
+    waits = traced.finished(WAIT)
+    assert len(waits) == 4
+    assert sorted(parents[w.parent.span_id] for w in waits) == [2, 3, 4, 5]
+    durations = sorted(seconds(w) for w in waits)
+    assert all(0.25 <= d <= 0.45 for d in durations[:2]) and \
+        all(0.55 <= d <= 0.75 for d in durations[2:]), durations
+    setups = traced.finished(SETUP)
+    assert sorted(parents[s.parent.span_id] for s in setups) == [0, 1]
+
+
+def test_a_close_on_the_requests_path_is_an_event_on_its_span(official, server):
+    """keepalive_expiry 0.2 s: the second request, 0.4 s later, finds the connection expired."""
+    import httpx
+
+    with httpx.Client(limits=httpx.Limits(keepalive_expiry=0.2)) as client:
+        client.get(server.url + "/")
+        time.sleep(0.4)
+        client.get(server.url + "/")
+    first, second = [s for s in official.finished() if s.kind == SpanKind.CLIENT]
+    assert first.events == ()
+    [event] = second.events
+    assert event.name == "poolscope.connection.closed"
+    assert event.attributes["poolscope.close.reason"] == "keepalive_expired"
+    assert [s.attributes["poolscope.connection.reused"] for s in (first, second)] == [False, False]
