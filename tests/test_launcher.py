@@ -193,19 +193,24 @@ def test_examples_run_under_the_launcher(example, expected):
         assert text in result.stderr
 
 
-def test_otlp_http_export_reaches_a_receiver_that_decodes_the_protobuf(app_file, server):
+@pytest.fixture
+def collector():
+    """An OTLP/HTTP receiver on 127.0.0.1 that decodes what it gets: ``.received`` is a list
+    of (path, decoded request)."""
     import threading
     from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
     from opentelemetry.proto.collector.metrics.v1.metrics_service_pb2 import (
         ExportMetricsServiceRequest)
+    from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 
+    kinds = {"/v1/metrics": ExportMetricsServiceRequest, "/v1/traces": ExportTraceServiceRequest}
     received = []
 
     class Receiver(BaseHTTPRequestHandler):
         def do_POST(self):
             body = self.rfile.read(int(self.headers["Content-Length"]))
-            request = ExportMetricsServiceRequest()
+            request = kinds[self.path]()
             request.ParseFromString(body)
             received.append((self.path, request))
             self.send_response(200)
@@ -215,16 +220,23 @@ def test_otlp_http_export_reaches_a_receiver_that_decodes_the_protobuf(app_file,
         def log_message(self, *args):
             pass
 
-    collector = ThreadingHTTPServer(("127.0.0.1", 0), Receiver)
-    threading.Thread(target=collector.serve_forever, daemon=True).start()
-    try:
-        proc = launch(["--metrics-exporter", "otlp", "--service-name", "otlp-e2e", PY,
-                       app_file, str(server.port)],
-                      clean_env(OTEL_EXPORTER_OTLP_ENDPOINT=f"http://127.0.0.1:{collector.server_port}"))
-        finish(proc)  # the final export happens at exit
-    finally:
-        collector.shutdown()
-        collector.server_close()
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Receiver)
+    server.received = received
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield server
+    server.shutdown()
+    server.server_close()
+    thread.join(5)
+
+
+def test_otlp_http_export_reaches_a_receiver_that_decodes_the_protobuf(app_file, server,
+                                                                       collector):
+    received = collector.received
+    proc = launch(["--metrics-exporter", "otlp", "--service-name", "otlp-e2e", PY,
+                   app_file, str(server.port)],
+                  clean_env(OTEL_EXPORTER_OTLP_ENDPOINT=f"http://127.0.0.1:{collector.server_port}"))
+    finish(proc)  # the final export happens at exit
     assert received and all(path == "/v1/metrics" for path, _ in received)
     last = {}
     for _, request in received:
@@ -252,3 +264,42 @@ def test_otlp_http_export_reaches_a_receiver_that_decodes_the_protobuf(app_file,
     metric, [created] = origin_points("poolscope.connection.created")
     assert metric.unit == "{connection}" and created.as_int == 2
     assert metric.sum.is_monotonic
+
+
+TRACED_APP = textwrap.dedent("""
+    import sys, threading, urllib3
+    from opentelemetry import trace
+    tracer = trace.get_tracer("app")
+    pool = urllib3.HTTPConnectionPool("127.0.0.1", int(sys.argv[1]), maxsize=1, block=True)
+    def request(i):
+        with tracer.start_as_current_span(f"request {i}"):
+            pool.request("GET", "/delay/0.3")
+    threads = [threading.Thread(target=request, args=(i,)) for i in range(2)]
+    [t.start() for t in threads]
+    [t.join() for t in threads]
+""")
+
+
+def test_spans_exported_over_otlp_arrive_intact(tmp_path, server, collector):
+    """maxsize 1, two requests of 0.3 s under the application's own spans: one set-up span under
+    the first, one 0.3 s wait span under the second."""
+    app = tmp_path / "traced.py"
+    app.write_text(TRACED_APP)
+    proc = launch(["--metrics-exporter", "none", "--traces-exporter", "otlp", PY, str(app),
+                   str(server.port)],
+                  clean_env(OTEL_EXPORTER_OTLP_ENDPOINT=f"http://127.0.0.1:{collector.server_port}"))
+    finish(proc)
+    spans = [span for path, request in collector.received if path == "/v1/traces"
+             for rs in request.resource_spans for ss in rs.scope_spans for span in ss.spans]
+    by_id = {span.span_id: span for span in spans}
+    [wait] = [s for s in spans if s.name == "HTTP wait_for_connection"]
+    [setup] = [s for s in spans if s.name == "HTTP connection_setup"]
+    assert by_id[wait.parent_span_id].name.startswith("request ")
+    assert by_id[setup.parent_span_id].name.startswith("request ")
+    assert wait.parent_span_id != setup.parent_span_id
+    assert 0.25 <= (wait.end_time_unix_nano - wait.start_time_unix_nano) / 1e9 <= 0.45
+    attrs = {a.key: a.value for a in wait.attributes}
+    assert attrs["poolscope.library"].string_value == "urllib3"
+    assert attrs["server.port"].int_value == server.port
+    assert attrs["poolscope.pool.max"].int_value == 1
+    assert len(spans) == 4  # two requests, one wait, one set-up: no root spans of poolscope's
