@@ -178,3 +178,28 @@ def test_a_close_on_the_requests_path_is_an_event_on_its_span(official, server):
     assert event.name == "poolscope.connection.closed"
     assert event.attributes["poolscope.close.reason"] == "keepalive_expired"
     assert [s.attributes["poolscope.connection.reused"] for s in (first, second)] == [False, False]
+
+
+def test_requests_session_waits_under_the_requests_span(official, server):
+    import threading
+
+    import requests
+    from opentelemetry.instrumentation.requests import RequestsInstrumentor
+
+    RequestsInstrumentor().instrument(tracer_provider=official.tracer_provider)
+    try:
+        session = requests.Session()
+        session.mount("http://", requests.adapters.HTTPAdapter(pool_maxsize=2, pool_block=True))
+        threads = [threading.Thread(target=session.get, args=(server.url + "/delay/0.3",))
+                   for _ in range(6)]
+        [t.start() for t in threads]
+        [t.join(10) for t in threads]
+        session.close()
+    finally:
+        RequestsInstrumentor().uninstrument()
+    spans = official.finished()
+    waits = official.finished(WAIT)
+    assert len(waits) == 4
+    parents = {parent_of(w, spans).context.span_id for w in waits}
+    assert len(parents) == 4
+    assert all(parent_of(w, spans).kind == SpanKind.CLIENT for w in waits)

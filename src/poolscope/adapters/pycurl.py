@@ -131,11 +131,13 @@ class Curl(pycurl.Curl):
         return super().setopt(option, value)
 
     def unsetopt(self, option):
-        if option in (pycurl.PREREQFUNCTION, pycurl.SOCKOPTFUNCTION):
-            self._ps_prereq = None if option == pycurl.PREREQFUNCTION else self._ps_prereq
-            self._ps_sockopt = None if option == pycurl.SOCKOPTFUNCTION else self._ps_sockopt
-            return None
-        return super().unsetopt(option)
+        if option == pycurl.PREREQFUNCTION:
+            self._ps_prereq = None
+        elif option == pycurl.SOCKOPTFUNCTION:
+            self._ps_sockopt = None
+        else:
+            return super().unsetopt(option)
+        return None
 
     def reset(self):
         super().reset()
