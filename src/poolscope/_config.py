@@ -25,30 +25,27 @@ def env_bool(name, default=False):
     raise ConfigError(f"{name}={raw!r} is not a boolean (use true or false)")
 
 
-def env_int(name, default, minimum=1):
+def _env_number(name, default, convert, kind, valid, bound):
     raw = os.environ.get(name)
     if raw is None or not raw.strip():
         return default
     try:
-        value = int(raw)
+        value = convert(raw)
     except ValueError:
-        raise ConfigError(f"{name}={raw!r} is not a whole number") from None
-    if value < minimum:
-        raise ConfigError(f"{name}={raw!r} must be at least {minimum}")
+        raise ConfigError(f"{name}={raw!r} is not {kind}") from None
+    if not valid(value):
+        raise ConfigError(f"{name}={raw!r} must be {bound}")
     return value
+
+
+def env_int(name, default, minimum=1):
+    return _env_number(name, default, int, "a whole number", lambda v: v >= minimum,
+                       f"at least {minimum}")
 
 
 def env_seconds(name, default):
-    raw = os.environ.get(name)
-    if raw is None or not raw.strip():
-        return default
-    try:
-        value = float(raw)
-    except ValueError:
-        raise ConfigError(f"{name}={raw!r} is not a number of seconds") from None
-    if not value > 0:
-        raise ConfigError(f"{name}={raw!r} must be more than 0")
-    return value
+    return _env_number(name, default, float, "a number of seconds", lambda v: v > 0,
+                       "more than 0")
 
 
 def setting(reader, name, default, *args):

@@ -7,7 +7,6 @@ call. Histograms record only waits, new connections and closes (and, with
 detailed timings, use and idle times).
 """
 
-import logging
 import os
 import sys
 import threading
@@ -20,6 +19,7 @@ from opentelemetry.metrics import Observation
 from opentelemetry.trace import SpanKind, StatusCode
 
 from . import _semconv as sc
+from ._config import logger
 from ._version import __version__
 
 monotonic = time.monotonic
@@ -126,7 +126,6 @@ class _Limits:
 
 
 _recorders = weakref.WeakSet()
-logger = logging.getLogger("poolscope")
 
 # Frames of these packages are not "where the application acquired a connection".
 _NOT_CALLERS = ("poolscope", "wrapt", "urllib3", "requests", "botocore", "httpx", "httpcore",
@@ -377,12 +376,15 @@ class Recorder:
             self.closed(conn, close_reason)
 
     def closed(self, conn, reason):
-        """The connection closed. One never established is dropped without being counted."""
+        """The connection closed. One never established is dropped without being counted; one
+        closed with or after its pool counts under the pool's close reason."""
         with self._lock:
             if conn.closed:
                 return
             conn.closed = True
             pool = conn.pool
+            if not pool.live or pool.ref() is None:
+                reason = pool.close_reason or sc.POOL_CLOSED
             pool.conns.discard(conn)
             if conn.active:
                 conn.series.active -= 1

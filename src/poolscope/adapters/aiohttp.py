@@ -158,10 +158,7 @@ class AiohttpAdapter(Adapter):
         rec = proto.__dict__.get("_poolscope")
         if rec is None or rec.closed or proto.transport is None:
             return
-        pool = rec.pool
-        if not pool.live:
-            reason = pool.close_reason or sc.POOL_CLOSED
-        elif rec.in_use:
+        if rec.in_use:
             reason = sc.ERROR
         else:
             reason = sc.KEEPALIVE_EXPIRED if proto.is_connected() else sc.SERVER_CLOSED
@@ -171,11 +168,5 @@ class AiohttpAdapter(Adapter):
         rec = proto.__dict__.get("_poolscope")
         if rec is None or rec.closed:
             return
-        pool = rec.pool
-        if not pool.live:
-            reason = pool.close_reason or sc.POOL_CLOSED
-        elif rec.in_use and proto.exception() is not None:
-            reason = sc.ERROR
-        else:
-            reason = sc.SERVER_CLOSED
-        self.recorder.closed(rec, reason)
+        failed = rec.in_use and proto.exception() is not None
+        self.recorder.closed(rec, sc.ERROR if failed else sc.SERVER_CLOSED)

@@ -205,6 +205,4 @@ class HttpxAdapter(Adapter):
     def _conn_close(self, conn, args, kwargs):
         rec = conn.__dict__.get("_poolscope")
         if rec is not None and not rec.closed:
-            pool = rec.pool
-            reason = pool.close_reason if not pool.live else _pool_close_reason(conn)
-            self.recorder.closed(rec, reason)
+            self.recorder.closed(rec, _pool_close_reason(conn))

@@ -96,7 +96,16 @@ def _guard(where, fn, *args):
         return None
 
 
-class Curl(pycurl.Curl):
+class _ClosesCache:
+    """Closing a handle closes its connection cache."""
+
+    def close(self):
+        if _adapter is not None:
+            _guard(f"pycurl:{type(self).__name__}.close", _adapter.cache_closed, self)
+        return super().close()
+
+
+class Curl(_ClosesCache, pycurl.Curl):
     """``pycurl.Curl``, observed by poolscope."""
 
     def __init__(self, *args, **kwargs):
@@ -178,13 +187,9 @@ class Curl(pycurl.Curl):
     def perform_rs(self):
         return self._ps_perform(super().perform_rs)
 
-    def close(self):
-        if _adapter is not None:
-            _guard("pycurl:Curl.close", _adapter.cache_closed, self)
-        return super().close()
 
 
-class CurlMulti(pycurl.CurlMulti):
+class CurlMulti(_ClosesCache, pycurl.CurlMulti):
     """``pycurl.CurlMulti``, observed by poolscope."""
 
     def setopt(self, option, value):
@@ -223,13 +228,9 @@ class CurlMulti(pycurl.CurlMulti):
             handle._ps_multi = handle._ps_context = None
         return result
 
-    def close(self):
-        if _adapter is not None:
-            _guard("pycurl:CurlMulti.close", _adapter.cache_closed, self)
-        return super().close()
 
 
-class CurlShare(pycurl.CurlShare):
+class CurlShare(_ClosesCache, pycurl.CurlShare):
     """``pycurl.CurlShare``, observed by poolscope."""
 
     def setopt(self, option, value):
@@ -239,10 +240,6 @@ class CurlShare(pycurl.CurlShare):
             self._ps_connections = False
         return super().setopt(option, value)
 
-    def close(self):
-        if _adapter is not None:
-            _guard("pycurl:CurlShare.close", _adapter.cache_closed, self)
-        return super().close()
 
 
 class PycurlAdapter(Adapter):
@@ -328,9 +325,12 @@ class PycurlAdapter(Adapter):
             return
         rec, key, cache, owner = taken
         getinfo = curl.getinfo
-        now_ns = time.time_ns()
-        start_ns = now_ns - getinfo(pycurl.TOTAL_TIME_T) * 1000  # libcurl's times run from here
+        multi = curl._ps_multi
+        limits = getattr(multi, "_poolscope_cache", None) if multi is not None else None
+        limited = limits is not None and (limits.max_total or limits.max_host)
         setup = 0.0
+        if not rec.opened or limited:  # libcurl's times run from the transfer's start
+            start_ns = time.time_ns() - getinfo(pycurl.TOTAL_TIME_T) * 1000
         if not rec.opened:
             connected = getinfo(pycurl.APPCONNECT_TIME_T) or getinfo(pycurl.CONNECT_TIME_T)
             resolved = getinfo(pycurl.NAMELOOKUP_TIME_T)
@@ -339,9 +339,7 @@ class PycurlAdapter(Adapter):
             span = self.recorder.setup_started(rec.series, context, start_ns + resolved * 1000)
             self.recorder.setup_ended(span, peer=getinfo(pycurl.PRIMARY_IP) if span else None,
                                       end_ns=start_ns + connected * 1000)
-        multi = curl._ps_multi
-        limits = getattr(multi, "_poolscope_cache", None) if multi is not None else None
-        if limits is not None and (limits.max_total or limits.max_host):
+        if limited:
             queued = min(getinfo(pycurl.QUEUE_TIME_T) / 1e6,
                          getinfo(pycurl.PRETRANSFER_TIME_T) / 1e6 - setup)
             if queued >= _QUEUED:

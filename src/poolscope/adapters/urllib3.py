@@ -73,17 +73,14 @@ class PoolQueue(queue.LifoQueue):
 def _close_reason(conn, rec):
     """Why urllib3 is closing ``conn``.
 
-    Marked beforehand: ``pool_full`` (the queue refused it) and the pool's own reason once it
-    is closed, evicted or collected. Otherwise, in use: http.client closes an idle-state
+    Marked beforehand: ``pool_full`` (the queue refused it); the recorder applies the pool's
+    own reason once it is closed, evicted or collected. Otherwise, in use: http.client closes an idle-state
     connection with no response pending only for a ``Connection: close`` reply
     (``server_closed``); any other close mid-exchange is a failed or abandoned request
     (``error``). Idle and still pooled: urllib3's dropped-connection check (``server_closed``).
     """
     if rec.reason:
         return rec.reason
-    pool = rec.pool
-    if not pool.live or pool.ref() is None:
-        return pool.close_reason or sc.POOL_CLOSED
     if rec.in_use:
         complete = (getattr(conn, "_HTTPConnection__state", None) == "Idle"
                     and getattr(conn, "_HTTPConnection__response", None) is None)
