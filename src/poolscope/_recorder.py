@@ -19,10 +19,11 @@ from opentelemetry.metrics import Observation
 from opentelemetry.trace import SpanKind, StatusCode
 
 from . import _semconv as sc
-from ._config import logger
+from ._config import internal_error, logger
 from ._version import __version__
 
 monotonic = time.monotonic
+get_current_span = trace.get_current_span
 
 GRANTED, TIMED_OUT, ABANDONED = "granted", "timed_out", "abandoned"
 
@@ -164,6 +165,7 @@ class Recorder:
         self._scopes = {}  # scope series -> _Limits seen on its pools
         self.detailed = detailed
         self.max_origins = max_origins
+        self.on_first_pool = None  # called once, when this process's first pool opens
         self._make_instruments(metrics.get_meter(sc.INSTRUMENTATION_NAME, __version__,
                                                  meter_provider))
         self._tracer = trace.get_tracer(sc.INSTRUMENTATION_NAME, __version__, tracer_provider)
@@ -249,7 +251,18 @@ class Recorder:
             seen.max = seen.max if max_connections is None else max_connections
             seen.idle_max = seen.idle_max if max_idle is None else max_idle
         weakref.finalize(obj, self.pool_gone, pool)
+        hook, self.on_first_pool = self.on_first_pool, None
+        if hook is not None:
+            try:
+                hook()
+            except Exception:
+                internal_error("first pool")
         return pool
+
+    def has_pools(self):
+        """Whether any pool is live or holds connections in this process."""
+        with self._lock:
+            return bool(self._pools)
 
     def pool_closed(self, pool, reason=sc.POOL_CLOSED):
         """The application closed the pool: it stops counting as live and saturated."""
@@ -307,7 +320,7 @@ class Recorder:
             conn.born = monotonic()
             conn.series.created += 1
             if conn.in_use == 0:
-                self._to_idle(conn)
+                self._move(conn, -1)
         if seconds is not None:
             self._create_time.record(seconds, conn.series.attrs)
 
@@ -325,7 +338,7 @@ class Recorder:
                 conn.acquired_at = now
                 conn.warned = False
                 if conn.opened and not conn.closed:
-                    self._to_active(conn)
+                    self._move(conn, 1)
             conn.in_use += 1
             if wait is not None and wait.active:
                 self._unwait(wait)
@@ -333,7 +346,7 @@ class Recorder:
                 wait.end_ns = time.time_ns()
         if self.detailed and reused and conn.released_at:
             self._idle_time.record(now - conn.released_at, conn.series.attrs)
-        span = trace.get_current_span(context)
+        span = get_current_span(context)
         if span.is_recording():
             span.set_attribute(sc.SPAN_REUSED, reused)
             if reused and conn.released_at:
@@ -349,7 +362,7 @@ class Recorder:
             conn.series.acquired[reused] -= 1
             conn.in_use -= 1
             if conn.in_use == 0 and conn.opened and not conn.closed:
-                self._to_idle(conn)
+                self._move(conn, -1)
             if wait is not None and not wait.active and not wait.done:
                 wait.active = True
                 wait.end = wait.end_ns = None
@@ -366,7 +379,7 @@ class Recorder:
                     if not conn.opened and close_reason is None:
                         close_reason = sc.ERROR
                     elif not conn.closed:
-                        self._to_idle(conn)
+                        self._move(conn, -1)
                     conn.released_at = now
                     if self.detailed:
                         used = now - conn.acquired_at
@@ -398,11 +411,11 @@ class Recorder:
             conn.series.closed[reason] = conn.series.closed.get(reason, 0) + 1
             lifetime = monotonic() - conn.born
         self._duration.record(lifetime, conn.series.attrs)
-        span = trace.get_current_span()
+        span = get_current_span()
         if span.is_recording():
             span.add_event(sc.EVENT_CLOSED, {sc.CLOSE_REASON: reason})
 
-    def _to_active(self, conn, step=1):
+    def _move(self, conn, step):
         """Move ``conn`` from idle to active (``step=-1``: from active to idle)."""
         series = conn.series
         series.idle -= step
@@ -413,12 +426,10 @@ class Recorder:
         while pool is not None:
             pool.active += active
             pool.idle += idle
-            if active:
+            if active and (pool.active > pool.peak or pool.sat_since is not None
+                           or (pool.max is not None and pool.active >= pool.max)):
                 self._saturation(pool)
             pool = pool.parent
-
-    def _to_idle(self, conn):
-        self._to_active(conn, -1)
 
     # -- waits ------------------------------------------------------------
 
@@ -433,7 +444,7 @@ class Recorder:
             self._pend(wait, 1)
             snapshot = (pool.active, pool.idle, pool.pending, pool.max)
         if traced:
-            parent = trace.get_current_span()
+            parent = get_current_span()
             if parent.is_recording():
                 wait.parent = parent
                 wait.span = self._tracer.start_span(
@@ -477,7 +488,7 @@ class Recorder:
         out: traced, not recorded (count the timeout with :meth:`wait_ended`)."""
         if error is None:
             self._wait_time.record(seconds, series.attrs)
-        parent = trace.get_current_span(context)
+        parent = get_current_span(context)
         if parent.is_recording():
             end_ns = end_ns or time.time_ns()
             span = self._tracer.start_span(sc.SPAN_WAIT, context=context, kind=SpanKind.INTERNAL,
@@ -492,7 +503,7 @@ class Recorder:
     def context():
         """The current context if a recording span is current, else None: for adapters whose
         library runs a request outside the context it was made in (a pycurl multi)."""
-        return otel_context.get_current() if trace.get_current_span().is_recording() else None
+        return otel_context.get_current() if get_current_span().is_recording() else None
 
     @staticmethod
     def _span_attrs(series):
@@ -500,7 +511,7 @@ class Recorder:
 
     def setup_started(self, series, context=None, start_ns=None):
         """An ``HTTP connection_setup`` span if a recording span is current (or in ``context``)."""
-        if not trace.get_current_span(context).is_recording():
+        if not get_current_span(context).is_recording():
             return None
         return self._tracer.start_span(sc.SPAN_SETUP, context=context, kind=SpanKind.INTERNAL,
                                        attributes=self._span_attrs(series), start_time=start_ns)

@@ -1,30 +1,22 @@
 """What every adapter shares: patch bookkeeping and the one guarded wrapper for sync and async."""
 
+import functools
 import inspect
-
-import wrapt
+import types
 
 from .._config import internal_error
 
 _MISSING = object()
 
 
-def around(where, before=None, after=None, is_async=False):
-    """A wrapt wrapper calling the wrapped function exactly once, with poolscope's work guarded.
+def around(function, where, before=None, after=None, is_async=False):
+    """A method calling ``function`` exactly once, with poolscope's work guarded.
 
     ``before(instance, args, kwargs)`` returns a token; ``after(token, instance, result, exc)``
     runs when there is no ``before`` or its token is not None, with ``exc`` the exception the
-    wrapped call raised (re-raised unchanged afterwards) or None.
+    call raised (re-raised unchanged afterwards) or None. A plain function, not a wrapt proxy:
+    on every request it costs a third as much.
     """
-
-    def enter(instance, args, kwargs):
-        if before is None:
-            return True
-        try:
-            return before(instance, args, kwargs)
-        except Exception:
-            internal_error(where)
-            return None
 
     def leave(token, instance, result, exc):
         try:
@@ -32,31 +24,45 @@ def around(where, before=None, after=None, is_async=False):
         except Exception:
             internal_error(where)
 
+    # enter() is inlined in both: this runs on every request
     if is_async:
-        async def wrapper(wrapped, instance, args, kwargs):
-            token = enter(instance, args, kwargs)
+        async def method(instance, *args, **kwargs):
+            token = True
+            if before is not None:
+                try:
+                    token = before(instance, args, kwargs)
+                except Exception:
+                    internal_error(where)
+                    token = None
             if token is None or after is None:
-                return await wrapped(*args, **kwargs)
+                return await function(instance, *args, **kwargs)
             try:
-                result = await wrapped(*args, **kwargs)
+                result = await function(instance, *args, **kwargs)
             except BaseException as exc:
                 leave(token, instance, None, exc)
                 raise
             leave(token, instance, result, None)
             return result
     else:
-        def wrapper(wrapped, instance, args, kwargs):
-            token = enter(instance, args, kwargs)
+        def method(instance, *args, **kwargs):
+            token = True
+            if before is not None:
+                try:
+                    token = before(instance, args, kwargs)
+                except Exception:
+                    internal_error(where)
+                    token = None
             if token is None or after is None:
-                return wrapped(*args, **kwargs)
+                return function(instance, *args, **kwargs)
             try:
-                result = wrapped(*args, **kwargs)
+                result = function(instance, *args, **kwargs)
             except BaseException as exc:
                 leave(token, instance, None, exc)
                 raise
             leave(token, instance, result, None)
             return result
-    return wrapper
+    functools.update_wrapper(method, function)
+    return method
 
 
 def arg(args, kwargs, index, name):
@@ -102,14 +108,19 @@ class Adapter:
             self.recorder.pool_closed(state)
 
     def wrap(self, owner, name, before=None, after=None):
-        """Wrap ``owner.name`` with :func:`around`; a no-op for a name the owner lacks."""
+        """Wrap the method ``owner.name`` with :func:`around`; a no-op for a name the owner lacks."""
         original = inspect.getattr_static(owner, name, _MISSING)
         if original is _MISSING:
             return
-        function = original.__func__ if isinstance(original, (classmethod, staticmethod)) else original
-        wrapper = around(f"{self.library}:{getattr(owner, '__name__', owner)}.{name}", before, after,
-                         is_async=inspect.iscoroutinefunction(function))
-        self.replace(owner, name, wrapt.FunctionWrapper(original, wrapper))
+        if isinstance(original, types.FunctionType):
+            function = original
+        else:  # another tool's wrapper (a descriptor): bind it as attribute access would
+            def function(instance, *args, **kwargs):
+                return original.__get__(instance, type(instance))(*args, **kwargs)
+        method = around(function, f"{self.library}:{getattr(owner, '__name__', owner)}.{name}",
+                        before, after, inspect.iscoroutinefunction(original))
+        method.__wrapped__ = original
+        self.replace(owner, name, method)
 
     def replace(self, owner, name, value):
         self._saved.append((owner, name, vars(owner).get(name, _MISSING)))

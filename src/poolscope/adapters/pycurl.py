@@ -76,7 +76,7 @@ class _Cache:
 
     def __init__(self):
         self.conns = {}  # (local ip, local port, peer ip, peer port) -> Conn
-        self.fds = {}  # key -> (socket, idle since) of an idle connection
+        self.fds = {}  # key -> socket of a connection that has been idle
         self.maxage = _DEFAULT_MAXAGE
         self.max_total = self.max_host = 0
 
@@ -105,67 +105,94 @@ class _ClosesCache:
         return super().close()
 
 
+class _Handle:
+    """poolscope's state of one easy handle, whose methods are its libcurl callbacks.
+
+    It lives apart from the handle because reading an attribute of a pycurl object costs ten
+    times a plain object's, and the callbacks run on every transfer.
+    """
+
+    __slots__ = ("curl", "url", "prereq", "sockopt", "forbid_reuse", "share", "multi", "cache",
+                 "conn", "wait", "context", "fresh")
+
+    def __init__(self, curl):
+        self.curl = curl
+        self.url = ""
+        self.prereq = self.sockopt = self.share = self.multi = None
+        self.cache = _Cache()  # the handle's own, when it is in no multi and shares none
+        self.forbid_reuse = self.fresh = False
+        self.conn = self.wait = self.context = None
+
+    def socket(self, fd, purpose):
+        self.fresh = True
+        app = self.sockopt
+        return pycurl.SOCKOPT_OK if app is None else app(fd, purpose)
+
+    def granted(self, peer_ip, local_ip, peer_port, local_port):
+        if _adapter is not None:
+            try:
+                _adapter.granted(self, (local_ip, local_port, peer_ip, peer_port))
+            except Exception:
+                internal_error("pycurl:PREREQFUNCTION")
+        app = self.prereq
+        return pycurl.PREREQFUNC_OK if app is None else app(peer_ip, local_ip, peer_port,
+                                                            local_port)
+
+    def owner(self):
+        """The object whose connection cache the transfer uses, and poolscope's view of it."""
+        if self.multi is not None:
+            return self.multi
+        share = self.share
+        if share is not None and getattr(share, "_ps_connections", False):
+            return share, _cache(share)
+        return self.curl, self.cache
+
+
 class Curl(_ClosesCache, pycurl.Curl):
     """``pycurl.Curl``, observed by poolscope."""
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        self._ps_url = ""
-        self._ps_prereq = None
-        self._ps_forbid_reuse = False
-        self._ps_conn = self._ps_wait = self._ps_context = None
-        self._ps_multi = self._ps_share = self._ps_sockopt = None
-        self._ps_fresh = False
+        self._ps = _Handle(self)
         self._ps_callbacks()
 
     def _ps_callbacks(self):
-        super().setopt(pycurl.PREREQFUNCTION, self._ps_granted)
-        super().setopt(pycurl.SOCKOPTFUNCTION, self._ps_socket)
+        super().setopt(pycurl.PREREQFUNCTION, self._ps.granted)
+        super().setopt(pycurl.SOCKOPTFUNCTION, self._ps.socket)
 
     def setopt(self, option, value):
+        state = self._ps
         if option == pycurl.URL:
-            self._ps_url = value if isinstance(value, str) else value.decode("utf-8", "replace")
+            state.url = value if isinstance(value, str) else value.decode("utf-8", "replace")
         elif option == pycurl.PREREQFUNCTION:
-            self._ps_prereq = value
+            state.prereq = value
             return None
         elif option == pycurl.SOCKOPTFUNCTION:
-            self._ps_sockopt = value
+            state.sockopt = value
             return None
         elif option == pycurl.MAXAGE_CONN:
-            _cache(self).maxage = value
+            state.cache.maxage = value
         elif option == pycurl.FORBID_REUSE:
-            self._ps_forbid_reuse = bool(value)
+            state.forbid_reuse = bool(value)
         elif option == pycurl.SHARE:
-            self._ps_share = value
+            state.share = value
         return super().setopt(option, value)
 
     def unsetopt(self, option):
         if option == pycurl.PREREQFUNCTION:
-            self._ps_prereq = None
+            self._ps.prereq = None
         elif option == pycurl.SOCKOPTFUNCTION:
-            self._ps_sockopt = None
+            self._ps.sockopt = None
         else:
             return super().unsetopt(option)
         return None
 
     def reset(self):
         super().reset()
-        self._ps_prereq = self._ps_sockopt = self._ps_share = None
-        self._ps_forbid_reuse = False
+        state = self._ps
+        state.prereq = state.sockopt = state.share = None
+        state.forbid_reuse = False
         self._ps_callbacks()
-
-    def _ps_socket(self, fd, purpose):
-        self._ps_fresh = True
-        app = self._ps_sockopt
-        return pycurl.SOCKOPT_OK if app is None else app(fd, purpose)
-
-    def _ps_granted(self, peer_ip, local_ip, peer_port, local_port):
-        if _adapter is not None:
-            _guard("pycurl:PREREQFUNCTION", _adapter.granted, self,
-                   (local_ip, local_port, peer_ip, peer_port))
-        app = self._ps_prereq
-        return pycurl.PREREQFUNC_OK if app is None else app(peer_ip, local_ip, peer_port,
-                                                            local_port)
 
     def _ps_perform(self, perform):
         errno = 0
@@ -176,7 +203,10 @@ class Curl(_ClosesCache, pycurl.Curl):
             raise
         finally:
             if _adapter is not None:
-                _guard("pycurl:Curl.perform", _adapter.finished, self, errno)
+                try:
+                    _adapter.finished(self._ps, errno)
+                except Exception:
+                    internal_error("pycurl:Curl.perform")
 
     def perform(self):
         return self._ps_perform(super().perform)
@@ -186,7 +216,6 @@ class Curl(_ClosesCache, pycurl.Curl):
 
     def perform_rs(self):
         return self._ps_perform(super().perform_rs)
-
 
 
 class CurlMulti(_ClosesCache, pycurl.CurlMulti):
@@ -205,9 +234,10 @@ class CurlMulti(_ClosesCache, pycurl.CurlMulti):
     def add_handle(self, handle):
         result = super().add_handle(handle)
         if isinstance(handle, Curl):
-            handle._ps_multi = self
+            state = handle._ps
+            state.multi = self, _cache(self)
             if _adapter is not None:
-                _guard("pycurl:CurlMulti.add_handle", _adapter.queued, self, handle)
+                _guard("pycurl:CurlMulti.add_handle", _adapter.queued, self, state)
         return result
 
     def info_read(self, *args):
@@ -215,19 +245,23 @@ class CurlMulti(_ClosesCache, pycurl.CurlMulti):
         if _adapter is not None:
             _, ok, failed = result
             for handle in ok:
-                _guard("pycurl:CurlMulti.info_read", _adapter.finished, handle, 0)
+                _guard("pycurl:CurlMulti.info_read", _adapter.finished, _state(handle), 0)
             for handle, errno, _ in failed:
-                _guard("pycurl:CurlMulti.info_read", _adapter.finished, handle, errno)
+                _guard("pycurl:CurlMulti.info_read", _adapter.finished, _state(handle), errno)
         return result
 
     def remove_handle(self, handle):
         result = super().remove_handle(handle)
-        if isinstance(handle, Curl):
+        state = _state(handle)
+        if state is not None:
             if _adapter is not None:  # a transfer removed before info_read reported it
-                _guard("pycurl:CurlMulti.remove_handle", _adapter.finished, handle, None)
-            handle._ps_multi = handle._ps_context = None
+                _guard("pycurl:CurlMulti.remove_handle", _adapter.finished, state, None)
+            state.multi = state.context = None
         return result
 
+
+def _state(handle):
+    return handle._ps if isinstance(handle, Curl) else None
 
 
 class CurlShare(_ClosesCache, pycurl.CurlShare):
@@ -269,51 +303,41 @@ class PycurlAdapter(Adapter):
         if state is not None:
             state.max = _cache(multi).max_total or None
 
-    @staticmethod
-    def _owner(curl):
-        if curl._ps_multi is not None:
-            return curl._ps_multi
-        share = curl._ps_share
-        if share is not None and getattr(share, "_ps_connections", False):
-            return share
-        return curl
-
-    def queued(self, multi, curl):
+    def queued(self, multi, state):
         """A transfer joined a multi: it runs later, outside the context it was added in."""
-        curl._ps_context = self.recorder.context()
-        cache = _cache(multi)
+        state.context = self.recorder.context()
+        cache = state.multi[1]
         if cache.max_total or cache.max_host:
-            curl._ps_wait = self.recorder.wait_started(
-                self.pool_state(multi), self.recorder.series(self.library, _origin(curl._ps_url)),
+            state.wait = self.recorder.wait_started(
+                self.pool_state(multi), self.recorder.series(self.library, _origin(state.url)),
                 traced=False)
 
-    def granted(self, curl, key):
-        wait, curl._ps_wait = curl._ps_wait, None
-        if wait is not None:  # no longer pending; libcurl's figure for the wait comes at the end
+    def granted(self, state, key):
+        if state.wait is not None:  # no longer pending; libcurl's figure for the wait comes at the end
+            wait, state.wait = state.wait, None
             self.recorder.wait_ended(wait, ABANDONED)
-        if curl._ps_conn is not None:  # libcurl retried on a new connection, or followed a redirect
-            self._let_go(curl._ps_conn)
-        owner = self._owner(curl)
-        cache = _cache(owner)
-        fresh, curl._ps_fresh = curl._ps_fresh, False
+        if state.conn is not None:  # libcurl retried on a new connection, or followed a redirect
+            self._let_go(state.conn)
+        owner, cache = state.owner()
         rec = cache.conns.get(key)
-        if fresh or rec is None or rec.closed:
-            pool = self.pool_state(owner)
+        if state.fresh or rec is None or rec.closed:
+            state.fresh = False
             self._sweep(cache, fresh_key=key)
-            rec = self.recorder.conn_created(pool, self.recorder.series(
-                self.library, _origin(curl._ps_url)))
+            rec = self.recorder.conn_created(self.pool_state(owner), self.recorder.series(
+                self.library, _origin(state.url)))
             cache.conns[key] = rec
-        curl._ps_conn = (rec, key, cache, owner)
-        self.recorder.acquired(rec, context=curl._ps_context)
+        state.conn = rec, key, cache
+        self.recorder.acquired(rec, context=state.context)
 
-    def finished(self, curl, errno):
+    def finished(self, state, errno):
         """A transfer ended: ``errno`` 0 when it succeeded, None when not known."""
-        if not isinstance(curl, Curl):
+        if state is None:
             return
-        taken, curl._ps_conn = curl._ps_conn, None
-        context = curl._ps_context
+        taken, state.conn = state.conn, None
+        context = state.context
+        curl = state.curl
         if taken is None:
-            wait, curl._ps_wait = curl._ps_wait, None
+            wait, state.wait = state.wait, None
             if wait is not None:
                 timed_out = errno == pycurl.E_OPERATION_TIMEDOUT and \
                     curl.getinfo(pycurl.NUM_CONNECTS) == 0
@@ -323,45 +347,49 @@ class PycurlAdapter(Adapter):
                                          error=error)
                 self.recorder.wait_ended(wait, TIMED_OUT if timed_out else ABANDONED, error)
             return
-        rec, key, cache, owner = taken
+        rec, key, cache = taken
         getinfo = curl.getinfo
-        multi = curl._ps_multi
-        limits = getattr(multi, "_poolscope_cache", None) if multi is not None else None
-        limited = limits is not None and (limits.max_total or limits.max_host)
-        setup = 0.0
-        if not rec.opened or limited:  # libcurl's times run from the transfer's start
-            start_ns = time.time_ns() - getinfo(pycurl.TOTAL_TIME_T) * 1000
-        if not rec.opened:
-            connected = getinfo(pycurl.APPCONNECT_TIME_T) or getinfo(pycurl.CONNECT_TIME_T)
-            resolved = getinfo(pycurl.NAMELOOKUP_TIME_T)
-            setup = max(0, connected - resolved) / 1e6
-            self.recorder.conn_opened(rec, setup)
-            span = self.recorder.setup_started(rec.series, context, start_ns + resolved * 1000)
-            self.recorder.setup_ended(span, peer=getinfo(pycurl.PRIMARY_IP) if span else None,
-                                      end_ns=start_ns + connected * 1000)
-        if limited:
-            queued = min(getinfo(pycurl.QUEUE_TIME_T) / 1e6,
-                         getinfo(pycurl.PRETRANSFER_TIME_T) / 1e6 - setup)
-            if queued >= _QUEUED:
-                self.recorder.waited(rec.series, queued, context,
-                                     start_ns + int(queued * 1e9))
+        limited = state.multi is not None and (state.multi[1].max_total or state.multi[1].max_host)
+        if not rec.opened or limited:
+            self._timings(state, rec, limited)
         fd = getinfo(pycurl.ACTIVESOCKET) if not rec.closed else -1
         if fd == -1:
             if errno == 0:
-                reason = sc.IDLE_LIMIT if curl._ps_forbid_reuse else sc.SERVER_CLOSED
+                reason = sc.IDLE_LIMIT if state.forbid_reuse else sc.SERVER_CLOSED
             else:
                 reason = sc.ERROR
             cache.conns.pop(key, None)
             cache.fds.pop(key, None)
             self.recorder.released(rec, reason)
         else:
-            cache.fds[key] = (fd, time.monotonic())
+            cache.fds[key] = fd
             self.recorder.released(rec)
+
+    def _timings(self, state, rec, limited):
+        """A new connection's set-up, and in a limited multi the transfer's wait, from libcurl's
+        times (which run from the transfer's start)."""
+        getinfo = state.curl.getinfo
+        start_ns = time.time_ns() - getinfo(pycurl.TOTAL_TIME_T) * 1000
+        setup = 0.0
+        if not rec.opened:
+            connected = getinfo(pycurl.APPCONNECT_TIME_T) or getinfo(pycurl.CONNECT_TIME_T)
+            resolved = getinfo(pycurl.NAMELOOKUP_TIME_T)
+            setup = max(0, connected - resolved) / 1e6
+            self.recorder.conn_opened(rec, setup)
+            span = self.recorder.setup_started(rec.series, state.context, start_ns + resolved * 1000)
+            self.recorder.setup_ended(span, peer=getinfo(pycurl.PRIMARY_IP) if span else None,
+                                      end_ns=start_ns + connected * 1000)
+        if limited:
+            queued = min(getinfo(pycurl.QUEUE_TIME_T) / 1e6,
+                         getinfo(pycurl.PRETRANSFER_TIME_T) / 1e6 - setup)
+            if queued >= _QUEUED:
+                self.recorder.waited(rec.series, queued, state.context,
+                                     start_ns + int(queued * 1e9))
 
     def _let_go(self, taken):
         """Release a connection a transfer moved off; libcurl closed it if it was found dead."""
-        rec, key, cache, _ = taken
-        fd = cache.fds.get(key, (None,))[0]
+        rec, key, cache = taken
+        fd = cache.fds.get(key)
         if fd is not None and not _alive(fd, key):
             cache.conns.pop(key, None)
             cache.fds.pop(key, None)
@@ -381,14 +409,14 @@ class PycurlAdapter(Adapter):
                 continue
             if rec.in_use:
                 continue
-            fd, idle_since = cache.fds.get(key, (None, now))
+            fd = cache.fds.get(key)
             if reason is None and key != fresh_key and (fd is None or _alive(fd, key)):
                 continue  # alive, or never seen idle (a redirect's): kept until the pool closes
             del cache.conns[key]
             cache.fds.pop(key, None)
             if reason is not None:
                 why = reason
-            elif now - idle_since >= cache.maxage:
+            elif rec.released_at and now - rec.released_at >= cache.maxage:
                 why = sc.KEEPALIVE_EXPIRED
             else:
                 why = sc.SERVER_CLOSED
@@ -396,7 +424,8 @@ class PycurlAdapter(Adapter):
 
     def cache_closed(self, owner):
         state = getattr(owner, "_poolscope", None)
-        cache = getattr(owner, "_poolscope_cache", None)
+        cache = owner._ps.cache if isinstance(owner, Curl) else getattr(owner, "_poolscope_cache",
+                                                                         None)
         if state is None or cache is None:
             return
         self.recorder.pool_closed(state)
