@@ -303,3 +303,92 @@ def test_spans_exported_over_otlp_arrive_intact(tmp_path, server, collector):
     assert attrs["server.port"].int_value == server.port
     assert attrs["poolscope.pool.max"].int_value == 1
     assert len(spans) == 4  # two requests, one wait, one set-up: no root spans of poolscope's
+
+
+WSGI_APP = textwrap.dedent("""
+    import os, urllib3
+    pool = urllib3.PoolManager(maxsize=1)  # made in the master under --preload
+
+    def app(environ, start_response):
+        pool.request("GET", f"http://127.0.0.1:{environ['PATH_INFO'].strip('/')}/")
+        start_response("200 OK", [("Content-Type", "text/plain")])
+        return [str(os.getpid()).encode()]
+""")
+
+ASGI_APP = textwrap.dedent("""
+    import os, urllib3
+    pool = urllib3.PoolManager(maxsize=1)
+
+    async def app(scope, receive, send):
+        if scope["type"] != "http":
+            return
+        pool.request("GET", f"http://127.0.0.1:{scope['path'].strip('/')}/")
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": str(os.getpid()).encode()})
+""")
+
+
+def free_ports(count):
+    """The first of ``count`` consecutive free ports."""
+    for _ in range(50):
+        first = free_port()
+        try:
+            for port in range(first, first + count):
+                socket.create_server(("127.0.0.1", port)).close()
+            return first
+        except OSError:
+            continue
+    raise RuntimeError("no run of free ports")
+
+
+def get(url, timeout=10.0):
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            return urllib.request.urlopen(url, timeout=5).read().decode()
+        except OSError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.1)
+
+
+@pytest.mark.parametrize("server_cmd", [
+    ["-m", "gunicorn", "-w", "2", "wsgi:app"],
+    ["-m", "gunicorn", "-w", "2", "--preload", "wsgi:app"],
+    ["-m", "uvicorn", "--workers", "2", "--log-level", "warning", "asgi:app"],
+], ids=["gunicorn", "gunicorn-preload", "uvicorn"])
+def test_every_worker_serves_its_own_pools_on_a_port_of_its_own(tmp_path, server, server_cmd):
+    """A master and 2 workers: 3 endpoints on consecutive ports; the acquisitions each endpoint
+    reports are the requests its worker served, and every worker prints its report at exit."""
+    (tmp_path / "wsgi.py").write_text(WSGI_APP)
+    (tmp_path / "asgi.py").write_text(ASGI_APP)
+    metrics_port, app_port = free_ports(3), free_port()
+    bind = (["-b", f"127.0.0.1:{app_port}"] if "gunicorn" in server_cmd
+            else ["--host", "127.0.0.1", "--port", str(app_port)])
+    proc = launch(["--metrics-exporter", "prometheus,report", PY, *server_cmd, *bind],
+                  clean_env(OTEL_EXPORTER_PROMETHEUS_PORT=str(metrics_port),
+                            POOLSCOPE_PROMETHEUS_PORTS="3"), cwd=tmp_path)
+    try:
+        served = {}
+        for _ in range(12):
+            pid = int(get(f"http://127.0.0.1:{app_port}/{server.port}", timeout=30))
+            served[pid] = served.get(pid, 0) + 1
+        counts = {}  # port -> acquisitions it reports; the master's (first) has none
+        for port in range(metrics_port, metrics_port + 3):
+            try:
+                samples = scrape(port)
+            except OSError:
+                continue  # a worker that served no request opened no pool, and takes no port
+            counts[port] = int(sum(series(samples, "poolscope_connection_acquisitions_total",
+                                          server_port=str(server.port))))
+        assert counts[metrics_port] == 0
+        assert sorted(c for p, c in counts.items() if p != metrics_port) \
+            == sorted(served.values())
+    finally:
+        proc.terminate()
+        out, err = proc.communicate(timeout=60)
+    if "uvicorn" not in server_cmd:  # uvicorn's workers end without running exit handlers
+        for pid in served:
+            assert f"poolscope pool report (process {pid})" in err, err
+    assert err.count(f"(127.0.0.1:{metrics_port} is taken)") == len(served), err
+    assert "Traceback" not in err and "cannot serve" not in err, err

@@ -1,5 +1,7 @@
 """The pool report: a short table per pool, from the same metrics poolscope exports, with advice."""
 
+import os
+
 from . import _semconv as sc
 
 # The setting that raises each library's connection limit, and its keep-alive expiry.
@@ -71,8 +73,8 @@ def render(metrics_data, scopes, leak_after=30.0):
     scope_info = {s.key: info for s, info in scopes.items()}
     origins = sorted(k for k in figures if len(k) > 1)
     if not origins:
-        return "poolscope: no HTTP connection pool was used.\n"
-    lines = ["poolscope pool report"]
+        return f"poolscope: no HTTP connection pool was used in process {os.getpid()}.\n"
+    lines = [f"poolscope pool report (process {os.getpid()})"]
     for key in origins:
         library, scheme, host, port = key
         f = figures[key]

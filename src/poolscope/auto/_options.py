@@ -44,6 +44,9 @@ class Options:
         self.prometheus_port = env_int("OTEL_EXPORTER_PROMETHEUS_PORT", 9464, 0)
         if self.prometheus_port > 65535:
             raise ConfigError(f"OTEL_EXPORTER_PROMETHEUS_PORT={self.prometheus_port} is not a port")
+        self.prometheus_ports = env_int("POOLSCOPE_PROMETHEUS_PORTS", 16, 1)
+        launched = env.get("POOLSCOPE_LAUNCHED_PID", "")
+        self.launched_pid = int(launched) if launched.isdigit() else None
         self.interval_ms = env_int("OTEL_METRIC_EXPORT_INTERVAL", 60000, 1)
         libraries = env.get("POOLSCOPE_LIBRARIES")
         self.libraries = [n.strip() for n in libraries.split(",") if n.strip()] if libraries else None

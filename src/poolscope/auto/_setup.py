@@ -1,6 +1,7 @@
 """Inside the application: build the export pipeline, instrument, and print the report at exit."""
 
 import atexit
+import errno
 import importlib.machinery
 import importlib.util
 import logging
@@ -40,6 +41,8 @@ class Pipeline:
     def __init__(self, options):
         self.options = options
         self.report_reader = None
+        self.prometheus_server = None
+        self.serve_later = False
         self.owned = []
 
     def start(self):
@@ -56,6 +59,7 @@ class Pipeline:
         tracer_provider = self._tracer_provider()
         instrument(meter_provider=meter_provider, tracer_provider=tracer_provider,
                    libraries=self.options.libraries)
+        self._arm()
         # weakref.finalize runs pending finalizers (which close pools) from its own atexit hook;
         # make sure that hook is registered before ours, so the report sees the pools as they were.
         weakref.finalize(self, int)
@@ -84,16 +88,64 @@ class Pipeline:
 
     def _prometheus(self):
         from opentelemetry.exporter.prometheus import PrometheusMetricReader
+
+        # The launched process serves at once, on the configured port. Its other processes
+        # (workers, forked or spawned) serve from their first pool on, each on the next free
+        # port of the range: helpers with no pools (multiprocessing's trackers) take none.
+        if self.options.launched_pid in (None, os.getpid()):
+            if not self._serve_prometheus():
+                return None
+        else:
+            self.serve_later = True
+        if hasattr(os, "register_at_fork"):
+            os.register_at_fork(after_in_child=self._prometheus_after_fork)
+        return PrometheusMetricReader()
+
+    def _serve_prometheus(self):
+        """Serve the scrape endpoint on the configured port, or, when another process (a sibling
+        worker) holds it, on the next free one of the range."""
         from prometheus_client import start_http_server
 
-        host, port = self.options.prometheus_host, self.options.prometheus_port
-        try:
-            start_http_server(port, addr=host)
-        except OSError as exc:
-            logger.warning("poolscope: cannot serve Prometheus metrics on %s:%s (%s); this process "
-                           "exports none there", host, port, exc.strerror or exc)
-            return None
-        return PrometheusMetricReader()
+        host, first = self.options.prometheus_host, self.options.prometheus_port
+        ports = range(first, first + self.options.prometheus_ports) if first else [0]
+        error = None
+        for port in ports:
+            try:
+                server = start_http_server(port, addr=host)
+            except OSError as exc:
+                error = exc
+                if exc.errno != errno.EADDRINUSE:
+                    break
+                continue
+            self.prometheus_server = server[0] if isinstance(server, tuple) else None
+            if port != first:
+                served = self.prometheus_server.server_port if self.prometheus_server else port
+                sys.stderr.write(f"poolscope: process {os.getpid()} serves its Prometheus metrics "
+                                 f"on {host}:{served} ({host}:{first} is taken)\n")
+            return True
+        span = f"{first}-{ports[-1]}" if len(ports) > 1 else str(first)
+        logger.warning("poolscope: cannot serve Prometheus metrics on %s:%s (%s); process %s "
+                       "exports none there", host, span, error.strerror or error, os.getpid())
+        return False
+
+    def _prometheus_after_fork(self):
+        """A forked worker (gunicorn, multiprocessing) serves its own pools on a port of its own:
+        the parent's server thread did not survive the fork, and its socket is the parent's."""
+        if self.prometheus_server is not None:
+            self.prometheus_server.socket.close()
+            self.prometheus_server = None
+        self.serve_later = True
+        self._arm()
+
+    def _arm(self):
+        recorder = current_recorder()
+        if not self.serve_later or recorder is None:
+            return
+        self.serve_later = False
+        if recorder.has_pools():
+            self._serve_prometheus()
+        else:
+            recorder.on_first_pool = self._serve_prometheus
 
     def _tracer_provider(self):
         from opentelemetry.sdk.trace import TracerProvider

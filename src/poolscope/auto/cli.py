@@ -72,6 +72,7 @@ def main(argv=None):
         _check_port(options.prometheus_host, options.prometheus_port)
     path = os.environ.get("PYTHONPATH")
     os.environ["PYTHONPATH"] = BOOTSTRAP + (os.pathsep + path if path else "")
+    os.environ["POOLSCOPE_LAUNCHED_PID"] = str(os.getpid())  # exec keeps the pid
     try:
         os.execvp(args.command[0], args.command)
     except OSError as exc:
