@@ -6,13 +6,13 @@ cd "$(dirname "$0")/.."
 
 if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
     need=()
-    command -v prometheus >/dev/null || need+=(prometheus)
-    command -v promtool >/dev/null || need+=(prometheus)
+    command -v prometheus >/dev/null && command -v promtool >/dev/null || need+=(prometheus)
+    command -v nginx >/dev/null || [ -x /usr/sbin/nginx ] || need+=(nginx-light)
     if [ ${#need[@]} -gt 0 ]; then
         apt-get update -q >/dev/null
-        DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends prometheus >/dev/null
-        # the package starts a service we do not want; tests start their own server
-        (service prometheus stop || pkill -x prometheus || true) >/dev/null 2>&1
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends "${need[@]}" >/dev/null
+        # the packages start services we do not want; tests and benchmarks start their own
+        (service prometheus stop; service nginx stop; pkill -x prometheus; pkill -x nginx; true) >/dev/null 2>&1
     fi
 fi
 

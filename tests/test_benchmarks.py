@@ -1,0 +1,29 @@
+"""The benchmark keeps working: one short round of every library, case and mode, and the memory
+cases at a small scale. Nothing here is about speed; the figures are in docs/performance.md."""
+
+import os
+import subprocess
+import sys
+
+from conftest import require_tool
+
+BENCH = os.path.join(os.path.dirname(__file__), "..", "benchmarks", "run.py")
+
+
+def test_benchmark_smoke():
+    require_tool("nginx")
+    result = subprocess.run([sys.executable, BENCH, "--smoke"], capture_output=True, text=True,
+                            timeout=900)
+    assert result.returncode == 0, result.stderr
+    rows = [line for line in result.stdout.splitlines() if line.startswith("| ") and "**" in line]
+    # 6 libraries x 2 cases x 4 modes, less pycurl's official (there is none)
+    assert len(rows) == 46, result.stdout
+
+
+def test_memory_smoke():
+    require_tool("nginx")
+    result = subprocess.run([sys.executable, BENCH, "--memory", "--smoke"], capture_output=True,
+                            text=True, timeout=600)
+    assert result.returncode == 0, result.stderr
+    assert "20,000 sequential requests" in result.stdout
+    assert "144 origins" in result.stdout
