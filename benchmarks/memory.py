@@ -60,13 +60,13 @@ def origins_case(origins):
 
 
 def child():
-    case, arg = sys.argv[2], json.loads(sys.argv[3])
+    case, arg = sys.argv[2], json.load(sys.stdin)
     result = requests_case(*arg) if case == "requests" else origins_case(arg)
     print(json.dumps(result))
 
 
 def run_child(case, arg):
-    out = subprocess.run([sys.executable, __file__, "--child", case, json.dumps(arg)],
+    out = subprocess.run([sys.executable, __file__, "--child", case], input=json.dumps(arg),
                          capture_output=True, text=True, timeout=3600)
     if out.returncode != 0:
         raise SystemExit(f"memory case {case} failed:\n{out.stderr[-3000:]}")
