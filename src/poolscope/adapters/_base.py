@@ -18,23 +18,27 @@ def around(function, where, before=None, after=None, is_async=False):
     on every request it costs a third as much.
     """
 
+    def enter(instance, args, kwargs):
+        """The token, or None when there is nothing to do after the call."""
+        if before is None:
+            return True if after is not None else None
+        try:
+            token = before(instance, args, kwargs)
+        except Exception:
+            internal_error(where)
+            return None
+        return token if after is not None else None
+
     def leave(token, instance, result, exc):
         try:
             after(token, instance, result, exc)
         except Exception:
             internal_error(where)
 
-    # enter() is inlined in both: this runs on every request
     if is_async:
         async def method(instance, *args, **kwargs):
-            token = True
-            if before is not None:
-                try:
-                    token = before(instance, args, kwargs)
-                except Exception:
-                    internal_error(where)
-                    token = None
-            if token is None or after is None:
+            token = enter(instance, args, kwargs)
+            if token is None:
                 return await function(instance, *args, **kwargs)
             try:
                 result = await function(instance, *args, **kwargs)
@@ -45,14 +49,8 @@ def around(function, where, before=None, after=None, is_async=False):
             return result
     else:
         def method(instance, *args, **kwargs):
-            token = True
-            if before is not None:
-                try:
-                    token = before(instance, args, kwargs)
-                except Exception:
-                    internal_error(where)
-                    token = None
-            if token is None or after is None:
+            token = enter(instance, args, kwargs)
+            if token is None:
                 return function(instance, *args, **kwargs)
             try:
                 result = function(instance, *args, **kwargs)

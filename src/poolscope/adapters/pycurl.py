@@ -80,6 +80,11 @@ class _Cache:
         self.maxage = _DEFAULT_MAXAGE
         self.max_total = self.max_host = 0
 
+    @property
+    def limited(self):
+        """Whether the multi holds transfers back (only a multi's cache has limits)."""
+        return bool(self.max_total or self.max_host)
+
 
 def _cache(owner):
     cache = getattr(owner, "_poolscope_cache", None)
@@ -130,10 +135,8 @@ class _Handle:
 
     def granted(self, peer_ip, local_ip, peer_port, local_port):
         if _adapter is not None:
-            try:
-                _adapter.granted(self, (local_ip, local_port, peer_ip, peer_port))
-            except Exception:
-                internal_error("pycurl:PREREQFUNCTION")
+            _guard("pycurl:PREREQFUNCTION", _adapter.granted, self,
+                   (local_ip, local_port, peer_ip, peer_port))
         app = self.prereq
         return pycurl.PREREQFUNC_OK if app is None else app(peer_ip, local_ip, peer_port,
                                                             local_port)
@@ -154,6 +157,7 @@ class Curl(_ClosesCache, pycurl.Curl):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self._ps = _Handle(self)
+        self._poolscope_cache = self._ps.cache  # for the code that sees any owner alike
         self._ps_callbacks()
 
     def _ps_callbacks(self):
@@ -203,10 +207,7 @@ class Curl(_ClosesCache, pycurl.Curl):
             raise
         finally:
             if _adapter is not None:
-                try:
-                    _adapter.finished(self._ps, errno)
-                except Exception:
-                    internal_error("pycurl:Curl.perform")
+                _guard("pycurl:Curl.perform", _adapter.finished, self._ps, errno)
 
     def perform(self):
         return self._ps_perform(super().perform)
@@ -306,8 +307,7 @@ class PycurlAdapter(Adapter):
     def queued(self, multi, state):
         """A transfer joined a multi: it runs later, outside the context it was added in."""
         state.context = self.recorder.context()
-        cache = state.multi[1]
-        if cache.max_total or cache.max_host:
+        if state.multi[1].limited:
             state.wait = self.recorder.wait_started(
                 self.pool_state(multi), self.recorder.series(self.library, _origin(state.url)),
                 traced=False)
@@ -349,7 +349,7 @@ class PycurlAdapter(Adapter):
             return
         rec, key, cache = taken
         getinfo = curl.getinfo
-        limited = state.multi is not None and (state.multi[1].max_total or state.multi[1].max_host)
+        limited = state.multi is not None and state.multi[1].limited
         if not rec.opened or limited:
             self._timings(state, rec, limited)
         fd = getinfo(pycurl.ACTIVESOCKET) if not rec.closed else -1
@@ -424,8 +424,7 @@ class PycurlAdapter(Adapter):
 
     def cache_closed(self, owner):
         state = getattr(owner, "_poolscope", None)
-        cache = owner._ps.cache if isinstance(owner, Curl) else getattr(owner, "_poolscope_cache",
-                                                                         None)
+        cache = getattr(owner, "_poolscope_cache", None)
         if state is None or cache is None:
             return
         self.recorder.pool_closed(state)
