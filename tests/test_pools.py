@@ -1,6 +1,8 @@
 """Scenarios with known answers, run on every client flavor against a real local server."""
 
+import socket
 import time
+import types
 
 import pytest
 
@@ -113,6 +115,22 @@ def test_failed_request_closes_with_error(metrics, make, server):
     assert v("poolscope.connection.created") == attempts
     assert v(ACQ) == attempts
     assert v(OPEN) == 0
+
+
+def test_refused_connection_is_never_counted_open(metrics, make):
+    """Nothing listens on the port: a slot was taken, no connection was ever open."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    d = make(types.SimpleNamespace(port=port, url=f"http://127.0.0.1:{port}"))
+    for _ in range(2):
+        with pytest.raises(Exception):
+            d.get("/")
+    _, v = figures(metrics, d.library)
+    assert v("poolscope.connection.created") in (0, None)
+    assert v("poolscope.connection.closed") in (0, None)
+    assert v(OPEN, http__connection__state="active") in (0, None)
+    assert v(OPEN, http__connection__state="idle") in (0, None)
 
 
 def test_server_drops_idle_connection(metrics, make, short_keepalive_server):

@@ -276,11 +276,14 @@ class Recorder:
 
     def pool_gone(self, pool):
         """The pool object was garbage-collected: whatever it still held is closed."""
-        self.pool_closed(pool)
-        for conn in list(pool.conns):
-            self.closed(conn, pool.close_reason)
-        for wait in list(pool.waits):
-            self.wait_ended(wait, ABANDONED)
+        try:
+            self.pool_closed(pool)
+            for conn in list(pool.conns):
+                self.closed(conn, pool.close_reason)
+            for wait in list(pool.waits):
+                self.wait_ended(wait, ABANDONED)
+        except Exception:
+            internal_error("a pool's garbage collection")
 
     def _forget(self, pool):
         if not pool.live and not pool.conns and not pool.waits:
@@ -376,17 +379,17 @@ class Recorder:
             if conn.in_use > 0:
                 conn.in_use -= 1
                 if conn.in_use == 0:
-                    if not conn.opened and close_reason is None:
-                        close_reason = sc.ERROR
+                    if not conn.opened:  # never established: it closes now, still active
+                        close_reason = close_reason or sc.ERROR
                     elif not conn.closed:
                         self._move(conn, -1)
                     conn.released_at = now
                     if self.detailed:
                         used = now - conn.acquired_at
-        if used is not None:
-            self._use_time.record(used, conn.series.attrs)
         if close_reason is not None:
             self.closed(conn, close_reason)
+        if used is not None:
+            self._use_time.record(used, conn.series.attrs)
 
     def closed(self, conn, reason):
         """The connection closed. One never established is dropped without being counted; one

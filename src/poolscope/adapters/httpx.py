@@ -170,8 +170,12 @@ class HttpxAdapter(Adapter):
             self.recorder.wait_ended(wait)
         if exc is None:
             self.recorder.conn_opened(rec)  # a proxied connection; no-op once opened
-        else:
-            self.recorder.released(rec, sc.ERROR if conn.is_closed() else None)
+        elif conn.is_closed():
+            self.recorder.released(rec, sc.ERROR)
+        elif getattr(_protocol(conn), "_request_count", 1):
+            self.recorder.released(rec)
+        # else: cancelled between connecting and sending, the connection is never used again
+        # nor closed by httpcore (httpcore#1093): it holds its slot, so it stays active.
 
     def _connect_start(self, conn, args, kwargs):
         rec = conn.__dict__.get("_poolscope")

@@ -4,7 +4,8 @@ Paths: ``/delay/<seconds>`` answers after that delay; ``/close`` answers with
 ``Connection: close``; ``/drop`` closes the socket without answering; ``/bytes/<n>`` answers
 ``n`` bytes (a body too large to be buffered at once); anything else answers
 ``ok`` at once. ``idle_timeout`` closes keep-alive connections left idle that long, as a
-server's own keep-alive limit does. The server counts the connections it accepted.
+server's own keep-alive limit does. The server counts the connections it accepted
+(``accepted``) and those of them that closed without sending a request (``empty``).
 """
 
 import socket
@@ -18,15 +19,23 @@ class _Handler(BaseHTTPRequestHandler):
 
     def setup(self):
         self.timeout = self.server.idle_timeout
+        self.served = False
         super().setup()
         with self.server.lock:
             self.server.accepted += 1
 
     def handle_one_request(self):
+        self.raw_requestline = b""
         try:
             super().handle_one_request()
         except (socket.timeout, ConnectionError):
             self.close_connection = True
+        if self.raw_requestline:
+            self.served = True
+        elif not self.served:
+            self.served = True  # counted once
+            with self.server.lock:
+                self.server.empty += 1
 
     def do_GET(self):
         path = self.path.split("?", 1)[0]
@@ -59,12 +68,13 @@ class DemoServer(ThreadingHTTPServer):
 
     daemon_threads = True
     block_on_close = False
+    request_queue_size = 128
 
     def __init__(self, port=0, idle_timeout=None):
         super().__init__(("127.0.0.1", port), _Handler)
         self.idle_timeout = idle_timeout
         self.lock = threading.Lock()
-        self.accepted = 0
+        self.accepted = self.empty = 0
         self._thread = None
 
     @property

@@ -1,0 +1,157 @@
+"""Fault injection: whatever fails inside poolscope or the SDK it calls, every library's
+requests behave exactly as they do without poolscope, and each failing place is logged once."""
+
+import logging
+
+import pytest
+from opentelemetry.sdk.metrics import MeterProvider
+from opentelemetry.sdk.metrics.export import MetricExporter, PeriodicExportingMetricReader
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor, SpanExporter
+
+import poolscope
+from poolscope import _config, _instrument, _recorder
+from conftest import Metrics
+from drivers import DRIVERS
+
+EVENTS = ("pool_opened", "pool_closed", "conn_created", "conn_opened", "acquired", "unacquired",
+          "released", "closed", "wait_started", "wait_ended", "waited", "setup_started",
+          "setup_ended")
+# a failure printed by the garbage collector or a thread counts as reaching the application
+pytestmark = [pytest.mark.filterwarnings("error::pytest.PytestUnraisableExceptionWarning"),
+              pytest.mark.filterwarnings("error::pytest.PytestUnhandledThreadExceptionWarning")]
+HISTOGRAMS = ("_wait_time", "_create_time", "_use_time", "_idle_time", "_duration")
+
+
+def scenario(flavor, server):
+    """Waits, a ``Connection: close``, a dropped socket, a pool timeout, then reuse: what the
+    application saw, as statuses and exception names (sorted where threads race)."""
+    def seen(results):
+        return sorted(str(r) if isinstance(r, int) else type(r).__name__ for r in results)
+
+    def run(pool_timeout, fn):
+        driver = DRIVERS[flavor](server, limit=2, **pool_timeout)
+        try:
+            return fn(driver)
+        finally:
+            driver.close()
+    mixed = run({}, lambda d: seen(d.get_all(["/delay/0.05"] * 4 + ["/close", "/drop"]) +
+                                   [d.get("/") for _ in range(3)]))
+    timed_out = run({"pool_timeout": 0.1}, lambda d: seen(d.get_all(["/delay/0.4"] * 3)))
+    return mixed, timed_out
+
+
+def boom(*args, **kwargs):
+    raise RuntimeError("injected fault")
+
+
+class BrokenMetricExporter(MetricExporter):
+    def __init__(self):
+        super().__init__()
+        self.calls = 0
+
+    def export(self, metrics_data, timeout_millis=10_000, **kwargs):
+        self.calls += 1
+        raise ConnectionError("collector unreachable (injected)")
+
+    def force_flush(self, timeout_millis=10_000):
+        return True
+
+    def shutdown(self, timeout_millis=30_000, **kwargs):
+        pass
+
+
+class BrokenSpanExporter(SpanExporter):
+    def export(self, spans):
+        raise ConnectionError("collector unreachable (injected)")
+
+
+@pytest.fixture
+def lenient(monkeypatch):
+    """Production behaviour: failures are logged once and swallowed."""
+    monkeypatch.setattr(_config, "strict", False)
+    monkeypatch.setattr(_config, "_reported", set())
+
+
+def inject(kind, monkeypatch):
+    """Instrument with the fault ``kind``; returns what must be shut down afterwards."""
+    if kind == "exporter":
+        meters = MeterProvider(metric_readers=[PeriodicExportingMetricReader(
+            BrokenMetricExporter(), export_interval_millis=20)])
+        tracers = TracerProvider()
+        tracers.add_span_processor(SimpleSpanProcessor(BrokenSpanExporter()))
+        parent = tracers.get_tracer("app").start_span("app request")
+        monkeypatch.setattr(_recorder, "get_current_span", lambda context=None: parent)
+        poolscope.instrument(meter_provider=meters, tracer_provider=tracers)
+        return [meters, tracers]
+    metrics = Metrics()
+    poolscope.instrument(meter_provider=metrics.provider)
+    recorder = _instrument.current_recorder()
+    if kind == "poolscope":
+        for name in EVENTS:
+            monkeypatch.setattr(recorder, name, boom)
+    else:  # the SDK: every histogram and the tracer raise, with a recording span current
+        for name in HISTOGRAMS:
+            monkeypatch.setattr(getattr(recorder, name), "record", boom)
+        parent = TracerProvider().get_tracer("app").start_span("app request")
+        monkeypatch.setattr(_recorder, "get_current_span", lambda context=None: parent)
+        monkeypatch.setattr(recorder._tracer, "start_span", boom)
+    return [metrics.provider]
+
+
+@pytest.mark.parametrize("kind", ["poolscope", "sdk", "exporter"])
+@pytest.mark.parametrize("flavor", sorted(DRIVERS))
+def test_a_fault_never_changes_what_the_application_sees(flavor, kind, server, lenient,
+                                                         monkeypatch, caplog):
+    expected = scenario(flavor, server)
+    assert expected[1].count("200") == 2 and len(expected[1]) == 3  # one pool timeout
+    providers = inject(kind, monkeypatch)
+    try:
+        with caplog.at_level(logging.WARNING, logger="poolscope"):
+            assert scenario(flavor, server) == expected
+    finally:
+        poolscope.uninstrument()
+        for provider in providers:
+            provider.shutdown()
+    places = [r.getMessage() for r in caplog.records if r.name == "poolscope"]
+    assert len(places) == len(set(places)), "a failing place was logged more than once"
+    if kind == "exporter":
+        assert places == []  # the SDK reports its exporter's failures itself
+    else:
+        assert places and all("internal error in " in p and "not affected" in p
+                              for p in places), places
+
+
+def test_counts_do_not_depend_on_the_sdk_recording(server, lenient, monkeypatch):
+    """Histograms and spans failing leave every count and gauge exact."""
+    metrics = Metrics()
+    poolscope.instrument(meter_provider=metrics.provider)
+    try:
+        recorder = _instrument.current_recorder()
+        for name in HISTOGRAMS:
+            monkeypatch.setattr(getattr(recorder, name), "record", boom)
+        driver = DRIVERS["urllib3"](server, limit=2)
+        assert driver.get_all(["/delay/0.1"] * 4 + ["/close"]) == [200] * 5
+        driver.close()
+        data = metrics.read()
+        created = metrics.value(data, "poolscope.connection.created")
+        assert created == server.accepted
+        assert metrics.value(data, "poolscope.connection.closed") == created
+        assert metrics.value(data, "http.client.open_connections") == 0
+        assert metrics.value(data, "poolscope.connection.acquisitions") == 5
+        assert metrics.value(data, "poolscope.connection.pending_requests") == 0
+    finally:
+        poolscope.uninstrument()
+
+
+def test_strict_mode_re_raises(server, monkeypatch):
+    """POOLSCOPE_STRICT=true (the test suite's setting) lets poolscope's own failures surface."""
+    monkeypatch.setattr(_config, "strict", True)
+    metrics = Metrics()
+    poolscope.instrument(meter_provider=metrics.provider)
+    try:
+        monkeypatch.setattr(_instrument.current_recorder(), "acquired", boom)
+        with pytest.raises(RuntimeError, match="injected fault"):
+            DRIVERS["urllib3"](server).get("/")
+    finally:
+        poolscope.uninstrument()

@@ -1,0 +1,447 @@
+"""Chaos: poolscope's figures stay exact under load, faults and cancellations.
+
+Per library, JOBS requests run CONCURRENCY at a time through a pool of LIMIT connections,
+in waves separated by a lull longer than the server's keep-alive timeout (so each wave starts
+on connections the server has closed). The jobs, drawn at random (the seed is in every failure
+message; set POOLSCOPE_STRESS_SEED to replay one): random server delays, ``Connection: close``
+replies, sockets dropped without an answer, responses abandoned half read, pool timeouts, and
+(where the library can be cancelled) requests cancelled while waiting or holding a connection.
+Retries are on where the library has them.
+
+At the end, with the pool still open, poolscope's figures must equal the truth found without
+poolscope: no request pending; active and idle connections equal to the library's own counts
+(active is 0 but where the library itself keeps a slot: httpcore#1093), or for pycurl, which
+keeps no count, 0 active and idle equal to the sockets open; created minus closed equal to
+the sockets this process really has open to the server; created equal to the connections the server
+accepted (less those that never carried a request: a connect cancelled mid-way); timeouts
+equal to the pool timeouts the application saw. After closing the pool nothing is open. All
+along, a collection every few milliseconds checks that no up-down counter is ever exported
+below zero and that no counter ever goes backwards.
+"""
+
+import asyncio
+import gc
+import json
+import os
+import random
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import aiohttp
+import httpx
+import pycurl
+import pytest
+import urllib3
+from urllib3.util import Retry
+
+from poolscope.demo.server import DemoServer
+
+JOBS = int(os.environ.get("POOLSCOPE_STRESS_JOBS", "600"))
+WAVES = 3
+CONCURRENCY = 16
+LIMIT = 4
+SERVER_IDLE = 0.1
+BIG = "/bytes/1000000"
+KINDS = {"ok": 48, "close": 8, "drop": 6, "abandon": 8, "hurry": 12, "cancel": 12, "pause": 6}
+UPDOWN = ("http.client.open_connections", "poolscope.connection.pending_requests",
+          "poolscope.connection.max", "poolscope.connection.idle.max", "poolscope.pool.count")
+COUNTERS = ("poolscope.connection.acquisitions", "poolscope.connection.created",
+            "poolscope.connection.closed", "poolscope.connection.timeouts",
+            "poolscope.pool.saturation_time")
+
+
+@dataclass
+class Job:
+    kind: str
+    path: str
+    pool_timeout: float = 5.0
+    pause: float = 0.0
+    cancel_after: float = 0.0
+
+
+def make_jobs(rng, n):
+    jobs = []
+    for kind in rng.choices(list(KINDS), weights=list(KINDS.values()), k=n):
+        delay = f"/delay/{rng.uniform(0, 0.02):.4f}"
+        job = Job(kind, {"close": "/close", "drop": "/drop", "abandon": BIG}.get(kind, delay))
+        if kind == "hurry":
+            job.pool_timeout = rng.uniform(0.002, 0.03)
+        elif kind == "cancel":
+            job.cancel_after = rng.uniform(0, 0.03)
+        elif kind == "pause":
+            job.pause = rng.uniform(0, 2 * SERVER_IDLE)
+        jobs.append(job)
+    return jobs
+
+
+# -- the truth, found without poolscope ------------------------------------
+
+def open_sockets_to(port):
+    """Sockets of this process connected to ``port`` on 127.0.0.1, from /proc."""
+    gc.collect()
+    inodes = set()
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            target = os.readlink(f"/proc/self/fd/{fd}")
+        except OSError:
+            continue
+        if target.startswith("socket:["):
+            inodes.add(target[8:-1])
+    with open("/proc/net/tcp") as table:
+        rows = [line.split() for line in table.readlines()[1:]]
+    return sum(1 for row in rows if row[9] in inodes and int(row[2].split(":")[1], 16) == port)
+
+
+class Sampler:
+    """Collects every few milliseconds; remembers every negative up-down counter and every
+    counter that went backwards."""
+
+    def __init__(self, metrics):
+        self.metrics = metrics
+        self.violations = []
+        self.collections = 0
+        self._last = {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def __enter__(self):
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join(10)
+        self.check()
+
+    def _run(self):
+        while not self._stop.wait(0.005):
+            self.check()
+
+    def check(self):
+        data = self.metrics.read()
+        self.collections += 1
+        for name in UPDOWN:
+            for attrs, point in data.get(name, []):
+                if point.value < 0:
+                    self.violations.append(f"{name} {attrs} = {point.value}")
+        for name in COUNTERS:
+            for attrs, point in data.get(name, []):
+                key = (name, tuple(sorted(attrs.items())))
+                if point.value < self._last.get(key, 0):
+                    self.violations.append(f"{name} {attrs} went from {self._last[key]} to "
+                                           f"{point.value}")
+                self._last[key] = point.value
+
+
+# -- one client per library: run a job, tell its own idle count ----------------
+
+class PoolTimedOut(Exception):
+    """A timeout the library reports while the request was still queued for a connection."""
+
+
+class Urllib3Client:
+    """Sync: a cancel is a response closed unread; retries on."""
+
+    library = "urllib3"
+    timeout_error = urllib3.exceptions.EmptyPoolError
+
+    def __init__(self, server):
+        self.pool = urllib3.HTTPConnectionPool(
+            "127.0.0.1", server.port, maxsize=LIMIT, block=True, timeout=5,
+            retries=Retry(total=2, backoff_factor=0))
+
+    def request(self, job):
+        if job.kind in ("abandon", "cancel"):
+            response = self.pool.urlopen("GET", job.path, preload_content=False)
+            response.read(1024 if job.kind == "abandon" else 0)
+            response.close()
+            response.release_conn()
+            return response.status
+        return self.pool.request("GET", job.path, pool_timeout=job.pool_timeout).status
+
+    def own(self):
+        out = self.pool.pool.maxsize - self.pool.pool.qsize()
+        return out, sum(1 for c in list(self.pool.pool.queue) if c is not None and c.sock)
+
+    def close(self):
+        self.pool.close()
+
+
+class _HttpxBase:
+    library = "httpx"
+    timeout_error = httpx.PoolTimeout
+
+    def __init__(self, server, transport, client):
+        self.url = server.url
+        self.client = client(transport=transport(retries=2, limits=httpx.Limits(
+            max_connections=LIMIT, max_keepalive_connections=LIMIT // 2,
+            keepalive_expiry=SERVER_IDLE)), timeout=5.0)
+
+    def timeout(self, job):
+        return httpx.Timeout(5.0, pool=job.pool_timeout)
+
+    def own(self):
+        """Cancelled requests can leave connections that hold a slot for ever (httpcore#1093):
+        httpcore counts them active, and so does poolscope."""
+        connections = self.client._transport._pool.connections
+        idle = sum(1 for c in connections if c.is_idle())
+        return len(connections) - idle, idle
+
+
+class HttpxClient(_HttpxBase):
+    """Sync: a cancel is a response closed unread; retries on."""
+
+    def __init__(self, server):
+        super().__init__(server, httpx.HTTPTransport, httpx.Client)
+
+    def request(self, job):
+        with self.client.stream("GET", self.url + job.path, timeout=self.timeout(job)) as r:
+            if job.kind == "abandon":
+                next(r.iter_raw())
+            elif job.kind != "cancel":
+                r.read()
+            return r.status_code
+
+    def close(self):
+        self.client.close()
+
+
+class AsyncHttpxClient(_HttpxBase):
+    def __init__(self, server):
+        super().__init__(server, httpx.AsyncHTTPTransport, httpx.AsyncClient)
+
+    async def request(self, job):
+        async with self.client.stream("GET", self.url + job.path,
+                                      timeout=self.timeout(job)) as r:
+            if job.kind == "abandon":
+                await r.aiter_raw().__anext__()
+            else:
+                await r.aread()
+            return r.status_code
+
+    async def aclose(self):
+        await self.client.aclose()
+
+
+class AiohttpClient:
+    """Its pool timeout is the connect timeout, which also covers connecting: the library's
+    own trace signals tell a timeout while queued (a pool timeout) from one while connecting."""
+
+    library = "aiohttp"
+    timeout_error = PoolTimedOut
+
+    def __init__(self, server):
+        self.url = server.url
+        self.queued = set()
+        trace = aiohttp.TraceConfig()
+        trace.on_connection_queued_start.append(self._queued(True))
+        trace.on_connection_queued_end.append(self._queued(False))
+        self.session = aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(limit=LIMIT, keepalive_timeout=SERVER_IDLE),
+            trace_configs=[trace])
+
+    def _queued(self, start):
+        async def signal(session, context, params):
+            (self.queued.add if start else self.queued.discard)(asyncio.current_task())
+        return signal
+
+    async def request(self, job):
+        timeout = aiohttp.ClientTimeout(total=10, connect=job.pool_timeout)
+        try:
+            async with self.session.get(self.url + job.path, timeout=timeout) as r:
+                await (r.content.read(1024) if job.kind == "abandon" else r.read())
+                return r.status
+        except aiohttp.ConnectionTimeoutError as exc:
+            if asyncio.current_task() in self.queued:
+                raise PoolTimedOut from exc
+            raise
+        finally:
+            self.queued.discard(asyncio.current_task())
+
+    def own(self):
+        connector = self.session.connector
+        return len(connector._acquired), sum(1 for conns in connector._conns.values()
+                                             for proto, _ in conns if proto.is_connected())
+
+    async def aclose(self):
+        await self.session.close()
+
+
+class PycurlClient:
+    """A CurlMulti with ``M_MAX_TOTAL_CONNECTIONS``; a cancel removes the transfer, an abandon
+    aborts it from its write callback. A timeout is a pool timeout when the transfer never got
+    a connection (libcurl has no PRIMARY_PORT for it)."""
+
+    library = "pycurl"
+    timeout_error = PoolTimedOut
+
+    def __init__(self, server):
+        self.url = server.url
+        self.multi = pycurl.CurlMulti()
+        self.multi.setopt(pycurl.M_MAX_TOTAL_CONNECTIONS, LIMIT)
+
+    def _handle(self, job):
+        curl = pycurl.Curl()
+        curl.setopt(pycurl.URL, self.url + job.path)
+        curl.setopt(pycurl.CONNECTTIMEOUT_MS, max(1, int(job.pool_timeout * 1000)))
+        curl.setopt(pycurl.WRITEFUNCTION, (lambda data: 0) if job.kind == "abandon"
+                    else (lambda data: None))
+        return curl
+
+    def run(self, jobs):
+        outcomes, running, todo = [], {}, list(jobs)
+        while todo or running:
+            now = time.monotonic()
+            while todo and len(running) < CONCURRENCY:
+                job = todo.pop(0)
+                if job.pause:
+                    time.sleep(job.pause / CONCURRENCY)
+                curl = self._handle(job)
+                self.multi.add_handle(curl)
+                running[curl] = (job, now + job.cancel_after if job.kind == "cancel" else None)
+            self.multi.perform()
+            more = True
+            while more:
+                more, ok, failed = self.multi.info_read()
+                for curl, errno in [(c, 0) for c in ok] + [(c, n) for c, n, _ in failed]:
+                    outcomes.append(self._outcome(curl, errno))
+                    running.pop(curl)
+                    self.multi.remove_handle(curl)
+                    curl.close()
+            for curl, (job, deadline) in list(running.items()):
+                if deadline is not None and time.monotonic() >= deadline:
+                    running.pop(curl)
+                    self.multi.remove_handle(curl)
+                    curl.close()
+                    outcomes.append("cancelled")
+            self.multi.select(0.002)
+        return outcomes
+
+    @staticmethod
+    def _outcome(curl, errno):
+        if errno == 0:
+            return "ok"
+        if errno == pycurl.E_OPERATION_TIMEDOUT and curl.getinfo(pycurl.PRIMARY_PORT) <= 0:
+            return "pool_timeout"
+        return "error"
+
+    def own(self):
+        return None  # libcurl does not tell; the sockets open are the truth
+
+    def close(self):
+        self.multi.close()
+
+
+# -- running the jobs ------------------------------------------------------
+
+def classify(client, exc):
+    if exc is None:
+        return "ok"
+    if isinstance(exc, asyncio.CancelledError):
+        return "cancelled"
+    return "pool_timeout" if isinstance(exc, client.timeout_error) else "error"
+
+
+def run_sync(client, jobs):
+    def one(job):
+        time.sleep(job.pause)
+        try:
+            client.request(job)
+        except Exception as exc:
+            return classify(client, exc)
+        return "ok"
+    with ThreadPoolExecutor(CONCURRENCY) as pool:
+        return list(pool.map(one, jobs))
+
+
+async def run_async(client, jobs):
+    gate = asyncio.Semaphore(CONCURRENCY)
+
+    async def one(job):
+        async with gate:
+            await asyncio.sleep(job.pause)
+            task = asyncio.ensure_future(client.request(job))
+            if job.kind == "cancel":
+                await asyncio.sleep(job.cancel_after)
+                task.cancel()
+            try:
+                await task
+            except BaseException as exc:
+                return classify(client, exc)
+            return "ok"
+    return await asyncio.gather(*(one(job) for job in jobs))
+
+
+CLIENTS = {"urllib3": Urllib3Client, "httpx-sync": HttpxClient, "httpx-async": AsyncHttpxClient,
+           "aiohttp": AiohttpClient, "pycurl": PycurlClient}
+
+
+def figures(metrics, library, port):
+    data = metrics.read()
+
+    def value(name, **attrs):
+        return metrics.value(data, name, poolscope__library=library, server__port=port,
+                             **attrs) or 0
+    return {"active": value("http.client.open_connections", http__connection__state="active"),
+            "idle": value("http.client.open_connections", http__connection__state="idle"),
+            "pending": value("poolscope.connection.pending_requests"),
+            "created": value("poolscope.connection.created"),
+            "closed": value("poolscope.connection.closed"),
+            "timeouts": value("poolscope.connection.timeouts")}
+
+
+@pytest.mark.parametrize("flavor", list(CLIENTS))
+def test_figures_stay_exact_under_chaos(flavor, metrics):
+    seed = int(os.environ.get("POOLSCOPE_STRESS_SEED", random.randrange(10**6)))
+    jobs = make_jobs(random.Random(seed), JOBS)
+    is_async = flavor in ("httpx-async", "aiohttp")
+    loop = asyncio.new_event_loop() if is_async else None
+    with DemoServer(idle_timeout=SERVER_IDLE) as server, Sampler(metrics) as sampler:
+        client = (loop.run_until_complete(_make(CLIENTS[flavor], server)) if is_async
+                  else CLIENTS[flavor](server))
+        outcomes = []
+        for wave in range(WAVES):
+            part = jobs[wave::WAVES]
+            if is_async:
+                outcomes += loop.run_until_complete(run_async(client, part))
+            elif flavor == "pycurl":
+                outcomes += client.run(part)
+            else:
+                outcomes += run_sync(client, part)
+            time.sleep(2 * SERVER_IDLE)
+        if is_async:
+            loop.run_until_complete(asyncio.sleep(0.05))
+        sockets = open_sockets_to(server.port)
+        own = client.own()
+        got = figures(metrics, client.library, server.port)
+        seen = {k: outcomes.count(k) for k in ("ok", "error", "pool_timeout", "cancelled")}
+        context = f"seed {seed}; outcomes {seen}; accepted {server.accepted} (empty " \
+                  f"{server.empty}); sockets {sockets}; library's (active, idle) {own}"
+
+        assert got["pending"] == 0, context
+        assert (got["active"], got["idle"]) == (own or (0, sockets)), (got, context)
+        assert got["created"] - got["closed"] == sockets, (got, context)
+        assert server.accepted - server.empty <= got["created"] <= server.accepted, (got, context)
+        assert got["timeouts"] == seen["pool_timeout"], (got, context)
+
+        if is_async:
+            loop.run_until_complete(client.aclose())
+            loop.run_until_complete(asyncio.sleep(0.05))
+            loop.close()
+        else:
+            client.close()
+        after = figures(metrics, client.library, server.port)
+        assert (after["active"], after["idle"], after["created"] - after["closed"],
+                open_sockets_to(server.port)) == (0, 0, 0, 0), (after, context)
+    assert sampler.violations == [], context
+    assert sampler.collections > 10
+    print(json.dumps({"stress": flavor, "seed": seed, "requests": len(jobs), **seen,
+                      "kinds": {k: sum(j.kind == k for j in jobs) for k in KINDS},
+                      "accepted": server.accepted, "created": got["created"],
+                      "collections": sampler.collections, "violations": 0}))
+
+
+async def _make(cls, server):
+    return cls(server)
