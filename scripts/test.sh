@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Install everything the tests need (system packages as root, Python packages in .venv)
-# and run the whole test suite. This is the README's test command and what CI runs.
+# and run the whole test suite, then the version matrix (noxfile.py). This is the README's
+# test command and what CI runs. Arguments select tests (pytest's) and skip the matrix.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -19,4 +20,8 @@ fi
 python3 -m venv .venv
 .venv/bin/python -m pip install -q --upgrade pip
 .venv/bin/python -m pip install -q -e '.[test]'
-exec .venv/bin/python -m pytest "$@"
+.venv/bin/python -m pytest "$@"
+# the version matrix (noxfile.py) runs with the whole suite, not with a selection of tests
+if [ $# -eq 0 ]; then
+    .venv/bin/nox -s matrix
+fi

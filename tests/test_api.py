@@ -16,6 +16,7 @@ import urllib3
 import poolscope
 from poolscope import _config, _instrument
 from poolscope._package import SUPPORTED
+from poolscope.adapters.pycurl import _takes_share_subclass
 from poolscope.demo.server import DemoServer
 
 PATCHED = [
@@ -30,7 +31,7 @@ PATCHED = [
     (aiohttp.connector.TCPConnector, ("_create_connection",)),
     (aiohttp.client_proto.ResponseHandler, ("close", "connection_lost")),
 ]
-REPLACED = [(pycurl, ("Curl", "CurlMulti", "CurlShare"))]
+REPLACED = [(pycurl, ("Curl", "CurlMulti") + (("CurlShare",) if _takes_share_subclass() else ()))]
 
 
 def snapshot():

@@ -12,5 +12,5 @@ SUPPORTED = {
     "aiohttp": {"distribution": "aiohttp", "module": "aiohttp.connector",
                 "minimum": "3.10.11", "below": "4"},
     "pycurl": {"distribution": "pycurl", "module": "pycurl",
-               "minimum": "7.45.2", "below": "8"},
+               "minimum": "7.46", "below": "8"},
 }

@@ -1,4 +1,4 @@
-"""pycurl 7.45.2+ (libcurl 7.80+), by replacing ``pycurl.Curl``, ``CurlMulti`` and ``CurlShare``.
+"""pycurl 7.46+ (libcurl 7.80+), by replacing ``pycurl.Curl``, ``CurlMulti`` and ``CurlShare``.
 
 Their methods are C functions that cannot be patched, so poolscope puts subclasses in their
 place in the ``pycurl`` module. Code that took a reference to the original classes before
@@ -6,7 +6,9 @@ instrumenting (``from pycurl import Curl`` at import time, before ``instrument()
 made by ``duphandle()`` are not observed.
 
 A pool is a libcurl connection cache: the multi handle's for transfers in a ``CurlMulti``, a
-``CurlShare``'s when it shares connections, otherwise the easy handle's own.
+``CurlShare``'s when it shares connections, otherwise the easy handle's own. pycurl before 7.49
+refuses a subclass of ``CurlShare``, so there it is left as it is, and every share is taken to
+share connections (its handles' connections form one pool; it closes when it is collected).
 
 - Acquire: libcurl's ``PREREQFUNCTION``, called once a transfer has its connection (new or
   reused), names the connection by its addresses and ports. An application's own
@@ -146,7 +148,9 @@ class _Handle:
         if self.multi is not None:
             return self.multi
         share = self.share
-        if share is not None and getattr(share, "_ps_connections", False):
+        # a share poolscope could not observe (pycurl < 7.49) may share connections: one pool
+        if share is not None and getattr(share, "_ps_connections",
+                                         not isinstance(share, CurlShare)):
             return share, _cache(share)
         return self.curl, self.cache
 
@@ -277,6 +281,19 @@ class CurlShare(_ClosesCache, pycurl.CurlShare):
 
 
 
+def _takes_share_subclass():
+    """pycurl before 7.49 refuses a subclass of ``CurlShare`` in ``setopt(SHARE)``."""
+    curl, share = pycurl.Curl(), CurlShare()
+    try:
+        curl.setopt(pycurl.SHARE, share)
+        return True
+    except TypeError:
+        return False
+    finally:
+        curl.close()
+        share.close()
+
+
 class PycurlAdapter(Adapter):
     library = "pycurl"
 
@@ -284,7 +301,7 @@ class PycurlAdapter(Adapter):
         global _adapter
         if pycurl.version_info()[2] < 0x075000:
             raise RuntimeError("libcurl 7.80 or newer is needed (PREREQFUNCTION)")
-        for cls in (Curl, CurlMulti, CurlShare):
+        for cls in (Curl, CurlMulti) + ((CurlShare,) if _takes_share_subclass() else ()):
             self.replace(pycurl, cls.__name__, cls)
         _adapter = self
 

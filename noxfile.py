@@ -1,0 +1,35 @@
+"""The version matrix: poolscope's library tests on the oldest supported versions of every
+library (with wrapt 1.x and the oldest OpenTelemetry), and on the newest libraries with wrapt
+1.x. The main test run covers the newest of everything with wrapt 2.x.
+
+Run: ``nox -s matrix`` (``scripts/test.sh`` does, after the main run). Pins are read from the
+oldest/newest lines below; the supported ranges are in ``src/poolscope/_package.py``.
+"""
+
+import nox
+
+nox.options.default_venv_backend = "venv"
+nox.options.reuse_existing_virtualenvs = True
+
+LIBRARY_TESTS = ["tests/test_pools.py", "tests/test_urllib3.py", "tests/test_httpx.py",
+                 "tests/test_aiohttp.py", "tests/test_pycurl.py", "tests/test_api.py",
+                 "tests/test_ordering.py", "tests/test_faults.py", "tests/test_spans.py",
+                 "tests/test_leaks.py", "tests/test_stress.py"]
+INSTRUMENTATIONS = ["opentelemetry-instrumentation-httpx", "opentelemetry-instrumentation-urllib3",
+                    "opentelemetry-instrumentation-requests",
+                    "opentelemetry-instrumentation-aiohttp-client"]
+OLDEST = ["urllib3==1.26.0", "requests==2.26.0", "httpx==0.25.2", "httpcore==1.0.3",
+          "aiohttp==3.10.11", "pycurl==7.46.0", "wrapt==1.14.1", "opentelemetry-api==1.30.0",
+          "opentelemetry-sdk==1.30.0", *(f"{name}==0.51b0" for name in INSTRUMENTATIONS)]
+NEWEST_WRAPT1 = ["urllib3", "requests", "httpx", "httpcore", "aiohttp", "pycurl", "wrapt<2",
+                 "opentelemetry-api", "opentelemetry-sdk", *INSTRUMENTATIONS]
+
+
+@nox.session(python="3.11")
+@nox.parametrize("pins", [OLDEST, NEWEST_WRAPT1], ids=["oldest", "newest-wrapt1"])
+def matrix(session, pins):
+    session.install("--upgrade", "-e", ".", "pytest", "pytest-timeout", *pins)
+    session.run("python", "-c", "import importlib.metadata as m; print(*(f'{d} ' + m.version(d) "
+                "for d in ('urllib3', 'requests', 'httpx', 'httpcore', 'aiohttp', 'pycurl', "
+                "'wrapt', 'opentelemetry-sdk')), sep=', ')")
+    session.run("python", "-m", "pytest", "-q", *LIBRARY_TESTS, *session.posargs)
