@@ -133,6 +133,22 @@ def test_prometheus_endpoint_and_a_real_prometheus_server(app_file, server, tmp_
                           "OTEL_METRICS_EXPORTER": "prometheus"}, "is not a whole number"),
     (["--libraries", "nope", "python", "x.py"], {}, "unknown libraries nope"),
     ([], {}, "no command given"),
+    *((["python", "x.py"], {name: value, **extra}, message) for name, value, extra, message in [
+        ("OTEL_METRICS_EXPORTER", "nope", {}, "unknown exporter nope"),
+        ("OTEL_TRACES_EXPORTER", "zipkin", {}, "unknown exporter zipkin"),
+        ("OTEL_EXPORTER_OTLP_PROTOCOL", "thrift", {}, "choose from http/protobuf, grpc"),
+        ("OTEL_EXPORTER_PROMETHEUS_PORT", "70000", {}, "is not a port"),
+        ("OTEL_EXPORTER_PROMETHEUS_HOST", "999.1.1.1", {"OTEL_METRICS_EXPORTER": "prometheus"},
+         "cannot serve Prometheus metrics on 999.1.1.1:9464"),
+        ("OTEL_METRIC_EXPORT_INTERVAL", "-5", {}, "must be at least 1"),
+        ("POOLSCOPE_LIBRARIES", "urllib3,nope", {}, "unknown libraries nope"),
+        ("POOLSCOPE_DETAILED_TIMINGS", "maybe", {}, "is not a boolean"),
+        ("POOLSCOPE_MAX_ORIGINS", "0", {}, "must be at least 1"),
+        ("POOLSCOPE_LEAK_WARNINGS", "perhaps", {}, "is not a boolean"),
+        ("POOLSCOPE_LEAK_SECONDS", "-1", {}, "must be more than 0"),
+        ("POOLSCOPE_PROMETHEUS_PORTS", "lots", {}, "is not a whole number"),
+        ("POOLSCOPE_STRICT", "kinda", {}, "is not a boolean"),
+    ]),
 ])
 def test_bad_input_is_one_line_and_exit_2(args, env, message):
     result = subprocess.run([LAUNCHER, *args], env=clean_env(**env), capture_output=True,
@@ -140,6 +156,25 @@ def test_bad_input_is_one_line_and_exit_2(args, env, message):
     assert result.returncode == 2
     lines = result.stderr.splitlines()
     assert len(lines) == 1 and message in lines[0] and "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("env, said", [
+    ({"OTEL_EXPORTER_OTLP_TIMEOUT": "abc"}, "Invalid timeout value 'abc'"),
+    ({"OTEL_EXPORTER_OTLP_HEADERS": "==="}, "Header format invalid"),
+    ({"OTEL_EXPORTER_OTLP_ENDPOINT": "not a url"}, "Failed to parse"),
+    ({"OTEL_METRIC_EXPORT_TIMEOUT": "abc"}, "invalid value for export timeout"),
+])
+def test_bad_values_the_sdk_reads_are_one_line_and_the_app_runs(env, said, server, tmp_path):
+    """Values only OpenTelemetry's exporters read: they say what is wrong; the app runs on."""
+    app = tmp_path / "app.py"
+    app.write_text("import sys, urllib3\n"
+                   "print('status', urllib3.PoolManager().request('GET', sys.argv[1]).status)\n")
+    result = subprocess.run([LAUNCHER, PY, str(app), server.url], capture_output=True, text=True,
+                            timeout=60, env=clean_env(OTEL_METRICS_EXPORTER="otlp", **env))
+    assert result.returncode == 0 and result.stdout.strip() == "status 200", result.stderr
+    assert "Traceback" not in result.stderr
+    lines = [line for line in result.stderr.splitlines() if said in line]
+    assert len(lines) == 1, result.stderr
 
 
 def test_port_in_use_is_refused_before_the_app_starts():

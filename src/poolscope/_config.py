@@ -58,7 +58,10 @@ def setting(reader, name, default, *args):
 
 
 _reported = set()
-strict = setting(env_bool, "POOLSCOPE_STRICT", False)
+try:  # a bad value is reported by instrument() and refused by the launcher
+    strict = env_bool("POOLSCOPE_STRICT")
+except ConfigError:
+    strict = False
 
 
 def internal_error(where):

@@ -88,6 +88,7 @@ def instrument(*, meter_provider=None, tracer_provider=None, libraries=None):
         if unknown:
             raise ValueError(f"poolscope: unknown libraries {', '.join(unknown)}; "
                              f"supported: {', '.join(ADAPTERS)}")
+        setting(env_bool, "POOLSCOPE_STRICT", False)  # read at import; a bad value is told here
         recorder = Recorder(meter_provider, tracer_provider,
                             detailed=setting(env_bool, "POOLSCOPE_DETAILED_TIMINGS", False),
                             max_origins=setting(env_int, "POOLSCOPE_MAX_ORIGINS", 1000),

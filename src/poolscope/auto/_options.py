@@ -53,6 +53,7 @@ class Options:
         self.detailed = env_bool("POOLSCOPE_DETAILED_TIMINGS")
         env_int("POOLSCOPE_MAX_ORIGINS", 1000, 1)
         env_bool("POOLSCOPE_LEAK_WARNINGS")
+        env_bool("POOLSCOPE_STRICT")
         self.leak_seconds = env_seconds("POOLSCOPE_LEAK_SECONDS", 30.0)
 
     def missing_packages(self):

@@ -85,4 +85,4 @@ def _check_port(host, port):
             pass
     except OSError as exc:
         fail(f"cannot serve Prometheus metrics on {host}:{port}: {exc.strerror or exc} "
-             "(set --metrics-exporter or OTEL_EXPORTER_PROMETHEUS_PORT)")
+             "(set OTEL_EXPORTER_PROMETHEUS_HOST, OTEL_EXPORTER_PROMETHEUS_PORT or --metrics-exporter)")
