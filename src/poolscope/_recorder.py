@@ -8,6 +8,7 @@ detailed timings, use and idle times).
 """
 
 import os
+import re
 import sys
 import threading
 import time
@@ -26,6 +27,17 @@ monotonic = time.monotonic
 get_current_span = trace.get_current_span
 
 GRANTED, TIMED_OUT, ABANDONED = "granted", "timed_out", "abandoned"
+
+_URL = re.compile(r"""(\b[a-zA-Z][\w+.-]*://)(?:[^/@\s'"]*@)?([^/?#\s'"]*)[^\s'"]*""")
+_PATH = re.compile(r"""(?<![\w.:/])/[^\s'"]*""")
+
+
+def _record_error(span, error):
+    """An ``exception`` event with the type and message, every URL in the message cut to its
+    origin and every path to ``/…`` (no user info, path or query), and no stack trace."""
+    message = _PATH.sub("/…", _URL.sub(r"\1\2", str(error)))
+    span.add_event(sc.EVENT_EXCEPTION, {sc.EXCEPTION_TYPE: type(error).__name__,
+                                        sc.EXCEPTION_MESSAGE: message})
 
 
 class Series:
@@ -480,7 +492,7 @@ class Recorder:
         if outcome == TIMED_OUT:
             span.set_status(StatusCode.ERROR, "pool timeout: no connection within the timeout")
             if error is not None:
-                span.record_exception(error)
+                _record_error(span, error)
         elif outcome == GRANTED and parent is not None:
             parent.set_attribute(sc.SPAN_WAIT_TIME, seconds)
         span.end(end_time=end_ns)
@@ -528,7 +540,7 @@ class Recorder:
             span.set_attribute(sc.NETWORK_PEER_ADDRESS, peer)
         if error is not None:
             span.set_status(StatusCode.ERROR, type(error).__name__)
-            span.record_exception(error)
+            _record_error(span, error)
         span.end(end_time=end_ns)
 
     def _unwait(self, wait):
