@@ -1,5 +1,6 @@
 """The public API: lazy, idempotent, version-gated patching that restores the very same objects."""
 
+import json
 import logging
 import subprocess
 import sys
@@ -210,3 +211,56 @@ def test_registered_as_an_opentelemetry_instrumentor():
     finally:
         instrumentor.uninstrument()
     assert _instrument.current_recorder() is None
+
+
+def test_a_forked_child_counts_its_own_pools_not_its_parents():
+    """The parent made 3 requests; the child 2 on a new pool and 1 on the inherited one."""
+    out = run("""
+        import json, os, urllib3, poolscope
+        from opentelemetry.sdk.metrics import MeterProvider
+        from opentelemetry.sdk.metrics.export import InMemoryMetricReader
+        from poolscope.demo.server import DemoServer
+
+        NAMES = ("poolscope.connection.acquisitions", "poolscope.connection.created",
+                 "poolscope.pool.count", "http.client.open_connections")
+
+        def counts():
+            found = {}
+            for m in reader.get_metrics_data().resource_metrics[0].scope_metrics[0].metrics:
+                for p in m.data.data_points if m.name in NAMES else ():
+                    key = m.name + "".join(f",{v}" for k, v in sorted(p.attributes.items())
+                                           if k in ("http.connection.state",
+                                                    "poolscope.connection.reused"))
+                    found[key] = found.get(key, 0) + p.value
+            return found
+
+        reader = InMemoryMetricReader()
+        poolscope.instrument(meter_provider=MeterProvider(metric_readers=[reader]))
+        with DemoServer() as server:
+            pool = urllib3.HTTPConnectionPool("127.0.0.1", server.port)
+            for _ in range(3):
+                pool.request("GET", "/")
+            read, write = os.pipe()
+            pid = os.fork()
+            if pid == 0:
+                try:
+                    own = urllib3.HTTPConnectionPool("127.0.0.1", server.port)
+                    for _ in range(2):
+                        own.request("GET", "/")
+                    pool.request("GET", "/")
+                    os.write(write, json.dumps(counts()).encode())
+                finally:
+                    os._exit(0)
+            os.waitpid(pid, 0)
+            child = json.loads(os.read(read, 65536))
+            print(json.dumps({"parent": counts(), "child": child}))
+    """)
+    figures = json.loads(out)
+    assert figures["child"] == {
+        "poolscope.connection.acquisitions,False": 1, "poolscope.connection.acquisitions,True": 2,
+        "poolscope.connection.created": 1, "poolscope.pool.count": 2,
+        "http.client.open_connections,active": 0, "http.client.open_connections,idle": 2}
+    assert figures["parent"] == {
+        "poolscope.connection.acquisitions,False": 1, "poolscope.connection.acquisitions,True": 2,
+        "poolscope.connection.created": 1, "poolscope.pool.count": 1,
+        "http.client.open_connections,active": 0, "http.client.open_connections,idle": 1}

@@ -427,3 +427,32 @@ def test_every_worker_serves_its_own_pools_on_a_port_of_its_own(tmp_path, server
             assert f"poolscope pool report (process {pid})" in err, err
     assert err.count(f"(127.0.0.1:{metrics_port} is taken)") == len(served), err
     assert "Traceback" not in err and "cannot serve" not in err, err
+
+
+GEVENT_APP = textwrap.dedent("""
+    from gevent import monkey
+    monkey.patch_all()
+    import sys
+    import gevent, httpx, urllib3
+    port = int(sys.argv[1])
+    pool = urllib3.HTTPConnectionPool("127.0.0.1", port, maxsize=2, block=True)
+    client = httpx.Client(limits=httpx.Limits(max_connections=2))
+    jobs = [gevent.spawn(pool.request, "GET", "/delay/0.3") for _ in range(6)]
+    jobs += [gevent.spawn(client.get, f"http://127.0.0.1:{port}/delay/0.3") for _ in range(6)]
+    gevent.joinall(jobs, timeout=20)
+    print(*(getattr(j.value, "status", None) or j.value.status_code for j in jobs))
+""")
+
+
+def test_a_gevent_application_under_the_launcher(tmp_path, server):
+    """Greenlets share one thread: 6 at once through a pool of 2, per library, as with threads."""
+    app = tmp_path / "app.py"
+    app.write_text(GEVENT_APP)
+    result = subprocess.run([LAUNCHER, PY, str(app), str(server.port)], env=clean_env(),
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0 and result.stdout.split() == ["200"] * 12, result.stderr
+    assert "Traceback" not in result.stderr and "Warning" not in result.stderr, result.stderr
+    for library in ("urllib3", "httpx"):
+        section = result.stderr.split(f"{library} http://127.0.0.1:{server.port}")[1]
+        assert "requests: 6 acquisitions, 4 waited" in section
+        assert "connections: 2 created, reuse 67%, open 0 active / 2 idle" in section

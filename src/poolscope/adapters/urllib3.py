@@ -1,7 +1,7 @@
 """urllib3 1.26 and 2.x (and so requests and botocore), through ``HTTPConnectionPool``.
 
-- Waits: the pool's ``QueueCls`` becomes a ``LifoQueue`` that tells, under the queue's own
-  mutex, whether a ``get`` found the queue empty (every slot out) and so had to wait.
+- Waits: the pool's ``QueueCls`` becomes a ``LifoQueue`` that tells whether a ``get`` found
+  the queue empty (every slot out) and so had to wait.
 - Acquire: ``_get_conn``; the request reuses the connection when its socket is still open
   (after urllib3's own dropped-connection check), otherwise it will open a new one.
 - Create: ``HTTPConnection.connect`` / ``HTTPSConnection.connect`` (TCP, plus TLS).
@@ -41,11 +41,10 @@ class PoolQueue(queue.LifoQueue):
         observed = self._poolscope
         if observed is None or not block:
             return super().get(block, timeout)
-        with self.mutex:
-            if self._qsize():  # a free slot: take it at once, exactly as Queue.get does
-                item = self._get()
-                self.not_full.notify()
-                return item
+        try:  # only the public interface: gevent's queue, for one, has none of Queue's insides
+            return super().get(False)
+        except queue.Empty:  # every slot is out: a wait
+            pass
         recorder, pool = observed
         wait = _event(recorder.wait_started, pool)
         outcome, error = ABANDONED, None
