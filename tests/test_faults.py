@@ -1,7 +1,9 @@
 """Fault injection: whatever fails inside poolscope or the SDK it calls, every library's
 requests behave exactly as they do without poolscope, and each failing place is logged once."""
 
+import gc
 import logging
+import threading
 
 import pytest
 from opentelemetry.sdk.metrics import MeterProvider
@@ -13,6 +15,7 @@ import poolscope
 from poolscope import _config, _instrument, _recorder
 from conftest import Metrics
 from drivers import DRIVERS
+import urllib3
 
 EVENTS = ("pool_opened", "pool_closed", "conn_created", "conn_opened", "acquired", "unacquired",
           "released", "closed", "wait_started", "wait_ended", "waited", "setup_started",
@@ -155,3 +158,26 @@ def test_strict_mode_re_raises(server, monkeypatch):
             DRIVERS["urllib3"](server).get("/")
     finally:
         poolscope.uninstrument()
+
+
+def test_a_pool_collected_while_poolscope_holds_its_lock(metrics, server):
+    """The garbage collector runs a pool's finalizer at whatever allocation it likes, even in
+    poolscope's own locked section (a collection callback): no deadlock, and the pool is
+    settled at the next collection."""
+    recorder = _instrument.current_recorder()
+    pool = urllib3.HTTPConnectionPool("127.0.0.1", server.port)
+    pool.request("GET", "/")
+    pool.cycle = pool  # only the cycle collector frees it
+    del pool
+    done = threading.Event()
+
+    def collect_while_locked():
+        with recorder._lock:
+            gc.collect()
+        done.set()
+    threading.Thread(target=collect_while_locked, daemon=True).start()
+    assert done.wait(10), "deadlock: a pool's finalizer waited for the recorder's lock"
+    data = metrics.read()
+    assert metrics.value(data, "poolscope.pool.count") == 0
+    assert metrics.value(data, "poolscope.connection.closed", poolscope__close__reason="pool_closed") == 1
+    assert metrics.value(data, "http.client.open_connections") == 0

@@ -8,6 +8,7 @@ detailed timings, use and idle times).
 """
 
 import os
+import queue
 import re
 import sys
 import threading
@@ -168,13 +169,14 @@ class Recorder:
                  leak_after=None):
         """``leak_after``: seconds after which a held connection is logged as a likely leak,
         with where it was acquired (None: off)."""
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()
         self.leak_after = leak_after
         self._stopped = threading.Event()
         self._series = {}
         self._origins = {}
         self._pools = set()
         self._scopes = {}  # scope series -> _Limits seen on its pools
+        self._gone = queue.SimpleQueue()  # pools the garbage collector took, see _reap
         self.detailed = detailed
         self.max_origins = max_origins
         self.on_first_pool = None  # called once, when this process's first pool opens
@@ -203,6 +205,7 @@ class Recorder:
 
     def warn_leaks(self):
         """Log one warning per connection held longer than ``leak_after`` (once each)."""
+        self._reap()
         now = monotonic()
         with self._lock:
             leaked = [c for pool in self._pools for c in pool.conns
@@ -254,6 +257,7 @@ class Recorder:
         ``parent``: the pool this one is part of, whose counts include this one's (a per-host
         limit inside a connector-wide one).
         """
+        self._reap()
         pool = Pool(self, library, self.series(library, origin), max_connections, max_idle, parent)
         pool.ref = weakref.ref(obj)
         with self._lock:
@@ -262,7 +266,7 @@ class Recorder:
             seen = self._scopes.setdefault(pool.scope, _Limits())
             seen.max = seen.max if max_connections is None else max_connections
             seen.idle_max = seen.idle_max if max_idle is None else max_idle
-        weakref.finalize(obj, self.pool_gone, pool)
+        weakref.finalize(obj, self._gone.put, pool)
         hook, self.on_first_pool = self.on_first_pool, None
         if hook is not None:
             try:
@@ -273,11 +277,14 @@ class Recorder:
 
     def has_pools(self):
         """Whether any pool is live or holds connections in this process."""
+        self._reap()
         with self._lock:
             return bool(self._pools)
 
     def pool_closed(self, pool, reason=sc.POOL_CLOSED):
         """The application closed the pool: it stops counting as live and saturated."""
+        if self._reentered(pool):
+            return
         with self._lock:
             if pool.close_reason is None:
                 pool.close_reason = reason
@@ -285,6 +292,29 @@ class Recorder:
                 pool.live = False
                 self._saturation(pool)
                 self._forget(pool)
+
+    def _reap(self):
+        """Settle the pools the garbage collector took. Their finalizers only queue them: a
+        finalizer runs at any allocation in any thread, even one that holds the lock."""
+        gone = self._gone
+        while not gone.empty():
+            try:
+                item = gone.get_nowait()
+            except queue.Empty:
+                return
+            if isinstance(item, Pool):
+                self.pool_gone(item)
+            else:
+                self.closed(*item)
+
+    def _reentered(self, *event):
+        """Whether this thread already holds the lock: a finalizer (urllib3 closes a collected
+        pool's connections in one) ran inside poolscope's own locked section. The event is
+        then queued for :meth:`_reap` instead of changing what that section is reading."""
+        if self._lock._is_owned():
+            self._gone.put(event[0] if len(event) == 1 else event)
+            return True
+        return False
 
     def pool_gone(self, pool):
         """The pool object was garbage-collected: whatever it still held is closed."""
@@ -406,6 +436,8 @@ class Recorder:
     def closed(self, conn, reason):
         """The connection closed. One never established is dropped without being counted; one
         closed with or after its pool counts under the pool's close reason."""
+        if self._reentered(conn, reason):
+            return
         with self._lock:
             if conn.closed:
                 return
@@ -562,6 +594,7 @@ class Recorder:
 
     def scopes(self):
         """{scope series: (limit of the pool that peaked, peak in use, pools opened)}, for the report."""
+        self._reap()
         with self._lock:
             return {s: (limits.peak_limit if s.peak else limits.max, s.peak, s.pools_opened)
                     for s, limits in self._scopes.items()}
@@ -569,7 +602,7 @@ class Recorder:
     # -- after fork -------------------------------------------------------
 
     def _after_fork(self):
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()
         self._stopped = threading.Event()
         self._start_watch()
         now = monotonic()
@@ -589,8 +622,11 @@ class Recorder:
                                           explicit_bucket_boundaries_advisory=list(buckets))
 
         def observe(create, spec, callback):
+            def reaped(options):
+                self._reap()
+                return callback(options)
             name, unit, description = spec
-            create(name, callbacks=[callback], unit=unit, description=description)
+            create(name, callbacks=[reaped], unit=unit, description=description)
 
         self._wait_time = histogram(sc.WAIT_TIME)
         self._create_time = histogram(sc.CREATE_TIME)
