@@ -161,6 +161,9 @@ class Urllib3Client:
             return response.status
         return self.pool.request("GET", job.path, pool_timeout=job.pool_timeout).status
 
+    def describe(self):
+        return list(self.pool.pool.queue)
+
     def own(self):
         out = self.pool.pool.maxsize - self.pool.pool.qsize()
         return out, sum(1 for c in list(self.pool.pool.queue) if c is not None and c.sock)
@@ -181,6 +184,10 @@ class _HttpxBase:
 
     def timeout(self, job):
         return httpx.Timeout(5.0, pool=job.pool_timeout)
+
+    def describe(self):
+        return [(repr(c), getattr(getattr(c, "_connection", None), "_request_count", None))
+                for c in self.client._transport._pool.connections]
 
     def own(self):
         """Cancelled requests can leave connections that hold a slot for ever (httpcore#1093):
@@ -260,6 +267,9 @@ class AiohttpClient:
         finally:
             self.queued.discard(asyncio.current_task())
 
+    def describe(self):
+        return dict(self.session.connector._conns)
+
     def own(self):
         connector = self.session.connector
         return len(connector._acquired), sum(1 for conns in connector._conns.values()
@@ -326,6 +336,9 @@ class PycurlClient:
         if errno == pycurl.E_OPERATION_TIMEDOUT and curl.getinfo(pycurl.PRIMARY_PORT) <= 0:
             return "pool_timeout"
         return "error"
+
+    def describe(self):
+        return None
 
     def own(self):
         return None  # libcurl does not tell; the sockets open are the truth
@@ -418,7 +431,8 @@ def test_figures_stay_exact_under_chaos(flavor, metrics):
         got = figures(metrics, client.library, server.port)
         seen = {k: outcomes.count(k) for k in ("ok", "error", "pool_timeout", "cancelled")}
         context = f"seed {seed}; outcomes {seen}; accepted {server.accepted} (empty " \
-                  f"{server.empty}); sockets {sockets}; library's (active, idle) {own}"
+                  f"{server.empty}); sockets {sockets}; library's (active, idle) {own}; " \
+                  f"library's pool {client.describe()}"
 
         assert got["pending"] == 0, context
         assert (got["active"], got["idle"]) == (own or (0, sockets)), (got, context)

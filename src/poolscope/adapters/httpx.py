@@ -9,8 +9,9 @@ One implementation serves both: the hooks are plain functions, applied to the ``
 - ``HTTPConnection.handle_request`` (and the proxy connections'): the acquisition. httpcore may
   hand one idle HTTP/1.1 connection to several queued requests; all but one then raise
   ``ConnectionNotAvailable`` and queue again, so that acquisition is undone and the wait goes on.
-- ``PoolByteStream.close``: the release; a connection that closed with its response
-  (``Connection: close``, a failed or abandoned read) is counted closed there.
+- ``PoolByteStream.close``: the release, read once the stream is closed; a connection that
+  closed with its response (``Connection: close``, a failed or abandoned read) is counted
+  closed there.
 
 Pool-initiated closes pass through ``HTTPConnection.close``, where the reason is read from the
 connection as ``_assign_requests_to_connections`` judged it: past ``_expire_at`` is
@@ -61,6 +62,12 @@ def _pool_close_reason(conn):
     if inner.has_expired():
         return sc.SERVER_CLOSED
     return sc.IDLE_LIMIT
+
+
+def _busy(conn):
+    """Whether httpcore still counts the connection as serving a request."""
+    state = getattr(_protocol(conn), "_state", None)
+    return getattr(state, "name", "") == "ACTIVE"
 
 
 def _self_close_reason(conn):
@@ -196,15 +203,18 @@ class HttpxAdapter(Adapter):
             return None
         conn = stream._pool_request.connection
         rec = conn.__dict__.get("_poolscope") if conn is not None else None
-        if rec is None:
-            return None
-        self.recorder.released(rec)
-        return rec, conn
+        return None if rec is None else (rec, conn)
 
     def _released(self, token, stream, result, exc):
         rec, conn = token
         if not rec.closed and conn.is_closed():
-            self.recorder.closed(rec, _self_close_reason(conn))
+            self.recorder.released(rec, _self_close_reason(conn))
+        elif rec.in_use == 1 and _busy(conn):
+            # closed mid-way by a cancellation, httpcore never makes this connection idle or
+            # closes it (httpcore#1093): it holds its slot, so it stays active
+            return
+        else:
+            self.recorder.released(rec)
 
     def _conn_close(self, conn, args, kwargs):
         rec = conn.__dict__.get("_poolscope")
