@@ -34,7 +34,15 @@ def _in_threads(fn, args):
 
 
 class _Driver:
+    """Closes its client at the end of a ``with`` block, or with ``close()``."""
+
     closed = False
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
 
     def close(self):
         if not self.closed:

@@ -33,11 +33,8 @@ def scenario(flavor, server):
         return sorted(str(r) if isinstance(r, int) else type(r).__name__ for r in results)
 
     def run(pool_timeout, fn):
-        driver = DRIVERS[flavor](server, limit=2, **pool_timeout)
-        try:
+        with DRIVERS[flavor](server, limit=2, **pool_timeout) as driver:
             return fn(driver)
-        finally:
-            driver.close()
     mixed = run({}, lambda d: seen(d.get_all(["/delay/0.05"] * 4 + ["/close", "/drop"]) +
                                    [d.get("/") for _ in range(3)]))
     timed_out = run({"pool_timeout": 0.1}, lambda d: seen(d.get_all(["/delay/0.4"] * 3)))
@@ -133,9 +130,8 @@ def test_counts_do_not_depend_on_the_sdk_recording(server, lenient, monkeypatch)
         recorder = _instrument.current_recorder()
         for name in HISTOGRAMS:
             monkeypatch.setattr(getattr(recorder, name), "record", boom)
-        driver = DRIVERS["urllib3"](server, limit=2)
-        assert driver.get_all(["/delay/0.1"] * 4 + ["/close"]) == [200] * 5
-        driver.close()
+        with DRIVERS["urllib3"](server, limit=2) as driver:
+            assert driver.get_all(["/delay/0.1"] * 4 + ["/close"]) == [200] * 5
         data = metrics.read()
         created = metrics.value(data, "poolscope.connection.created")
         assert created == server.accepted

@@ -140,16 +140,13 @@ def test_multi_queue_timeout(metrics, server, timeout_ms):
     """M_MAX_TOTAL_CONNECTIONS=1 held for 0.6 s; a second transfer's connect timeout expires queued."""
     from drivers import PycurlDriver
 
-    driver = PycurlDriver(server, limit=1, pool_timeout=timeout_ms / 1000)
-    try:
+    with PycurlDriver(server, limit=1, pool_timeout=timeout_ms / 1000) as driver:
         held = driver.submit("/delay/0.6")
         time.sleep(0.1)
         with pytest.raises(pycurl.error) as info:
             driver.get("/")
         assert info.value.args[0] == pycurl.E_OPERATION_TIMEDOUT
         assert held.result(5) == 200
-    finally:
-        driver.close()
     data, v = figures(metrics)
     assert v("poolscope.connection.timeouts") == 1
     assert metrics.histogram(data, "poolscope.connection.wait_time", **LIB)[0] == 0

@@ -64,11 +64,8 @@ def parent_of(span, spans):
 @pytest.mark.parametrize("flavor", ["urllib3", "httpx-sync", "httpx-async", "aiohttp"])
 def test_the_requests_that_waited_have_a_wait_span_under_their_own_span(official, server, flavor):
     """6 at once, limit 2, 300 ms: waits of 0.3, 0.3, 0.6, 0.6 s under four request spans."""
-    driver = DRIVERS[flavor](server, limit=2)
-    try:
+    with DRIVERS[flavor](server, limit=2) as driver:
         assert driver.get_all(["/delay/0.3"] * 6) == [200] * 6
-    finally:
-        driver.close()
     spans = official.finished()
     requests = [s for s in spans if s.kind == SpanKind.CLIENT]
     assert len(requests) == 6
@@ -98,15 +95,12 @@ def test_the_requests_that_waited_have_a_wait_span_under_their_own_span(official
 
 @pytest.mark.parametrize("flavor", ["urllib3", "httpx-sync", "aiohttp"])
 def test_a_pool_timeout_is_one_wait_span_with_error(official, server, flavor):
-    driver = DRIVERS[flavor](server, limit=1, pool_timeout=0.2)
-    try:
+    with DRIVERS[flavor](server, limit=1, pool_timeout=0.2) as driver:
         held = driver.submit("/delay/0.6")
         time.sleep(0.1)
         with pytest.raises(Exception):
             driver.get("/")
         assert held.result(5) == 200
-    finally:
-        driver.close()
     [wait] = official.finished(WAIT)
     assert wait.status.status_code == StatusCode.ERROR
     assert [e.name for e in wait.events] == ["exception"]
@@ -116,11 +110,8 @@ def test_a_pool_timeout_is_one_wait_span_with_error(official, server, flavor):
 
 @pytest.mark.parametrize("flavor", ["urllib3", "httpx-async", "aiohttp", "pycurl"])
 def test_no_spans_without_a_recording_parent(traced, server, flavor):
-    driver = DRIVERS[flavor](server, limit=2)
-    try:
+    with DRIVERS[flavor](server, limit=2) as driver:
         assert driver.get_all(["/delay/0.2"] * 4) == [200] * 4
-    finally:
-        driver.close()
     assert traced.finished() == []
     assert traced.value(traced.read(), "poolscope.connection.wait_time") == 2
 

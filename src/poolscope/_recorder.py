@@ -176,7 +176,7 @@ class Recorder:
         self._origins = {}
         self._pools = set()
         self._scopes = {}  # scope series -> _Limits seen on its pools
-        self._gone = queue.SimpleQueue()  # pools the garbage collector took, see _reap
+        self._deferred = queue.SimpleQueue()  # (event, args) from finalizers, see _reap
         self.detailed = detailed
         self.max_origins = max_origins
         self.on_first_pool = None  # called once, when this process's first pool opens
@@ -266,7 +266,7 @@ class Recorder:
             seen = self._scopes.setdefault(pool.scope, _Limits())
             seen.max = seen.max if max_connections is None else max_connections
             seen.idle_max = seen.idle_max if max_idle is None else max_idle
-        weakref.finalize(obj, self._gone.put, pool)
+        weakref.finalize(obj, self._deferred.put, (self.pool_gone, (pool,)))
         hook, self.on_first_pool = self.on_first_pool, None
         if hook is not None:
             try:
@@ -283,7 +283,7 @@ class Recorder:
 
     def pool_closed(self, pool, reason=sc.POOL_CLOSED):
         """The application closed the pool: it stops counting as live and saturated."""
-        if self._reentered(pool):
+        if self._reentered(self.pool_closed, pool, reason):
             return
         with self._lock:
             if pool.close_reason is None:
@@ -294,25 +294,22 @@ class Recorder:
                 self._forget(pool)
 
     def _reap(self):
-        """Settle the pools the garbage collector took. Their finalizers only queue them: a
-        finalizer runs at any allocation in any thread, even one that holds the lock."""
-        gone = self._gone
-        while not gone.empty():
+        """Run the events that finalizers deferred. A finalizer runs at any allocation in any
+        thread, even one that holds the lock, so it only queues its event."""
+        deferred = self._deferred
+        while not deferred.empty():
             try:
-                item = gone.get_nowait()
+                event, args = deferred.get_nowait()
             except queue.Empty:
                 return
-            if isinstance(item, Pool):
-                self.pool_gone(item)
-            else:
-                self.closed(*item)
+            event(*args)
 
-    def _reentered(self, *event):
+    def _reentered(self, event, *args):
         """Whether this thread already holds the lock: a finalizer (urllib3 closes a collected
         pool's connections in one) ran inside poolscope's own locked section. The event is
-        then queued for :meth:`_reap` instead of changing what that section is reading."""
+        then deferred to :meth:`_reap` instead of changing what that section is reading."""
         if self._lock._is_owned():
-            self._gone.put(event[0] if len(event) == 1 else event)
+            self._deferred.put((event, args))
             return True
         return False
 
@@ -436,7 +433,7 @@ class Recorder:
     def closed(self, conn, reason):
         """The connection closed. One never established is dropped without being counted; one
         closed with or after its pool counts under the pool's close reason."""
-        if self._reentered(conn, reason):
+        if self._reentered(self.closed, conn, reason):
             return
         with self._lock:
             if conn.closed:

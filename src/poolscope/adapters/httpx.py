@@ -64,10 +64,13 @@ def _pool_close_reason(conn):
     return sc.IDLE_LIMIT
 
 
-def _busy(conn):
-    """Whether httpcore still counts the connection as serving a request."""
-    state = getattr(_protocol(conn), "_state", None)
-    return getattr(state, "name", "") == "ACTIVE"
+def _left_busy(conn, rec):
+    """Whether httpcore keeps the connection out of service for good now that its only request
+    is over: never used (cancelled between connecting and sending) or still ``ACTIVE`` (its
+    response closed mid-way by a cancellation), httpcore#1093. It holds its slot, so it stays
+    active."""
+    state = getattr(getattr(_protocol(conn), "_state", None), "name", "")
+    return rec.in_use == 1 and state in ("NEW", "ACTIVE")
 
 
 def _self_close_reason(conn):
@@ -179,10 +182,8 @@ class HttpxAdapter(Adapter):
             self.recorder.conn_opened(rec)  # a proxied connection; no-op once opened
         elif conn.is_closed():
             self.recorder.released(rec, sc.ERROR)
-        elif getattr(_protocol(conn), "_request_count", 1):
+        elif not _left_busy(conn, rec):
             self.recorder.released(rec)
-        # else: cancelled between connecting and sending, the connection is never used again
-        # nor closed by httpcore (httpcore#1093): it holds its slot, so it stays active.
 
     def _connect_start(self, conn, args, kwargs):
         rec = conn.__dict__.get("_poolscope")
@@ -209,11 +210,7 @@ class HttpxAdapter(Adapter):
         rec, conn = token
         if not rec.closed and conn.is_closed():
             self.recorder.released(rec, _self_close_reason(conn))
-        elif rec.in_use == 1 and _busy(conn):
-            # closed mid-way by a cancellation, httpcore never makes this connection idle or
-            # closes it (httpcore#1093): it holds its slot, so it stays active
-            return
-        else:
+        elif not _left_busy(conn, rec):
             self.recorder.released(rec)
 
     def _conn_close(self, conn, args, kwargs):
