@@ -119,12 +119,13 @@ class _Handle:
     times a plain object's, and the callbacks run on every transfer.
     """
 
-    __slots__ = ("curl", "url", "prereq", "sockopt", "forbid_reuse", "share", "multi", "cache",
-                 "conn", "wait", "context", "fresh")
+    __slots__ = ("curl", "url", "origin", "prereq", "sockopt", "forbid_reuse", "share", "multi",
+                 "cache", "conn", "wait", "context", "fresh")
 
     def __init__(self, curl):
         self.curl = curl
         self.url = ""
+        self.origin = None
         self.prereq = self.sockopt = self.share = self.multi = None
         self.cache = _Cache()  # the handle's own, when it is in no multi and shares none
         self.forbid_reuse = self.fresh = False
@@ -137,11 +138,19 @@ class _Handle:
 
     def granted(self, peer_ip, local_ip, peer_port, local_port):
         if _adapter is not None:
-            _guard("pycurl:PREREQFUNCTION", _adapter.granted, self,
-                   (local_ip, local_port, peer_ip, peer_port))
+            try:
+                _adapter.granted(self, (local_ip, local_port, peer_ip, peer_port))
+            except Exception:
+                internal_error("pycurl:PREREQFUNCTION")
         app = self.prereq
         return pycurl.PREREQFUNC_OK if app is None else app(peer_ip, local_ip, peer_port,
                                                             local_port)
+
+    def series(self, recorder):
+        """The series of the handle's origin (its URL parsed once)."""
+        if self.origin is None:
+            self.origin = _origin(self.url)
+        return recorder.series(PycurlAdapter.library, self.origin)
 
     def owner(self):
         """The object whose connection cache the transfer uses, and poolscope's view of it."""
@@ -153,6 +162,27 @@ class _Handle:
                                          not isinstance(share, CurlShare)):
             return share, _cache(share)
         return self.curl, self.cache
+
+
+def _observed(perform):
+    """``Curl.perform`` (or ``perform_rb``, ``perform_rs``), with the transfer's end told."""
+
+    def method(self):
+        errno = 0
+        try:
+            return perform(self)
+        except pycurl.error as exc:
+            errno = exc.args[0] if exc.args else -1
+            raise
+        finally:
+            if _adapter is not None:
+                try:
+                    _adapter.finished(self._ps, errno)
+                except Exception:
+                    internal_error("pycurl:Curl.perform")
+    method.__name__ = method.__qualname__ = perform.__name__
+    method.__doc__ = perform.__doc__
+    return method
 
 
 class Curl(_ClosesCache, pycurl.Curl):
@@ -172,6 +202,7 @@ class Curl(_ClosesCache, pycurl.Curl):
         state = self._ps
         if option == pycurl.URL:
             state.url = value if isinstance(value, str) else value.decode("utf-8", "replace")
+            state.origin = None
         elif option == pycurl.PREREQFUNCTION:
             state.prereq = value
             return None
@@ -202,25 +233,9 @@ class Curl(_ClosesCache, pycurl.Curl):
         state.forbid_reuse = False
         self._ps_callbacks()
 
-    def _ps_perform(self, perform):
-        errno = 0
-        try:
-            return perform()
-        except pycurl.error as exc:
-            errno = exc.args[0] if exc.args else -1
-            raise
-        finally:
-            if _adapter is not None:
-                _guard("pycurl:Curl.perform", _adapter.finished, self._ps, errno)
-
-    def perform(self):
-        return self._ps_perform(super().perform)
-
-    def perform_rb(self):
-        return self._ps_perform(super().perform_rb)
-
-    def perform_rs(self):
-        return self._ps_perform(super().perform_rs)
+    perform = _observed(pycurl.Curl.perform)
+    perform_rb = _observed(pycurl.Curl.perform_rb)
+    perform_rs = _observed(pycurl.Curl.perform_rs)
 
 
 class CurlMulti(_ClosesCache, pycurl.CurlMulti):
@@ -326,8 +341,7 @@ class PycurlAdapter(Adapter):
         state.context = self.recorder.context()
         if state.multi[1].limited:
             state.wait = self.recorder.wait_started(
-                self.pool_state(multi), self.recorder.series(self.library, _origin(state.url)),
-                traced=False)
+                self.pool_state(multi), state.series(self.recorder), traced=False)
 
     def granted(self, state, key):
         if state.wait is not None:  # no longer pending; libcurl's figure for the wait comes at the end
@@ -340,8 +354,8 @@ class PycurlAdapter(Adapter):
         if state.fresh or rec is None or rec.closed:
             state.fresh = False
             self._sweep(cache, fresh_key=key)
-            rec = self.recorder.conn_created(self.pool_state(owner), self.recorder.series(
-                self.library, _origin(state.url)))
+            rec = self.recorder.conn_created(self.pool_state(owner),
+                                             state.series(self.recorder))
             cache.conns[key] = rec
         state.conn = rec, key, cache
         self.recorder.acquired(rec, context=state.context)
@@ -386,6 +400,9 @@ class PycurlAdapter(Adapter):
         """A new connection's set-up, and in a limited multi the transfer's wait, from libcurl's
         times (which run from the transfer's start)."""
         getinfo = state.curl.getinfo
+        queued = getinfo(pycurl.QUEUE_TIME_T) / 1e6 if limited else 0.0
+        if rec.opened and queued < _QUEUED:
+            return  # neither a set-up nor a wait to record: spare the other lookups
         start_ns = time.time_ns() - getinfo(pycurl.TOTAL_TIME_T) * 1000
         setup = 0.0
         if not rec.opened:
@@ -397,8 +414,7 @@ class PycurlAdapter(Adapter):
             self.recorder.setup_ended(span, peer=getinfo(pycurl.PRIMARY_IP) if span else None,
                                       end_ns=start_ns + connected * 1000)
         if limited:
-            queued = min(getinfo(pycurl.QUEUE_TIME_T) / 1e6,
-                         getinfo(pycurl.PRETRANSFER_TIME_T) / 1e6 - setup)
+            queued = min(queued, getinfo(pycurl.PRETRANSFER_TIME_T) / 1e6 - setup)
             if queued >= _QUEUED:
                 self.recorder.waited(rec.series, queued, state.context,
                                      start_ns + int(queued * 1e9))
