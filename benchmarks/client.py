@@ -226,6 +226,7 @@ def main():
     requests = int(requests)
     reader, tracer = instrument(setup, library)
     gc.collect()
+    cpu = time.process_time()
     if library == "pycurl":
         seconds = run_pycurl(case, requests, url, tracer)
     elif library in ("httpx-async", "aiohttp"):
@@ -235,9 +236,11 @@ def main():
         seconds = asyncio.run(go())
     else:
         seconds = run_sync(spanned(tracer, sync_workload(library, case, url)), case, requests)
+    cpu = time.process_time() - cpu  # warm-up included, as in the same share on both sides
     if reader is not None:
         reader.get_metrics_data()  # a collection, as a scrape would do, to prove it works
     print(json.dumps({"us_per_request": seconds / requests * 1e6,
+                      "cpu_us_per_request": cpu / (requests + WARMUP) * 1e6,
                       "max_rss_kb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss}))
 
 

@@ -12,7 +12,7 @@ CONF = """
 daemon off;
 master_process on;
 worker_processes 1;
-pid {dir}/nginx.pid;
+{affinity}pid {dir}/nginx.pid;
 error_log stderr warn;
 events {{ worker_connections 16384; }}
 http {{
@@ -30,6 +30,17 @@ http {{
     }}
 }}
 """
+
+
+def server_cpu():
+    """The CPU nginx runs on (the last one), or None on a single-CPU machine."""
+    cpus = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
+    return cpus[-1] if len(cpus) > 1 else None
+
+
+def _affinity():
+    cpu = server_cpu()
+    return "" if cpu is None else f"worker_cpu_affinity {1 << cpu:b};\n"
 
 
 def free_port():
@@ -51,7 +62,7 @@ def nginx(addresses=("127.0.0.1",), ports=None):
     with tempfile.TemporaryDirectory(prefix="poolscope-bench-") as tmp:
         conf = os.path.join(tmp, "nginx.conf")
         with open(conf, "w") as f:
-            f.write(CONF.format(dir=tmp, listen="\n".join(
+            f.write(CONF.format(dir=tmp, affinity=_affinity(), listen="\n".join(
                 f"        listen {a}:{p};" for a, p in listen)))
         process = subprocess.Popen([binary, "-p", tmp, "-c", conf, "-e", "stderr"],
                                    stdout=subprocess.DEVNULL)

@@ -19,7 +19,7 @@ import statistics
 import subprocess
 import sys
 
-from nginx import nginx
+from nginx import nginx, server_cpu
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 LIBRARIES = ["urllib3", "requests", "httpx", "httpx-async", "aiohttp", "pycurl"]
@@ -39,12 +39,34 @@ REQUESTS = {"urllib3": 4000, "requests": 2000, "httpx": 3000, "httpx-async": 150
             "aiohttp": 4000, "pycurl": 8000}
 
 
+def _fixed_layout():
+    """``setarch -R`` where it works: without address randomisation, two runs of the same
+    process differ by about 1 % instead of 4 %, so a few rounds resolve a few per cent."""
+    command = ["setarch", platform.machine(), "-R"]
+    try:
+        subprocess.run(command + ["true"], check=True, capture_output=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return []
+    return command
+
+
+def _client_cpus():
+    """Every CPU but nginx's, so the server does not take the client's."""
+    server = server_cpu()
+    return None if server is None else sorted(os.sched_getaffinity(0) - {server})
+
+
+PREFIX = _fixed_layout()
+
+
 def one_run(library, case, setup, requests, url):
     env = {**os.environ, "PYTHONHASHSEED": "0"}
     env.pop("POOLSCOPE_DETAILED_TIMINGS", None)
-    out = subprocess.run([sys.executable, os.path.join(HERE, "client.py"), library, case, setup,
-                          str(requests), url], capture_output=True, text=True, env=env,
-                         timeout=600)
+    cpus = _client_cpus()
+    out = subprocess.run(PREFIX + [sys.executable, os.path.join(HERE, "client.py"), library,
+                                   case, setup, str(requests), url],
+                         capture_output=True, text=True, env=env, timeout=600,
+                         preexec_fn=(lambda: os.sched_setaffinity(0, cpus)) if cpus else None)
     if out.returncode != 0:
         raise SystemExit(f"benchmark run {library} {case} {setup} failed:\n{out.stderr[-3000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])
@@ -53,17 +75,19 @@ def one_run(library, case, setup, requests, url):
 def compare(library, case, mode, rounds, scale, url):
     baseline, instrumented = MODES[mode]
     requests = max(int(REQUESTS[library] * scale), 16)
-    ratios, deltas, base = [], [], []
+    ratios, deltas, base, cpu_ratios = [], [], [], []
     for _ in range(rounds):
-        a = one_run(library, case, baseline, requests, url)["us_per_request"]
-        b = one_run(library, case, instrumented, requests, url)["us_per_request"]
-        ratios.append(b / a)
-        deltas.append(b - a)
-        base.append(a)
+        a = one_run(library, case, baseline, requests, url)
+        b = one_run(library, case, instrumented, requests, url)
+        ratios.append(b["us_per_request"] / a["us_per_request"])
+        deltas.append(b["us_per_request"] - a["us_per_request"])
+        base.append(a["us_per_request"])
+        cpu_ratios.append(b["cpu_us_per_request"] / a["cpu_us_per_request"])
     return {"library": library, "case": case, "mode": mode, "rounds": rounds,
             "requests": requests, "ratio": statistics.median(ratios),
             "ratio_min": min(ratios), "ratio_max": max(ratios),
-            "us_baseline": statistics.median(base), "us_added": statistics.median(deltas)}
+            "us_baseline": statistics.median(base), "us_added": statistics.median(deltas),
+            "cpu_ratio": statistics.median(cpu_ratios)}
 
 
 def machine():
@@ -87,7 +111,7 @@ def machine():
 def print_row(r):
     print(f"| {r['library']} | {r['case']} | {r['mode']} | {r['us_baseline']:.1f} | "
           f"{r['us_added']:+.1f} | **{r['ratio']:.3f}** | "
-          f"{r['ratio_min']:.3f}–{r['ratio_max']:.3f} |", flush=True)
+          f"{r['ratio_min']:.3f}–{r['ratio_max']:.3f} | {r['cpu_ratio']:.3f} |", flush=True)
 
 
 def overhead(args):
@@ -95,9 +119,12 @@ def overhead(args):
         host, port = listen[0]
         url = f"http://{host}:{port}/"
         print(f"# {machine()}")
-        print(f"# nginx on {url}, {args.rounds} rounds A B A B per row\n")
-        print("| library | case | mode | baseline µs/req | added µs/req | ratio (median) | spread |")
-        print("|---|---|---|---:|---:|---:|---|", flush=True)
+        print(f"# nginx on {url} (CPU {server_cpu()}), client on CPU {_client_cpus()}, "
+              f"address randomisation {'off' if PREFIX else 'on'}; "
+              f"{args.rounds} rounds A B A B per row\n")
+        print("| library | case | mode | baseline µs/req | added µs/req | ratio (median) | spread "
+              "| CPU ratio |")
+        print("|---|---|---|---:|---:|---:|---|---:|", flush=True)
         results = []
         for library in args.libraries:
             for case in args.cases:
