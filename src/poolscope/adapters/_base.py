@@ -33,7 +33,7 @@ def around(function, where, before=None, after=None, is_async=False):
         except Exception:
             internal_error(where)
 
-    # the common paths call the hooks inline: a frame less on every request
+    # a hook with only ``before`` is called inline: a frame less on every request
     if is_async:
         async def method(instance, *args, **kwargs):
             token = True if before is None else enter(instance, args, kwargs)
@@ -44,10 +44,7 @@ def around(function, where, before=None, after=None, is_async=False):
             except BaseException as exc:
                 leave(token, instance, None, exc)
                 raise
-            try:
-                after(token, instance, result, None)
-            except Exception:
-                internal_error(where)
+            leave(token, instance, result, None)
             return result
     elif after is None:
         def method(instance, *args, **kwargs):
@@ -66,10 +63,7 @@ def around(function, where, before=None, after=None, is_async=False):
             except BaseException as exc:
                 leave(token, instance, None, exc)
                 raise
-            try:
-                after(token, instance, result, None)
-            except Exception:
-                internal_error(where)
+            leave(token, instance, result, None)
             return result
     functools.update_wrapper(method, function)
     return method

@@ -138,10 +138,8 @@ class _Handle:
 
     def granted(self, peer_ip, local_ip, peer_port, local_port):
         if _adapter is not None:
-            try:
-                _adapter.granted(self, (local_ip, local_port, peer_ip, peer_port))
-            except Exception:
-                internal_error("pycurl:PREREQFUNCTION")
+            _guard("pycurl:PREREQFUNCTION", _adapter.granted, self,
+                   (local_ip, local_port, peer_ip, peer_port))
         app = self.prereq
         return pycurl.PREREQFUNC_OK if app is None else app(peer_ip, local_ip, peer_port,
                                                             local_port)
@@ -176,10 +174,7 @@ def _observed(perform):
             raise
         finally:
             if _adapter is not None:
-                try:
-                    _adapter.finished(self._ps, errno)
-                except Exception:
-                    internal_error("pycurl:Curl.perform")
+                _guard("pycurl:Curl.perform", _adapter.finished, self._ps, errno)
     method.__name__ = method.__qualname__ = perform.__name__
     method.__doc__ = perform.__doc__
     return method
