@@ -19,6 +19,7 @@ import time
 
 CONCURRENCY, LIMIT = 8, 2
 WARMUP = 200
+errors = []  # failed requests: a worker that died would shorten the run and flatter it
 
 
 def _providers(setup):
@@ -147,7 +148,10 @@ def run_sync(call, case, requests):
 
     def worker(n):
         for _ in range(n):
-            call()
+            try:
+                call()
+            except Exception as exc:
+                errors.append(exc)
     threads = [threading.Thread(target=worker, args=(requests // workers,)) for _ in range(workers)]
     start = time.perf_counter()
     for t in threads:
@@ -164,7 +168,10 @@ async def run_async(call, case, requests):
 
     async def worker(n):
         for _ in range(n):
-            await call()
+            try:
+                await call()
+            except Exception as exc:
+                errors.append(exc)
     start = time.perf_counter()
     await asyncio.gather(*(worker(requests // workers) for _ in range(workers)))
     return time.perf_counter() - start
@@ -203,6 +210,7 @@ def run_pycurl(case, requests, url, tracer):
             while multi.perform()[0] == pycurl.E_CALL_MULTI_PERFORM:
                 pass
             _, ok, failed = multi.info_read()
+            errors.extend(failed)
             for curl in ok + [f[0] for f in failed]:
                 multi.remove_handle(curl)
                 free.append(curl)
@@ -241,6 +249,7 @@ def main():
         reader.get_metrics_data()  # a collection, as a scrape would do, to prove it works
     print(json.dumps({"us_per_request": seconds / requests * 1e6,
                       "cpu_us_per_request": cpu / (requests + WARMUP) * 1e6,
+                      "errors": len(errors), "first_error": repr(errors[0]) if errors else None,
                       "max_rss_kb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss}))
 
 
