@@ -77,3 +77,22 @@ def test_forward_proxy_pool(metrics, server):
                          **target) == 1
     assert server.accepted == 1
     client.close()
+
+
+def test_pool_closing_a_connection_under_a_request_is_an_error(metrics, server):
+    """httpcore 1.0.9's pool can close a connection a request is still reading from
+    (encode/httpcore#1110, a race between threads); here the close is made directly, as the
+    pool's pass makes it. The request fails, so the close reason is ``error``, not the
+    ``idle_limit`` the pool believed."""
+    client = httpx.Client()
+    with client.stream("GET", server.url + "/bytes/10000000") as response:
+        connection, = client._transport._pool.connections
+        connection.close()
+        with pytest.raises(httpx.HTTPError):
+            response.read()
+    data = metrics.read()
+    assert metrics.value(data, "poolscope.connection.closed", poolscope__close__reason="error") == 1
+    assert metrics.value(data, "poolscope.connection.closed") == 1
+    assert metrics.value(data, "http.client.open_connections", http__connection__state="active") == 0
+    assert metrics.value(data, "http.client.open_connections", http__connection__state="idle") == 0
+    client.close()

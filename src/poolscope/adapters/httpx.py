@@ -16,7 +16,8 @@ One implementation serves both: the hooks are plain functions, applied to the ``
 Pool-initiated closes pass through ``HTTPConnection.close``, where the reason is read from the
 connection as ``_assign_requests_to_connections`` judged it: past ``_expire_at`` is
 ``keepalive_expired``, an idle socket the server closed is ``server_closed``, the rest are idle
-connections the pool had no room for (``idle_limit``).
+connections the pool had no room for (``idle_limit``). A connection still in use when the pool
+closes it (a race in httpcore 1.0.9, encode/httpcore#1110) fails its request: ``error``.
 """
 
 import importlib
@@ -54,8 +55,8 @@ def _protocol(conn):
 
 def _pool_close_reason(conn):
     inner = _protocol(conn)
-    if inner is None:
-        return sc.ERROR
+    if inner is None or getattr(inner._state, "name", "") == "ACTIVE":
+        return sc.ERROR  # an exchange on it is cut off (httpcore#1110)
     expire_at = inner._expire_at
     if expire_at is not None and time.monotonic() > expire_at:
         return sc.KEEPALIVE_EXPIRED
