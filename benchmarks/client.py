@@ -229,6 +229,17 @@ def run_pycurl(case, requests, url, tracer):
     return time.perf_counter() - start
 
 
+def _waited(data):
+    """Requests that waited for a connection, per poolscope (read by a collection, as a scrape
+    would); None without poolscope."""
+    if "poolscope" not in sys.modules:
+        return None
+    return sum(point.count for rm in (data.resource_metrics if data else ())
+               for sm in rm.scope_metrics for metric in sm.metrics
+               if metric.name == "poolscope.connection.wait_time"
+               for point in metric.data.data_points)
+
+
 def main():
     library, case, setup, requests, url = sys.argv[1:6]
     requests = int(requests)
@@ -245,11 +256,11 @@ def main():
     else:
         seconds = run_sync(spanned(tracer, sync_workload(library, case, url)), case, requests)
     cpu = time.process_time() - cpu  # warm-up included, as in the same share on both sides
-    if reader is not None:
-        reader.get_metrics_data()  # a collection, as a scrape would do, to prove it works
+    waited = _waited(reader.get_metrics_data()) if reader is not None else None
+    waited_share = None if waited is None else waited / (requests + WARMUP)
     print(json.dumps({"us_per_request": seconds / requests * 1e6,
                       "cpu_us_per_request": cpu / (requests + WARMUP) * 1e6,
-                      "errors": len(errors), "first_error": repr(errors[0]) if errors else None,
+                      "waited_share": waited_share, "errors": len(errors), "first_error": repr(errors[0]) if errors else None,
                       "max_rss_kb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss}))
 
 

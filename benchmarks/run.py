@@ -76,7 +76,7 @@ def compare(library, case, mode, rounds, scale, url):
     baseline, instrumented = MODES[mode]
     requests = max(int(REQUESTS[library] * scale), 16)
     ratios, deltas, base, cpu_ratios = [], [], [], []
-    errors = [0, 0]
+    errors, waited = [0, 0], []
     for _ in range(rounds):
         a = one_run(library, case, baseline, requests, url)
         b = one_run(library, case, instrumented, requests, url)
@@ -84,6 +84,8 @@ def compare(library, case, mode, rounds, scale, url):
         deltas.append(b["us_per_request"] - a["us_per_request"])
         base.append(a["us_per_request"])
         cpu_ratios.append(b["cpu_us_per_request"] / a["cpu_us_per_request"])
+        if b["waited_share"] is not None:
+            waited.append(b["waited_share"])
         for i, run in enumerate((a, b)):
             errors[i] += run["errors"]
             if run["errors"]:
@@ -93,7 +95,8 @@ def compare(library, case, mode, rounds, scale, url):
             "requests": requests, "ratio": statistics.median(ratios),
             "ratio_min": min(ratios), "ratio_max": max(ratios),
             "us_baseline": statistics.median(base), "us_added": statistics.median(deltas),
-            "cpu_ratio": statistics.median(cpu_ratios), "errors": errors}
+            "cpu_ratio": statistics.median(cpu_ratios), "errors": errors,
+            "waited": statistics.median(waited) if waited else None}
 
 
 def machine():
@@ -118,6 +121,7 @@ def print_row(r):
     print(f"| {r['library']} | {r['case']} | {r['mode']} | {r['us_baseline']:.1f} | "
           f"{r['us_added']:+.1f} | **{r['ratio']:.3f}** | "
           f"{r['ratio_min']:.3f}–{r['ratio_max']:.3f} | {r['cpu_ratio']:.3f} | "
+          f"{'–' if r['waited'] is None else format(r['waited'], '.1%')} | "
           f"{r['errors'][0]}/{r['errors'][1]} |", flush=True)
 
 
@@ -130,8 +134,8 @@ def overhead(args):
               f"address randomisation {'off' if PREFIX else 'on'}; "
               f"{args.rounds} rounds A B A B per row\n")
         print("| library | case | mode | baseline µs/req | added µs/req | ratio (median) | spread "
-              "| CPU ratio | failed A/B |")
-        print("|---|---|---|---:|---:|---:|---|---:|---:|", flush=True)
+              "| CPU ratio | waited | failed A/B |")
+        print("|---|---|---|---:|---:|---:|---|---:|---:|---:|", flush=True)
         results = []
         for library in args.libraries:
             for case in args.cases:
