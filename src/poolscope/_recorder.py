@@ -349,8 +349,7 @@ class Recorder:
         conn = Conn(pool, series or pool.scope)
         with self._lock:
             pool.conns.add(conn)
-            conn.series.active += 1
-            self._count(pool, 1, 0)
+            self._count(conn, 1, 0)
         return conn
 
     def conn_opened(self, conn, seconds=None):
@@ -362,7 +361,7 @@ class Recorder:
             conn.born = monotonic()
             conn.series.created += 1
             if conn.in_use == 0:
-                self._move(conn, -1)
+                self._count(conn, -1, 1)
         if seconds is not None:
             self._create_time.record(seconds, conn.series.attrs)
 
@@ -380,7 +379,7 @@ class Recorder:
                 conn.acquired_at = now
                 conn.warned = False
                 if conn.opened and not conn.closed:
-                    self._move(conn, 1)
+                    self._count(conn, 1, -1)
             conn.in_use += 1
             if wait is not None and wait.active:
                 self._unwait(wait)
@@ -404,7 +403,7 @@ class Recorder:
             conn.series.acquired[reused] -= 1
             conn.in_use -= 1
             if conn.in_use == 0 and conn.opened and not conn.closed:
-                self._move(conn, -1)
+                self._count(conn, -1, 1)
             if wait is not None and not wait.active and not wait.done:
                 wait.active = True
                 wait.end = wait.end_ns = None
@@ -421,7 +420,7 @@ class Recorder:
                     if not conn.opened:  # never established: it closes now, still active
                         close_reason = close_reason or sc.ERROR
                     elif not conn.closed:
-                        self._move(conn, -1)
+                        self._count(conn, -1, 1)
                     conn.released_at = now
                     if self.detailed:
                         used = now - conn.acquired_at
@@ -444,11 +443,9 @@ class Recorder:
                 reason = pool.close_reason or sc.POOL_CLOSED
             pool.conns.discard(conn)
             if conn.active:
-                conn.series.active -= 1
-                self._count(pool, -1, 0)
+                self._count(conn, -1, 0)
             else:
-                conn.series.idle -= 1
-                self._count(pool, 0, -1)
+                self._count(conn, 0, -1)
             self._forget(pool)
             if not conn.opened:
                 return
@@ -459,14 +456,12 @@ class Recorder:
         if span.is_recording():
             span.add_event(sc.EVENT_CLOSED, {sc.CLOSE_REASON: reason})
 
-    def _move(self, conn, step):
-        """Move ``conn`` from idle to active (``step=-1``: from active to idle)."""
+    def _count(self, conn, active, idle):
+        """Add to the active and idle counts of ``conn``'s series and of its pools."""
         series = conn.series
-        series.idle -= step
-        series.active += step
-        self._count(conn.pool, step, -step)
-
-    def _count(self, pool, active, idle):
+        series.active += active
+        series.idle += idle
+        pool = conn.pool
         while pool is not None:
             pool.active += active
             pool.idle += idle
