@@ -240,27 +240,31 @@ def _waited(data):
                for point in metric.data.data_points)
 
 
+def run(library, case, requests, url, tracer=None):
+    """One run of the workload with a fresh client; returns the seconds of the timed part."""
+    if library == "pycurl":
+        return run_pycurl(case, requests, url, tracer)
+    if library in ("httpx-async", "aiohttp"):
+        async def go():
+            call = aspanned(tracer, await async_workload(library, case, url))
+            return await run_async(call, case, requests)
+        return asyncio.run(go())
+    return run_sync(spanned(tracer, sync_workload(library, case, url)), case, requests)
+
+
 def main():
     library, case, setup, requests, url = sys.argv[1:6]
     requests = int(requests)
     reader, tracer = instrument(setup, library)
     gc.collect()
     cpu = time.process_time()
-    if library == "pycurl":
-        seconds = run_pycurl(case, requests, url, tracer)
-    elif library in ("httpx-async", "aiohttp"):
-        async def go():
-            call = aspanned(tracer, await async_workload(library, case, url))
-            return await run_async(call, case, requests)
-        seconds = asyncio.run(go())
-    else:
-        seconds = run_sync(spanned(tracer, sync_workload(library, case, url)), case, requests)
+    seconds = run(library, case, requests, url, tracer)
     cpu = time.process_time() - cpu  # warm-up included, as in the same share on both sides
     waited = _waited(reader.get_metrics_data()) if reader is not None else None
-    waited_share = None if waited is None else waited / (requests + WARMUP)
     print(json.dumps({"us_per_request": seconds / requests * 1e6,
                       "cpu_us_per_request": cpu / (requests + WARMUP) * 1e6,
-                      "waited_share": waited_share, "errors": len(errors), "first_error": repr(errors[0]) if errors else None,
+                      "waited_share": None if waited is None else waited / (requests + WARMUP),
+                      "errors": len(errors), "first_error": repr(errors[0]) if errors else None,
                       "max_rss_kb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss}))
 
 
