@@ -27,3 +27,12 @@ def test_memory_smoke():
     assert result.returncode == 0, result.stderr
     assert "20,000 sequential requests" in result.stdout
     assert "144 origins" in result.stdout
+
+
+def test_inprocess_smoke():
+    require_tool("nginx")
+    script = os.path.join(os.path.dirname(BENCH), "inprocess.py")
+    result = subprocess.run([sys.executable, script, "urllib3", "sequential", "--rounds", "2",
+                             "--requests", "50"], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert "urllib3 sequential:" in result.stdout and "failed requests 0" in result.stdout
