@@ -53,9 +53,14 @@ def _protocol(conn):
     return inner
 
 
+def _state(inner):
+    """httpcore's state of an HTTP/1.1 or HTTP/2 connection ("NEW", "IDLE", "ACTIVE", …)."""
+    return getattr(getattr(inner, "_state", None), "name", "")
+
+
 def _pool_close_reason(conn):
     inner = _protocol(conn)
-    if inner is None or getattr(inner._state, "name", "") == "ACTIVE":
+    if inner is None or _state(inner) == "ACTIVE":
         return sc.ERROR  # an exchange on it is cut off (httpcore#1110)
     expire_at = inner._expire_at
     if expire_at is not None and time.monotonic() > expire_at:
@@ -70,8 +75,7 @@ def _left_busy(conn, rec):
     is over: never used (cancelled between connecting and sending) or still ``ACTIVE`` (its
     response closed mid-way by a cancellation), httpcore#1093. It holds its slot, so it stays
     active."""
-    state = getattr(getattr(_protocol(conn), "_state", None), "name", "")
-    return rec.in_use == 1 and state in ("NEW", "ACTIVE")
+    return rec.in_use == 1 and _state(_protocol(conn)) in ("NEW", "ACTIVE")
 
 
 def _self_close_reason(conn):
