@@ -29,6 +29,7 @@ share connections (its handles' connections form one pool; it closes when it is 
   socket is checked when its pool opens a new connection and when the pool closes.
 """
 
+import functools
 import socket
 import time
 from urllib.parse import urlsplit
@@ -165,6 +166,7 @@ class _Handle:
 def _observed(perform):
     """``Curl.perform`` (or ``perform_rb``, ``perform_rs``), with the transfer's end told."""
 
+    @functools.wraps(perform)
     def method(self):
         errno = 0
         try:
@@ -175,8 +177,6 @@ def _observed(perform):
         finally:
             if _adapter is not None:
                 _guard("pycurl:Curl.perform", _adapter.finished, self._ps, errno)
-    method.__name__ = method.__qualname__ = perform.__name__
-    method.__doc__ = perform.__doc__
     return method
 
 
