@@ -81,7 +81,7 @@ def inject(kind, monkeypatch):
         tracers = TracerProvider()
         tracers.add_span_processor(SimpleSpanProcessor(BrokenSpanExporter()))
         parent = tracers.get_tracer("app").start_span("app request")
-        monkeypatch.setattr(_recorder, "get_current_span", lambda context=None: parent)
+        monkeypatch.setattr(_recorder, "recording_span", lambda context=None: parent)
         poolscope.instrument(meter_provider=meters, tracer_provider=tracers)
         return [meters, tracers]
     metrics = Metrics()
@@ -94,7 +94,7 @@ def inject(kind, monkeypatch):
         for name in HISTOGRAMS:
             monkeypatch.setattr(getattr(recorder, name), "record", boom)
         parent = TracerProvider().get_tracer("app").start_span("app request")
-        monkeypatch.setattr(_recorder, "get_current_span", lambda context=None: parent)
+        monkeypatch.setattr(_recorder, "recording_span", lambda context=None: parent)
         monkeypatch.setattr(recorder._tracer, "start_span", boom)
     return [metrics.provider]
 

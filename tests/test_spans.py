@@ -1,5 +1,6 @@
 """Spans beside OpenTelemetry's official HTTP instrumentations: waits and set-ups under requests."""
 
+import contextlib
 import io
 import time
 
@@ -194,3 +195,29 @@ def test_requests_session_waits_under_the_requests_span(official, server):
     parents = {parent_of(w, spans).context.span_id for w in waits}
     assert len(parents) == 4
     assert all(parent_of(w, spans).kind == SpanKind.CLIENT for w in waits)
+
+
+def test_the_span_check_agrees_with_the_public_api(monkeypatch):
+    """Every request checks for a recording span by reading OpenTelemetry's context variable
+    directly; that must give what ``get_current_span().is_recording()`` gives, and under another
+    runtime context poolscope must use the public API."""
+    from opentelemetry import context as otel_context
+
+    from poolscope import _recorder
+
+    direct = _recorder._span_reader()
+    with monkeypatch.context() as patched:
+        patched.setattr(otel_context, "_RUNTIME_CONTEXT", object())
+        public = _recorder._span_reader()
+    assert (direct.__name__, public.__name__) == ("direct", "public")
+    tracer = TracerProvider().get_tracer("test")
+    recording = tracer.start_span("recording")
+    ended = tracer.start_span("ended")
+    ended.end()
+    in_context = trace.set_span_in_context(recording)
+    cases = [(None, None, None), (trace.INVALID_SPAN, None, None), (ended, None, None),
+             (recording, None, recording), (None, in_context, recording),
+             (recording, otel_context.Context(), None)]
+    for current, context, expected in cases:
+        with trace.use_span(current) if current else contextlib.nullcontext():
+            assert direct(context) is expected and public(context) is expected
