@@ -5,6 +5,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 from conftest import require_tool
 
 BENCH = os.path.join(os.path.dirname(__file__), "..", "benchmarks", "run.py")
@@ -29,10 +31,13 @@ def test_memory_smoke():
     assert "144 origins" in result.stdout
 
 
-def test_inprocess_smoke():
+@pytest.mark.parametrize("hooks_only", [[], ["--hooks-only"]], ids=["full", "hooks-only"])
+def test_inprocess_smoke(hooks_only):
     require_tool("nginx")
     script = os.path.join(os.path.dirname(BENCH), "inprocess.py")
     result = subprocess.run([sys.executable, script, "urllib3", "sequential", "--rounds", "2",
-                             "--requests", "50"], capture_output=True, text=True, timeout=300)
+                             "--requests", "50", *hooks_only], capture_output=True, text=True,
+                            timeout=300)
     assert result.returncode == 0, result.stderr
-    assert "urllib3 sequential:" in result.stdout and "failed requests 0" in result.stdout
+    label = "urllib3 sequential (hooks only):" if hooks_only else "urllib3 sequential:"
+    assert label in result.stdout and "failed requests 0" in result.stdout
