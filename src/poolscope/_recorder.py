@@ -32,7 +32,7 @@ def _span_reader():
     else None.
 
     Where OpenTelemetry's default runtime context is in use it reads the context variable
-    directly, a quarter of the cost of ``trace.get_current_span()``; every request pays it.
+    directly, about a third of the cost of ``trace.get_current_span()``; every request pays it.
     """
     def public(context=None):
         span = trace.get_current_span(context)
