@@ -5,6 +5,7 @@ import logging
 import subprocess
 import sys
 import textwrap
+import types
 from importlib.metadata import entry_points
 
 import aiohttp.client_proto
@@ -17,12 +18,10 @@ import urllib3
 import poolscope
 from poolscope import _config, _instrument
 from poolscope._package import SUPPORTED
-from poolscope.adapters.pycurl import _takes_share_subclass
 from poolscope.demo.server import DemoServer
 
 PATCHED = [
-    (urllib3.connectionpool.HTTPConnectionPool, ("__init__", "_get_conn", "_put_conn", "close",
-                                                 "QueueCls")),
+    (urllib3.connectionpool.HTTPConnectionPool, ("__init__", "_get_conn", "_put_conn", "close")),
     (urllib3.connection.HTTPConnection, ("connect", "close")),
     (httpcore.ConnectionPool, ("__init__", "handle_request", "close", "create_connection")),
     (httpcore.AsyncConnectionPool, ("__init__", "handle_async_request", "aclose")),
@@ -32,7 +31,8 @@ PATCHED = [
     (aiohttp.connector.TCPConnector, ("_create_connection",)),
     (aiohttp.client_proto.ResponseHandler, ("close", "connection_lost")),
 ]
-REPLACED = [(pycurl, ("Curl", "CurlMulti") + (("CurlShare",) if _takes_share_subclass() else ()))]
+REPLACED = [(pycurl, ("Curl", "CurlMulti"))] + (
+    [(pycurl.async_multi, ("CurlMulti",))] if hasattr(pycurl, "async_multi") else [])
 
 
 def snapshot():
@@ -63,7 +63,8 @@ def test_uninstrument_restores_the_very_same_objects():
             assert all(during[k] is not before[k] for k in before)
             # wrapped once, around the original (a name only inherited is shadowed, then removed)
             assert all(during[k].__wrapped__ is before[k]
-                       for k in before if k[1] != "QueueCls" and k[0] is not pycurl
+                       for k in before
+                       if not isinstance(k[0], types.ModuleType)
                        and before[k] is not None)
             assert all(issubclass(during[(pycurl, n)], before[(pycurl, n)]) for n in REPLACED[0][1])
         finally:
@@ -79,12 +80,12 @@ def test_patching_is_lazy_and_happens_at_import():
         print(*(m in sys.modules for m in ("urllib3", "httpx", "httpcore", "aiohttp", "pycurl")))
         import requests, httpx, httpcore, aiohttp, pycurl
         from urllib3.connectionpool import HTTPConnectionPool
-        print(HTTPConnectionPool.QueueCls.__name__,
+        print(type(vars(HTTPConnectionPool)["_get_conn"]).__name__,
               type(vars(httpcore.ConnectionPool)["handle_request"]).__name__,
               type(vars(aiohttp.connector.BaseConnector)["connect"]).__name__,
               pycurl.Curl.__module__)
     """)
-    assert out.split() == ["False"] * 5 + ["PoolQueue", "function", "function",
+    assert out.split() == ["False"] * 5 + ["function", "function", "function",
                                           "poolscope.adapters.pycurl"]
 
 

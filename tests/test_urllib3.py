@@ -82,3 +82,27 @@ def test_unread_streamed_response_is_an_error_close(metrics, server):
     assert v(metrics, "poolscope.connection.closed", poolscope__close__reason="error") == 1
     assert v(metrics, "http.client.open_connections") == 0
     pool.close()
+
+
+def test_a_queue_class_patched_late_still_reaches_new_pools(metrics, server, monkeypatch):
+    """urllib3 2.8 looks ``queue.LifoQueue`` up as each pool is made (for gevent and others
+    patching late); the pool gets that class, and its waits are still seen."""
+    import queue
+
+    class LateQueue(queue.LifoQueue):
+        pass
+
+    monkeypatch.setattr(queue, "LifoQueue", LateQueue)
+    pool = urllib3.HTTPConnectionPool("127.0.0.1", server.port, maxsize=1, block=True)
+    if getattr(urllib3.connectionpool, "_DEFAULT_QUEUE_CLASS", None) is not None:
+        assert isinstance(pool.pool, LateQueue)
+    threads = [threading.Thread(target=pool.request, args=("GET", "/delay/0.2"))
+               for _ in range(3)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    data = metrics.read()
+    assert metrics.histogram(data, "poolscope.connection.wait_time")[0] == 2
+    assert metrics.value(data, "poolscope.connection.created") == 1 == server.accepted
+    pool.close()

@@ -589,12 +589,14 @@ class Recorder:
         """End a span from :meth:`setup_started` (a no-op for None)."""
         if span is None:
             return
-        if peer:
-            span.set_attribute(sc.NETWORK_PEER_ADDRESS, peer)
-        if error is not None:
-            span.set_status(StatusCode.ERROR, type(error).__name__)
-            _record_error(span, error)
-        span.end(end_time=end_ns)
+        try:
+            if peer:
+                span.set_attribute(sc.NETWORK_PEER_ADDRESS, peer)
+            if error is not None:
+                span.set_status(StatusCode.ERROR, type(error).__name__)
+                _record_error(span, error)
+        finally:
+            span.end(end_time=end_ns)
 
     def _unwait(self, wait):
         wait.active = False

@@ -69,6 +69,16 @@ def around(function, where, before=None, after=None, is_async=False):
     return method
 
 
+def peer_address(read):
+    """The IP address in the peer name ``read()`` gives, or None: for a Unix socket's path, for
+    no name, and when reading it fails (a socket already closed, a wrapper without it)."""
+    try:
+        name = read()
+    except Exception:
+        return None
+    return name[0] if isinstance(name, tuple) and name and isinstance(name[0], str) else None
+
+
 def arg(args, kwargs, index, name):
     """A wrapped call's argument, whether passed by position or by name."""
     return args[index] if len(args) > index else kwargs.get(name)

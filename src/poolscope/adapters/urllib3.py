@@ -1,7 +1,10 @@
 """urllib3 1.26 and 2.x (and so requests and botocore), through ``HTTPConnectionPool``.
 
-- Waits: the pool's ``QueueCls`` becomes a ``LifoQueue`` that tells whether a ``get`` found
-  the queue empty (every slot out) and so had to wait.
+- Waits: the queue urllib3 made for the pool (whatever its class: urllib3 2.8 looks
+  ``queue.LifoQueue`` up as each pool is made, so gevent and others can patch it late) takes
+  the class of an observed subclass of its own class, which tells whether a ``get`` found the
+  queue empty (every slot out) and so had to wait. A compiled queue class that refuses a new
+  ``__class__`` (gevent's) is replaced by an observed subclass holding the same items.
 - Acquire: ``_get_conn``; the request reuses the connection when its socket is still open
   (after urllib3's own dropped-connection check), otherwise it will open a new one.
 - Create: ``HTTPConnection.connect`` / ``HTTPSConnection.connect`` (TCP, plus TLS).
@@ -18,7 +21,7 @@ import time
 from .. import _semconv as sc
 from .._config import internal_error
 from .._recorder import ABANDONED, GRANTED, TIMED_OUT
-from ._base import Adapter, arg
+from ._base import Adapter, arg, peer_address
 
 _DEFAULT_PORTS = {"http": 80, "https": 443}
 _EMPTY_POOL = None  # the EmptyPoolError urllib3 raises next, for the wait span (set at patch)
@@ -28,13 +31,14 @@ def _event(method, *args):
     try:
         return method(*args)
     except Exception:
-        internal_error("urllib3:PoolQueue")
+        internal_error("urllib3:pool queue")
         return None
 
 
-class PoolQueue(queue.LifoQueue):
-    """urllib3's pool queue, telling poolscope when a request had to wait for a slot."""
+class _ObservedQueue:
+    """Mixed in before a pool's queue class: tells poolscope when a request had to wait."""
 
+    __slots__ = ()
     _poolscope = None  # (recorder, pool state), set when the pool registers
 
     def get(self, block=True, timeout=None):
@@ -69,6 +73,43 @@ class PoolQueue(queue.LifoQueue):
             raise
 
 
+_observed_classes = {}
+
+
+def _observed_class(cls, slots):
+    """The observed subclass of a queue class: with no slots of its own to take an object's
+    ``__class__``, or with a ``__dict__`` to replace an object of a compiled class."""
+    observed = _observed_classes.get((cls, slots))
+    if observed is None:
+        namespace = {"__module__": cls.__module__, **({"__slots__": ()} if slots else {})}
+        observed = _observed_classes[cls, slots] = type(cls.__name__, (_ObservedQueue, cls),
+                                                        namespace)
+    return observed
+
+
+def _observed_queue(pool_obj):
+    """The pool's queue, made observed (the same object where its class allows it)."""
+    old = pool_obj.pool
+    if isinstance(old, _ObservedQueue):
+        return old
+    try:
+        old.__class__ = _observed_class(type(old), True)
+        return old
+    except TypeError:
+        pass
+    new = _observed_class(type(old), False)(old.maxsize)
+    items = []
+    while True:
+        try:
+            items.append(old.get(False))
+        except queue.Empty:
+            break
+    for item in reversed(items):  # in the order a LIFO queue gives them out
+        new.put(item, False)
+    pool_obj.pool = new
+    return new
+
+
 def _close_reason(conn, rec):
     """Why urllib3 is closing ``conn``.
 
@@ -97,7 +138,6 @@ class Urllib3Adapter(Adapter):
         _EMPTY_POOL = exceptions.EmptyPoolError(
             None, "Pool is empty and a new connection can't be opened due to blocking mode.")
         pool_cls = connectionpool.HTTPConnectionPool
-        self.replace(pool_cls, "QueueCls", PoolQueue)
         self.wrap(pool_cls, "__init__", after=self._pool_init)
         self.wrap(pool_cls, "_get_conn", after=self._acquired)
         self.wrap(pool_cls, "_put_conn", before=self._release)
@@ -115,8 +155,8 @@ class Urllib3Adapter(Adapter):
                 "origin": (scheme, pool_obj.host, pool_obj.port or _DEFAULT_PORTS.get(scheme))}
 
     def registered(self, pool_obj, state):
-        if isinstance(pool_obj.pool, PoolQueue):
-            pool_obj.pool._poolscope = (self.recorder, state)
+        if pool_obj.pool is not None:
+            _observed_queue(pool_obj)._poolscope = (self.recorder, state)
 
     def _acquired(self, token, pool_obj, conn, exc):
         if exc is not None:
@@ -142,11 +182,12 @@ class Urllib3Adapter(Adapter):
 
     def _connected(self, token, conn, result, exc):
         rec, started, span = token
-        if exc is None:
-            self.recorder.conn_opened(rec, time.monotonic() - started)
-        if span is not None:
-            sock = getattr(conn, "sock", None)
-            self.recorder.setup_ended(span, exc, sock.getpeername()[0] if sock else None)
+        try:
+            if exc is None:
+                self.recorder.conn_opened(rec, time.monotonic() - started)
+        finally:
+            if span is not None:
+                self.recorder.setup_ended(span, exc, peer_address(lambda: conn.sock.getpeername()))
 
     def _conn_close(self, conn, args, kwargs):
         rec = conn.__dict__.get("_poolscope")
