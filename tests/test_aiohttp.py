@@ -104,3 +104,32 @@ def test_cancelled_request_leaves_no_count(metrics, server, cancel_after):
         assert v("poolscope.connection.acquisitions", poolscope__connection__reused=True) == 1
         assert v("poolscope.connection.closed", poolscope__close__reason="error") == 1
         assert v("http.client.open_connections") == 0
+
+
+def test_hooks_assume_no_more_of_their_arguments_than_aiohttp(metrics):
+    """Under POOLSCOPE_STRICT (as every test here), poolscope's own failure would raise: calls
+    aiohttp's own tests make with stand-ins reach aiohttp, which answers as it would."""
+    from aiohttp.client import ClientTimeout
+
+    async def main():
+        connector = aiohttp.BaseConnector(limit=1)
+        with pytest.raises(NotImplementedError):  # the abstract set-up, given no request
+            await connector._create_connection(object(), [], object())
+
+        class Request:  # a key that is not a ConnectionKey
+            connection_key = "key"
+
+        connector._acquired.add(object())  # the one slot taken: connect() waits
+        waiting = asyncio.ensure_future(connector.connect(Request(), None, ClientTimeout()))
+        await asyncio.sleep(0)
+        waiting.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await waiting
+        connector._acquired.clear()
+        await connector.close()
+
+    asyncio.run(main())
+    data = metrics.read()
+    assert not metrics.value(data, "poolscope.connection.pending_requests")
+    assert not metrics.value(data, "poolscope.connection.timeouts")
+    assert metrics.value(data, "poolscope.connection.max") == 0  # the connector closed

@@ -221,3 +221,49 @@ def test_the_span_check_agrees_with_the_public_api(monkeypatch):
     for current, context, expected in cases:
         with trace.use_span(current) if current else contextlib.nullcontext():
             assert direct(context) is expected and public(context) is expected
+
+
+def test_a_failed_tls_handshake_ends_its_setup_span(traced, server):
+    """HTTPS to a plain-HTTP server: the handshake fails and the socket is closed before the
+    set-up ends (``getpeername()`` raises); the span still ends, with the error."""
+    import urllib3
+    tracer = traced.tracer_provider.get_tracer("test")
+    with urllib3.PoolManager(retries=False) as http, tracer.start_as_current_span("request"):
+        with pytest.raises(urllib3.exceptions.SSLError):
+            http.request("GET", server.url.replace("http://", "https://") + "/")
+    setups = traced.finished(SETUP)
+    assert len(setups) == 1
+    assert setups[0].status.status_code == StatusCode.ERROR
+    assert "network.peer.address" not in setups[0].attributes
+
+
+def test_a_unix_socket_connection_has_no_peer_address(traced, tmp_path):
+    """aiohttp over a Unix socket: the set-up span ends without a made-up peer address."""
+    import asyncio
+
+    import aiohttp
+    from aiohttp import web
+
+    async def hello(request):
+        return web.Response(text="ok")
+
+    async def main():
+        app = web.Application()
+        app.router.add_get("/", hello)
+        runner = web.AppRunner(app)
+        await runner.setup()
+        path = str(tmp_path / "server.sock")
+        await web.UnixSite(runner, path).start()
+        tracer = traced.tracer_provider.get_tracer("test")
+        try:
+            async with aiohttp.ClientSession(connector=aiohttp.UnixConnector(path)) as session:
+                with tracer.start_as_current_span("request"):
+                    async with session.get("http://localhost/") as response:
+                        assert await response.text() == "ok"
+        finally:
+            await runner.cleanup()
+
+    asyncio.run(main())
+    setups = traced.finished(SETUP)
+    assert len(setups) == 1 and setups[0].end_time is not None
+    assert "network.peer.address" not in setups[0].attributes

@@ -24,12 +24,15 @@ import weakref
 
 from .. import _semconv as sc
 from .._recorder import ABANDONED, TIMED_OUT
-from ._base import Adapter, arg
+from ._base import Adapter, arg, peer_address
 
 
 def _origin(key):
-    scheme = "https" if key.is_ssl else "http"
-    return scheme, key.host, key.port
+    """The origin of a ``ConnectionKey``; None for a key of another kind (a test's stand-in)."""
+    try:
+        return ("https" if key.is_ssl else "http"), key.host, key.port
+    except AttributeError:
+        return None
 
 
 def _release_reason(connector, proto, should_close):
@@ -116,7 +119,9 @@ class AiohttpAdapter(Adapter):
     # -- connections ------------------------------------------------------
 
     def _create_start(self, connector, args, kwargs):
-        key = arg(args, kwargs, 0, "req").connection_key
+        key = getattr(arg(args, kwargs, 0, "req"), "connection_key", None)
+        if key is None:  # not a request aiohttp made: nothing to count (the call fails)
+            return None
         rec = self.recorder.conn_created(self._pool(connector, key), self._series(key))
         return rec, time.monotonic(), self.recorder.setup_started(rec.series)
 
@@ -126,12 +131,14 @@ class AiohttpAdapter(Adapter):
             self.recorder.setup_ended(span, exc)
             self.recorder.closed(rec, sc.ERROR)
             return
-        proto._poolscope = rec
-        self.recorder.acquired(rec)
-        self.recorder.conn_opened(rec, time.monotonic() - started)
-        if span is not None:
-            peer = proto.transport.get_extra_info("peername") if proto.transport else None
-            self.recorder.setup_ended(span, peer=peer[0] if peer else None)
+        try:
+            proto._poolscope = rec
+            self.recorder.acquired(rec)
+            self.recorder.conn_opened(rec, time.monotonic() - started)
+        finally:
+            if span is not None:
+                self.recorder.setup_ended(span, peer=peer_address(
+                    lambda: proto.transport.get_extra_info("peername")))
 
     def _connected(self, token, connector, connection, exc):
         if exc is not None:
