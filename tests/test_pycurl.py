@@ -151,3 +151,193 @@ def test_multi_queue_timeout(metrics, server, timeout_ms):
     assert v("poolscope.connection.timeouts") == 1
     assert metrics.histogram(data, "poolscope.connection.wait_time", **LIB)[0] == 0
     assert v("poolscope.connection.created") == 1
+
+
+# -- transparency: pycurl behaves as it does without poolscope ----------------------------
+
+def test_a_connect_timeout_out_of_the_queue_is_not_a_pool_timeout(metrics):
+    """A limited multi lets the transfer out at once; it opens a socket and times out in the
+    TLS handshake (the listener never answers): a connect timeout, not a wait for the pool."""
+    import socket
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(4)
+    opened = []
+    multi = pycurl.CurlMulti()
+    multi.setopt(pycurl.M_MAX_TOTAL_CONNECTIONS, 1)
+    curl = pycurl.Curl()
+    curl.setopt(pycurl.URL, f"https://127.0.0.1:{listener.getsockname()[1]}/")
+    curl.setopt(pycurl.CONNECTTIMEOUT_MS, 200)
+    curl.setopt(pycurl.SOCKOPTFUNCTION, lambda fd, purpose: opened.append(fd) or 0)
+    multi.add_handle(curl)
+    errors = []
+    while not errors:
+        multi.perform()
+        _, _, failed = multi.info_read()
+        errors += [errno for _, errno, _ in failed]
+        multi.select(0.01)
+    assert errors == [pycurl.E_OPERATION_TIMEDOUT] and len(opened) == 1  # what the app saw
+    multi.remove_handle(curl)
+    _, v = figures(metrics)
+    assert not v("poolscope.connection.timeouts")
+    assert v("poolscope.connection.pending_requests") == 0
+    assert v("http.client.open_connections", http__connection__state="active") in (None, 0)
+    curl.close()
+    multi.close()
+    listener.close()
+
+
+def test_arguments_reach_pycurl_unchanged(metrics):
+    curl = pycurl.Curl()
+    if hasattr(pycurl, "async_multi"):  # pycurl 7.49's keyword
+        curl.setopt(pycurl.WRITEFUNCTION, lambda data: None, use_memoryview=True)
+    with pytest.raises(TypeError):  # pycurl's own check, not an AttributeError of poolscope's
+        curl.setopt(pycurl.URL, 1)
+    with pytest.raises(TypeError):
+        curl.setopt(pycurl.PREREQFUNCTION, "not callable")
+    with pytest.raises(TypeError):
+        pycurl.Curl(1)
+    with pytest.raises(TypeError):
+        pycurl.CurlMulti(1)
+    curl.close()
+
+
+@pytest.mark.skipif(not hasattr(pycurl, "async_multi"), reason="pycurl 7.49's arguments")
+def test_constructor_arguments_keep_their_effect(metrics, server):
+    multi = pycurl.CurlMulti(close_handles=True)
+    curl = pycurl.Curl()
+    curl.setopt(pycurl.URL, server.url + "/")
+    multi.add_handle(curl)
+    multi.close()
+    assert curl.closed
+    with pytest.raises(TypeError):
+        pycurl.CurlMulti(close_handles=True, other=1)
+    share = pycurl.CurlShare(detach_on_close=False)
+    held = pycurl.Curl()
+    held.setopt(pycurl.SHARE, share)
+    with pytest.raises(pycurl.error):
+        share.close()  # still in use by a handle
+    held.close()
+    share.close()
+
+
+def test_a_dropped_handle_closes_its_sockets_at_once(metrics, server):
+    """No reference cycle through poolscope: dropping a handle frees it (and its connection)
+    with no garbage collection, as without poolscope."""
+    import gc
+    import weakref
+    gc.disable()
+    try:
+        curl = pycurl.Curl()
+        assert fetch(curl, server.url + "/") == 200
+        gone = weakref.ref(curl)
+        del curl
+        assert gone() is None
+        multi = pycurl.CurlMulti()
+        easy = pycurl.Curl()
+        multi.add_handle(easy)
+        multi.remove_handle(easy)
+        gone_multi = weakref.ref(multi)
+        del multi
+        assert gone_multi() is None
+    finally:
+        gc.enable()
+    _, v = figures(metrics)
+    assert v("poolscope.connection.closed", poolscope__close__reason="pool_closed") == 1
+    assert v("http.client.open_connections") in (None, 0)
+
+
+def test_reading_libcurl_after_a_close_is_unchanged(metrics, server):
+    """A connection closed with its transfer: CONN_ID still reads as the application's own."""
+    curl = pycurl.Curl()
+    assert fetch(curl, server.url + "/close") == 200
+    assert curl.getinfo(pycurl.CONN_ID) >= 0
+    _, v = figures(metrics)
+    assert v("poolscope.connection.closed", poolscope__close__reason="server_closed") == 1
+    curl.close()
+
+
+def test_a_duplicate_handle_is_observed_as_its_own(metrics, server):
+    curl = pycurl.Curl()
+    curl.setopt(pycurl.URL, server.url + "/")
+    curl.setopt(pycurl.WRITEFUNCTION, lambda data: None)
+    dup = curl.duphandle()
+    for handle in (curl, dup):
+        handle.perform()
+    _, v = figures(metrics)
+    assert v("poolscope.connection.created") == 2 == server.accepted  # two handles, two caches
+    assert v("poolscope.pool.count") == 2
+    assert v("http.client.open_connections", http__connection__state="idle") == 2
+    for handle in (curl, dup):
+        handle.close()
+    _, v = figures(metrics)
+    assert v("poolscope.connection.closed", poolscope__close__reason="pool_closed") == 2
+
+
+def test_closing_a_handle_in_a_multi_and_removing_it_after(metrics, server):
+    multi = pycurl.CurlMulti()
+    curl = pycurl.Curl()
+    curl.setopt(pycurl.URL, server.url + "/delay/0.5")
+    curl.setopt(pycurl.WRITEFUNCTION, lambda data: None)
+    multi.add_handle(curl)
+    deadline = time.monotonic() + 5
+    while server.accepted == 0 and time.monotonic() < deadline:
+        multi.perform()
+        multi.select(0.01)
+    curl.close()  # mid-transfer: pycurl takes it out of the multi
+    multi.remove_handle(curl)
+    _, v = figures(metrics)
+    assert v("http.client.open_connections", http__connection__state="active") in (None, 0)
+    multi.close()
+
+
+@pytest.mark.skipif(not hasattr(pycurl, "async_multi"), reason="pycurl 7.49's AsyncCurlMulti")
+def test_async_curl_multi_is_observed(metrics, server):
+    import asyncio
+
+    async def main():
+        async with pycurl.AsyncCurlMulti() as multi:
+            multi.setopt(pycurl.M_MAX_TOTAL_CONNECTIONS, 2)
+            curls = []
+            for _ in range(6):
+                curl = pycurl.Curl()
+                curl.setopt(pycurl.URL, server.url + "/delay/0.2")
+                curl.setopt(pycurl.WRITEFUNCTION, lambda data: None)
+                curls.append(curl)
+            await asyncio.gather(*(multi.perform(curl) for curl in curls))
+            _, v = figures(metrics)
+            assert v("poolscope.connection.created") == 2 == server.accepted
+            assert v("poolscope.connection.acquisitions", poolscope__connection__reused=True) == 4
+            assert v("http.client.open_connections", http__connection__state="active") == 0
+            assert v("http.client.open_connections", http__connection__state="idle") == 2
+            assert v("poolscope.connection.pending_requests") == 0
+            for curl in curls:
+                curl.close()
+
+    asyncio.run(main())
+
+
+def test_info_read_inside_the_multis_callback(metrics, server):
+    """pycurl refuses getinfo inside a multi's callback: the transfer is finished later."""
+    if not hasattr(pycurl, "M_NOTIFYFUNCTION"):
+        pytest.skip("libcurl without M_NOTIFYFUNCTION")
+    multi = pycurl.CurlMulti()
+    multi.setopt(pycurl.M_MAX_TOTAL_CONNECTIONS, 1)
+    done = []
+    multi.setopt(pycurl.M_NOTIFYFUNCTION, lambda *args: done.extend(multi.info_read()[1]))
+    multi.notify_enable(pycurl.M_NOTIFY_INFO_READ)
+    curl = pycurl.Curl()
+    curl.setopt(pycurl.URL, server.url + "/")
+    curl.setopt(pycurl.WRITEFUNCTION, lambda data: None)
+    multi.add_handle(curl)
+    deadline = time.monotonic() + 5
+    while not done and time.monotonic() < deadline:
+        multi.perform()
+        multi.select(0.01)
+    assert done == [curl]
+    multi.remove_handle(curl)
+    _, v = figures(metrics)
+    assert v("poolscope.connection.created") == 1 == server.accepted
+    assert v("http.client.open_connections", http__connection__state="idle") == 1
+    curl.close()
+    multi.close()

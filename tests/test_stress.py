@@ -282,7 +282,9 @@ class AiohttpClient:
 class PycurlClient:
     """A CurlMulti with ``M_MAX_TOTAL_CONNECTIONS``; a cancel removes the transfer, an abandon
     aborts it from its write callback. A timeout is a pool timeout when the transfer never got
-    a connection (libcurl has no PRIMARY_PORT for it)."""
+    a connection: none reused (libcurl has no PRIMARY_PORT for it) and no socket opened for it
+    (the application's own SOCKOPTFUNCTION was never called: a transfer let out of the queue
+    that timed out connecting was not waiting for the pool)."""
 
     library = "pycurl"
     timeout_error = PoolTimedOut
@@ -291,9 +293,13 @@ class PycurlClient:
         self.url = server.url
         self.multi = pycurl.CurlMulti()
         self.multi.setopt(pycurl.M_MAX_TOTAL_CONNECTIONS, LIMIT)
+        self.sockets = set()  # ids of the jobs a socket was opened for
 
     def _handle(self, job):
         curl = pycurl.Curl()
+        curl.job = id(job)
+        curl.setopt(pycurl.SOCKOPTFUNCTION,
+                    lambda fd, purpose, key=id(job): self.sockets.add(key) or pycurl.SOCKOPT_OK)
         curl.setopt(pycurl.URL, self.url + job.path)
         curl.setopt(pycurl.CONNECTTIMEOUT_MS, max(1, int(job.pool_timeout * 1000)))
         curl.setopt(pycurl.WRITEFUNCTION, (lambda data: 0) if job.kind == "abandon"
@@ -329,11 +335,11 @@ class PycurlClient:
             self.multi.select(0.002)
         return outcomes
 
-    @staticmethod
-    def _outcome(curl, errno):
+    def _outcome(self, curl, errno):
         if errno == 0:
             return "ok"
-        if errno == pycurl.E_OPERATION_TIMEDOUT and curl.getinfo(pycurl.PRIMARY_PORT) <= 0:
+        if errno == pycurl.E_OPERATION_TIMEDOUT and curl.getinfo(pycurl.PRIMARY_PORT) <= 0 \
+                and curl.job not in self.sockets:
             return "pool_timeout"
         return "error"
 

@@ -1,37 +1,49 @@
-"""pycurl 7.46+ (libcurl 7.80+), by replacing ``pycurl.Curl``, ``CurlMulti`` and ``CurlShare``.
+"""pycurl 7.46+ (libcurl 7.80+), by replacing ``pycurl.Curl`` and ``pycurl.CurlMulti``.
 
 Their methods are C functions that cannot be patched, so poolscope puts subclasses in their
-place in the ``pycurl`` module. Code that took a reference to the original classes before
-instrumenting (``from pycurl import Curl`` at import time, before ``instrument()``) and handles
-made by ``duphandle()`` are not observed.
+place in the ``pycurl`` module (and in ``pycurl.async_multi``, whose ``AsyncCurlMulti`` drives
+a ``CurlMulti`` of its own). The subclasses are transparent: every argument reaches pycurl
+unchanged and pycurl checks it first (its own errors for a wrong one); constructor arguments,
+which pycurl reads only for its exact types, are checked by pycurl and their effect kept
+(``CurlMulti(close_handles=True)``); poolscope holds no reference that outlives what pycurl
+keeps, so a dropped handle closes its sockets at once; it reads nothing from libcurl that
+changes what the application reads next. Code that took a reference to the original classes
+before instrumenting (``from pycurl import Curl`` before ``instrument()``), and a module
+reloaded with ``importlib.reload(pycurl)``, are not observed.
 
 A pool is a libcurl connection cache: the multi handle's for transfers in a ``CurlMulti``, a
-``CurlShare``'s when it shares connections, otherwise the easy handle's own. pycurl before 7.49
-refuses a subclass of ``CurlShare``, so there it is left as it is, and every share is taken to
-share connections (its handles' connections form one pool; it closes when it is collected).
+``CurlShare``'s when the handle has one (a share that does not share connections is counted as
+one pool all the same: libcurl does not say, and only the pool count differs), otherwise the
+easy handle's own.
 
-- Acquire: libcurl's ``PREREQFUNCTION``, called once a transfer has its connection (new or
-  reused), names the connection by its addresses and ports. An application's own
-  ``PREREQFUNCTION`` is chained, never replaced.
-- Create: the connection's TCP (+TLS) time from ``CONNECT_TIME_T``/``APPCONNECT_TIME_T`` minus
-  ``NAMELOOKUP_TIME_T``, read when its first transfer completes.
+- Create: libcurl's ``SOCKOPTFUNCTION``, called once per new socket, gives its descriptor and
+  the start of its set-up; ``PREREQFUNCTION`` (below) its end (TCP, plus TLS).
+- Acquire: ``PREREQFUNCTION``, called once a transfer has its connection (new or reused), names
+  the connection by its addresses and ports. The application's own callbacks are chained,
+  never replaced.
 - Release: when the transfer completes (``perform`` returns, or the multi's ``info_read``
-  reports it). ``ACTIVESOCKET`` is -1 when the connection closed with the transfer.
+  reports it; else ``remove_handle`` or ``close``). The connection closed with the transfer
+  when its socket is gone.
 - Wait: only a multi with ``M_MAX_TOTAL_CONNECTIONS`` or ``M_MAX_HOST_CONNECTIONS`` holds
   transfers back. libcurl's ``QUEUE_TIME_T`` is the time spent pending when a transfer was
   pending once, but adds up more than the elapsed time when it was woken and sent back to the
   queue (libcurl 8.23: 1.35 s reported for a 0.65 s wait), so the wait is the smaller of it and
   ``PRETRANSFER_TIME_T`` less the connection's set-up. A transfer counts as having waited when
   that is 1 ms or more: an unqueued one leaves the queue in microseconds. A transfer added to
-  such a multi is pending from ``add_handle`` until it has a connection.
+  such a multi is pending from ``add_handle`` until it has a connection. A transfer that timed
+  out with no connection (no socket opened for it, none reused: no ``PRIMARY_PORT``) timed out
+  waiting.
 - Close: libcurl closes idle cached connections on its own (``MAXAGE_CONN`` expiry, a full
   cache, a dead socket) with no callback poolscope can rely on, so each idle connection's
   socket is checked when its pool opens a new connection and when the pool closes.
 """
 
 import functools
+import os
 import socket
+import sys
 import time
+import weakref
 from urllib.parse import urlsplit
 
 import pycurl
@@ -44,22 +56,41 @@ from ._base import Adapter
 _DEFAULT_PORTS = {"http": 80, "https": 443}
 _QUEUED = 0.001
 _DEFAULT_MAXAGE = 118.0  # libcurl's MAXAGE_CONN default, seconds
+_ORIGINAL = {name: getattr(pycurl, name) for name in ("Curl", "CurlMulti")}
 
 _adapter = None  # the active PycurlAdapter
 
 
-def _alive(fd, key):
-    """Whether ``fd`` is still the socket of connection ``key`` (local port, peer port)."""
+def _inode(fd):
     try:
-        sock = socket.socket(fileno=fd)
+        return os.fstat(fd).st_ino
+    except OSError:
+        return None
+
+
+def _alive(sock):
+    """Whether a connection's socket ``(fd, inode)`` is still open: the inode tells it from a
+    socket that took the same descriptor since."""
+    return sock is not None and _inode(sock[0]) == sock[1]
+
+
+def _open(curl, sock):
+    """Whether the socket ``(fd, inode)`` of the connection a transfer just used is still open.
+
+    A closed descriptor tells at once. An open one may have been taken by another thread's new
+    socket since libcurl closed it: while the handle still holds the connection (``curl`` not
+    None), libcurl confirms it where pycurl lets it be asked (``ACTIVESOCKET``, read only then:
+    once the connection is gone, reading it makes libcurl forget the transfer's ``CONN_ID``);
+    otherwise the socket's inode does.
+    """
+    try:
+        os.get_blocking(sock[0])
     except OSError:
         return False
-    try:
-        return sock.getsockname()[1] == key[1] and sock.getpeername()[1] == key[3]
-    except OSError:
-        return False
-    finally:
-        sock.detach()
+    if curl is None:
+        return _alive(sock)
+    active = _read(curl, pycurl.ACTIVESOCKET)
+    return active is None or active[0] == sock[0]
 
 
 def _origin(url):
@@ -75,11 +106,12 @@ def _origin(url):
 class _Cache:
     """poolscope's view of one libcurl connection cache."""
 
-    __slots__ = ("conns", "fds", "maxage", "max_total", "max_host", "__weakref__")
+    __slots__ = ("conns", "socks", "handles", "maxage", "max_total", "max_host", "__weakref__")
 
     def __init__(self):
         self.conns = {}  # (local ip, local port, peer ip, peer port) -> Conn
-        self.fds = {}  # key -> socket of a connection that has been idle
+        self.socks = {}  # key -> (fd, inode) of the connection's socket
+        self.handles = set()  # a multi's: the _Handle of each easy handle added to it
         self.maxage = _DEFAULT_MAXAGE
         self.max_total = self.max_host = 0
 
@@ -104,36 +136,48 @@ def _guard(where, fn, *args):
         return None
 
 
-class _ClosesCache:
-    """Closing a handle closes its connection cache."""
-
-    def close(self):
-        if _adapter is not None:
-            _guard(f"pycurl:{type(self).__name__}.close", _adapter.cache_closed, self)
-        return super().close()
+def _checked(cls, args, kwargs):
+    """pycurl reads constructor arguments only for its exact types: let it check them."""
+    if cls.__module__ == __name__ and (args or kwargs):
+        _ORIGINAL[cls.__name__](*args, **kwargs).close()
 
 
 class _Handle:
     """poolscope's state of one easy handle, whose methods are its libcurl callbacks.
 
     It lives apart from the handle because reading an attribute of a pycurl object costs ten
-    times a plain object's, and the callbacks run on every transfer.
+    times a plain object's, and the callbacks run on every transfer. It holds the handle, its
+    multi and its share only weakly: pycurl's own references decide when they go.
     """
 
     __slots__ = ("curl", "url", "origin", "prereq", "sockopt", "forbid_reuse", "share", "multi",
-                 "cache", "conn", "wait", "context", "fresh")
+                 "cache", "conn", "wait", "context", "sockets", "setup", "errno", "__weakref__")
 
     def __init__(self, curl):
-        self.curl = curl
+        self.curl = weakref.ref(curl)
         self.url = ""
         self.origin = None
         self.prereq = self.sockopt = self.share = self.multi = None
         self.cache = _Cache()  # the handle's own, when it is in no multi and shares none
-        self.forbid_reuse = self.fresh = False
-        self.conn = self.wait = self.context = None
+        self.forbid_reuse = False
+        self.conn = self.wait = self.context = self.sockets = self.errno = None
+        self.setup = 0.0
+
+    def copy(self, curl):
+        """The state of ``curl``, a duplicate of this handle."""
+        dup = _Handle(curl)
+        dup.url, dup.origin, dup.prereq, dup.sockopt = self.url, self.origin, self.prereq, self.sockopt
+        dup.forbid_reuse, dup.share = self.forbid_reuse, self.share
+        dup.cache.maxage = self.cache.maxage
+        return dup
 
     def socket(self, fd, purpose):
-        self.fresh = True
+        if purpose == pycurl.SOCKTYPE_IPCXN:
+            opened = fd, time.monotonic(), time.time_ns()
+            if self.sockets is None:
+                self.sockets = [opened]
+            else:
+                self.sockets.append(opened)
         app = self.sockopt
         return pycurl.SOCKOPT_OK if app is None else app(fd, purpose)
 
@@ -145,6 +189,12 @@ class _Handle:
         return pycurl.PREREQFUNC_OK if app is None else app(peer_ip, local_ip, peer_port,
                                                             local_port)
 
+    def install(self, curl):
+        """Set poolscope's callbacks on ``curl`` (through pycurl's own ``setopt``)."""
+        setopt = _ORIGINAL["Curl"].setopt
+        setopt(curl, pycurl.PREREQFUNCTION, self.granted)
+        setopt(curl, pycurl.SOCKOPTFUNCTION, self.socket)
+
     def series(self, recorder):
         """The series of the handle's origin (its URL parsed once)."""
         if self.origin is None:
@@ -154,13 +204,22 @@ class _Handle:
     def owner(self):
         """The object whose connection cache the transfer uses, and poolscope's view of it."""
         if self.multi is not None:
-            return self.multi
-        share = self.share
-        # a share poolscope could not observe (pycurl < 7.49) may share connections: one pool
-        if share is not None and getattr(share, "_ps_connections",
-                                         not isinstance(share, CurlShare)):
+            multi = self.multi[0]()
+            if multi is not None:
+                return multi, self.multi[1]
+        share = self.share() if self.share is not None else None
+        if share is not None:
             return share, _cache(share)
-        return self.curl, self.cache
+        return self.curl(), self.cache
+
+
+def _read(curl, *infos):
+    """libcurl's figures for a finished transfer, or None while pycurl refuses ``getinfo``
+    (inside one of the multi's callbacks) or once the handle is closed."""
+    try:
+        return [curl.getinfo(info) for info in infos]
+    except pycurl.error:
+        return None
 
 
 def _observed(perform):
@@ -180,128 +239,168 @@ def _observed(perform):
     return method
 
 
-class Curl(_ClosesCache, pycurl.Curl):
+class Curl(pycurl.Curl):
     """``pycurl.Curl``, observed by poolscope."""
 
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
+    def __new__(cls, *args, **kwargs):
+        _checked(cls, args, kwargs)
+        self = super().__new__(cls)
         self._ps = _Handle(self)
         self._poolscope_cache = self._ps.cache  # for the code that sees any owner alike
-        self._ps_callbacks()
+        self._ps.install(self)
+        return self
 
-    def _ps_callbacks(self):
-        super().setopt(pycurl.PREREQFUNCTION, self._ps.granted)
-        super().setopt(pycurl.SOCKOPTFUNCTION, self._ps.socket)
-
-    def setopt(self, option, value):
+    def setopt(self, *args, **kwargs):
+        result = super().setopt(*args, **kwargs)
+        if len(args) < 2:
+            return result
+        option, value = args[0], args[1]
         state = self._ps
         if option == pycurl.URL:
             state.url = value if isinstance(value, str) else value.decode("utf-8", "replace")
             state.origin = None
-        elif option == pycurl.PREREQFUNCTION:
-            state.prereq = value
-            return None
-        elif option == pycurl.SOCKOPTFUNCTION:
-            state.sockopt = value
-            return None
+        elif option == pycurl.PREREQFUNCTION or option == pycurl.SOCKOPTFUNCTION:
+            if option == pycurl.PREREQFUNCTION:
+                state.prereq = value
+            else:
+                state.sockopt = value
+            state.install(self)
         elif option == pycurl.MAXAGE_CONN:
             state.cache.maxage = value
         elif option == pycurl.FORBID_REUSE:
             state.forbid_reuse = bool(value)
         elif option == pycurl.SHARE:
-            state.share = value
-        return super().setopt(option, value)
+            state.share = weakref.ref(value) if value is not None else None
+        return result
 
-    def unsetopt(self, option):
-        if option == pycurl.PREREQFUNCTION:
-            self._ps.prereq = None
-        elif option == pycurl.SOCKOPTFUNCTION:
-            self._ps.sockopt = None
-        else:
-            return super().unsetopt(option)
-        return None
+    def unsetopt(self, *args, **kwargs):
+        result = super().unsetopt(*args, **kwargs)
+        option = args[0] if args else None
+        if option == pycurl.PREREQFUNCTION or option == pycurl.SOCKOPTFUNCTION:
+            if option == pycurl.PREREQFUNCTION:
+                self._ps.prereq = None
+            else:
+                self._ps.sockopt = None
+            self._ps.install(self)
+        elif option == pycurl.SHARE:
+            self._ps.share = None
+        return result
 
-    def reset(self):
-        super().reset()
+    def reset(self, *args, **kwargs):
+        result = super().reset(*args, **kwargs)
         state = self._ps
         state.prereq = state.sockopt = state.share = None
-        state.forbid_reuse = False
-        self._ps_callbacks()
+        state.url, state.origin, state.forbid_reuse = "", None, False
+        state.cache.maxage = _DEFAULT_MAXAGE
+        state.install(self)
+        return result
+
+    def duphandle(self, *args, **kwargs):
+        dup = super().duphandle(*args, **kwargs)
+        if isinstance(dup, Curl):  # its attributes are copies of this handle's: make its own
+            if getattr(dup, "_poolscope", None) is not None:
+                del dup._poolscope
+            dup._ps = self._ps.copy(dup)
+            dup._poolscope_cache = dup._ps.cache
+            dup._ps.install(dup)
+        return dup
+
+    def close(self, *args, **kwargs):
+        state, pool = getattr(self, "_ps", None), getattr(self, "_poolscope", None)
+        result = super().close(*args, **kwargs)  # which clears the handle's attributes
+        if _adapter is not None and state is not None:
+            _guard("pycurl:Curl.close", _adapter.handle_closed, state, pool)
+        return result
 
     perform = _observed(pycurl.Curl.perform)
     perform_rb = _observed(pycurl.Curl.perform_rb)
     perform_rs = _observed(pycurl.Curl.perform_rs)
 
 
-class CurlMulti(_ClosesCache, pycurl.CurlMulti):
+def _state(handle):
+    return getattr(handle, "_ps", None) if isinstance(handle, Curl) else None
+
+
+class CurlMulti(pycurl.CurlMulti):
     """``pycurl.CurlMulti``, observed by poolscope."""
 
-    def setopt(self, option, value):
-        if option == pycurl.M_MAX_TOTAL_CONNECTIONS:
-            _cache(self).max_total = value
-        elif option == pycurl.M_MAX_HOST_CONNECTIONS:
-            _cache(self).max_host = value
-        result = super().setopt(option, value)
-        if _adapter is not None and option == pycurl.M_MAX_TOTAL_CONNECTIONS:
-            _guard("pycurl:CurlMulti.setopt", _adapter.limit_changed, self)
+    def __new__(cls, *args, **kwargs):
+        _checked(cls, args, kwargs)
+        self = super().__new__(cls)
+        # pycurl ignores it for a subclass: close() below does what it would
+        self._ps_close_handles = bool(kwargs.get("close_handles")) if cls is CurlMulti else False
+        return self
+
+    def setopt(self, *args, **kwargs):
+        result = super().setopt(*args, **kwargs)
+        if len(args) >= 2 and args[0] in (pycurl.M_MAX_TOTAL_CONNECTIONS,
+                                          pycurl.M_MAX_HOST_CONNECTIONS):
+            cache = _cache(self)
+            if args[0] == pycurl.M_MAX_TOTAL_CONNECTIONS:
+                cache.max_total = args[1]
+                if _adapter is not None:
+                    _guard("pycurl:CurlMulti.setopt", _adapter.limit_changed, self)
+            else:
+                cache.max_host = args[1]
         return result
 
-    def add_handle(self, handle):
-        result = super().add_handle(handle)
-        if isinstance(handle, Curl):
-            state = handle._ps
-            state.multi = self, _cache(self)
+    def add_handle(self, *args, **kwargs):
+        result = super().add_handle(*args, **kwargs)
+        state = _state(args[0]) if args else None
+        if state is not None:
+            cache = _cache(self)
+            state.multi = weakref.ref(self), cache
+            cache.handles.add(state)
             if _adapter is not None:
                 _guard("pycurl:CurlMulti.add_handle", _adapter.queued, self, state)
         return result
 
-    def info_read(self, *args):
-        result = super().info_read(*args)
+    def info_read(self, *args, **kwargs):
+        result = super().info_read(*args, **kwargs)
         if _adapter is not None:
             _, ok, failed = result
             for handle in ok:
-                _guard("pycurl:CurlMulti.info_read", _adapter.finished, _state(handle), 0)
+                _guard("pycurl:CurlMulti.info_read", _adapter.finished, _state(handle), 0, False)
             for handle, errno, _ in failed:
-                _guard("pycurl:CurlMulti.info_read", _adapter.finished, _state(handle), errno)
+                _guard("pycurl:CurlMulti.info_read", _adapter.finished, _state(handle), errno,
+                       False)
         return result
 
-    def remove_handle(self, handle):
-        result = super().remove_handle(handle)
-        state = _state(handle)
+    def remove_handle(self, *args, **kwargs):
+        result = super().remove_handle(*args, **kwargs)
+        state = _state(args[0]) if args else None
         if state is not None:
-            if _adapter is not None:  # a transfer removed before info_read reported it
-                _guard("pycurl:CurlMulti.remove_handle", _adapter.finished, state, None)
-            state.multi = state.context = None
+            if _adapter is not None:  # a transfer info_read did not report, or could not finish
+                _guard("pycurl:CurlMulti.remove_handle", _adapter.finished, state, state.errno,
+                       True, False)
+            _detach(state)
+        return result
+
+    def close(self, *args, **kwargs):
+        cache, pool = getattr(self, "_poolscope_cache", None), getattr(self, "_poolscope", None)
+        attached = list(cache.handles) if cache is not None else []
+        close_handles = getattr(self, "_ps_close_handles", False)
+        result = super().close(*args, **kwargs)
+        for state in attached:
+            if _adapter is not None:
+                _guard("pycurl:CurlMulti.close", _adapter.finished, state, state.errno, True,
+                       False)
+            _detach(state)
+        if _adapter is not None and cache is not None:
+            _guard("pycurl:CurlMulti.close", _adapter.cache_closed, pool, cache)
+        if close_handles:
+            for state in attached:
+                curl = state.curl()
+                if curl is not None:
+                    curl.close()
         return result
 
 
-def _state(handle):
-    return handle._ps if isinstance(handle, Curl) else None
-
-
-class CurlShare(_ClosesCache, pycurl.CurlShare):
-    """``pycurl.CurlShare``, observed by poolscope."""
-
-    def setopt(self, option, value):
-        if option == pycurl.SH_SHARE and value == pycurl.LOCK_DATA_CONNECT:
-            self._ps_connections = True
-        elif option == pycurl.SH_UNSHARE and value == pycurl.LOCK_DATA_CONNECT:
-            self._ps_connections = False
-        return super().setopt(option, value)
-
-
-
-def _takes_share_subclass():
-    """pycurl before 7.49 refuses a subclass of ``CurlShare`` in ``setopt(SHARE)``."""
-    curl, share = pycurl.Curl(), CurlShare()
-    try:
-        curl.setopt(pycurl.SHARE, share)
-        return True
-    except TypeError:
-        return False
-    finally:
-        curl.close()
-        share.close()
+def _detach(state):
+    """The easy handle left its multi."""
+    if state.multi is not None:
+        state.multi[1].handles.discard(state)
+    state.multi = state.context = state.errno = None
 
 
 class PycurlAdapter(Adapter):
@@ -311,8 +410,11 @@ class PycurlAdapter(Adapter):
         global _adapter
         if pycurl.version_info()[2] < 0x075000:
             raise RuntimeError("libcurl 7.80 or newer is needed (PREREQFUNCTION)")
-        for cls in (Curl, CurlMulti) + ((CurlShare,) if _takes_share_subclass() else ()):
+        for cls in (Curl, CurlMulti):
             self.replace(pycurl, cls.__name__, cls)
+        async_multi = sys.modules.get("pycurl.async_multi")
+        if async_multi is not None and getattr(async_multi, "CurlMulti", None) is _ORIGINAL["CurlMulti"]:
+            self.replace(async_multi, "CurlMulti", CurlMulti)
         _adapter = self
 
     def unpatch(self):
@@ -346,81 +448,111 @@ class PycurlAdapter(Adapter):
             self._let_go(state.conn)
         owner, cache = state.owner()
         rec = cache.conns.get(key)
-        if state.fresh or rec is None or rec.closed:
-            state.fresh = False
+        sockets, state.sockets = state.sockets, None
+        if sockets or rec is None or rec.closed:
             self._sweep(cache, fresh_key=key)
             rec = self.recorder.conn_created(self.pool_state(owner),
                                              state.series(self.recorder))
             cache.conns[key] = rec
+            if sockets:
+                self._opened(state, rec, key, cache, sockets)
         state.conn = rec, key, cache
         self.recorder.acquired(rec, context=state.context)
 
-    def finished(self, state, errno):
-        """A transfer ended: ``errno`` 0 when it succeeded, None when not known."""
+    def _opened(self, state, rec, key, cache, sockets):
+        """A new connection is ready: its socket (of those opened for the transfer, the one
+        bound to its local port) and its set-up, from the socket's opening until now."""
+        fd, started, started_ns = sockets[-1]
+        if len(sockets) > 1:  # several addresses tried
+            for opened in sockets:
+                try:
+                    sock = socket.socket(fileno=opened[0])
+                except OSError:
+                    continue
+                try:
+                    if sock.getsockname()[1] == key[1]:
+                        fd, started, started_ns = opened[0], sockets[0][1], sockets[0][2]
+                except OSError:
+                    pass
+                finally:
+                    sock.detach()
+        cache.socks[key] = fd, _inode(fd)
+        state.setup = time.monotonic() - started
+        self.recorder.conn_opened(rec, state.setup)
+        span = self.recorder.setup_started(rec.series, state.context, started_ns)
+        self.recorder.setup_ended(span, peer=key[2] if span else None)
+
+    def finished(self, state, errno, final=True, attached=True):
+        """A transfer ended: ``errno`` 0 when it succeeded, None when not known.
+
+        ``final`` False (``info_read``): where libcurl's figures are needed and pycurl cannot
+        give them yet (inside one of the multi's callbacks), nothing changes but the error
+        kept, and ``remove_handle`` or the multi's ``close`` finishes the transfer.
+        ``attached`` False: the handle has left its multi, or closed.
+        """
         if state is None:
             return
-        taken, state.conn = state.conn, None
-        context = state.context
-        curl = state.curl
+        taken = state.conn
+        curl = state.curl()
         if taken is None:
-            wait, state.wait = state.wait, None
+            wait = state.wait
             if wait is not None:
-                timed_out = errno == pycurl.E_OPERATION_TIMEDOUT and \
-                    curl.getinfo(pycurl.NUM_CONNECTS) == 0
+                timed_out = False
+                if errno == pycurl.E_OPERATION_TIMEDOUT and state.sockets is None:
+                    port = _read(curl, pycurl.PRIMARY_PORT) if curl is not None else None
+                    if port is None and not final:
+                        state.errno = errno
+                        return
+                    timed_out = port is not None and port[0] <= 0
+                state.wait = None
                 error = pycurl.error(errno, "timed out waiting for a connection")
                 if timed_out:
-                    self.recorder.waited(wait.series, time.monotonic() - wait.start, context,
-                                         error=error)
+                    self.recorder.waited(wait.series, time.monotonic() - wait.start,
+                                         state.context, error=error)
                 self.recorder.wait_ended(wait, TIMED_OUT if timed_out else ABANDONED, error)
+            state.sockets = None
             return
         rec, key, cache = taken
-        getinfo = curl.getinfo
-        limited = state.multi is not None and state.multi[1].limited
-        if not rec.opened or limited:
-            self._timings(state, rec, limited)
-        fd = getinfo(pycurl.ACTIVESOCKET) if not rec.closed else -1
-        if fd == -1:
-            if errno == 0:
-                reason = sc.IDLE_LIMIT if state.forbid_reuse else sc.SERVER_CLOSED
-            else:
-                reason = sc.ERROR
-            cache.conns.pop(key, None)
-            cache.fds.pop(key, None)
-            self.recorder.released(rec, reason)
-        else:
-            cache.fds[key] = fd
+        times = None
+        if state.multi is not None and state.multi[1].limited and curl is not None:
+            times = _read(curl, pycurl.QUEUE_TIME_T, pycurl.PRETRANSFER_TIME_T,
+                          pycurl.TOTAL_TIME_T)
+            if times is None and not final:
+                state.errno = errno
+                return
+        setup, state.setup = state.setup, 0.0
+        state.conn = state.sockets = None
+        if times is not None:
+            self._waited(state, rec, setup, *times)
+        sock = cache.socks.get(key)
+        if sock is None or _open(curl if attached else None, sock):
             self.recorder.released(rec)
+            return
+        if errno == 0:
+            reason = sc.IDLE_LIMIT if state.forbid_reuse else sc.SERVER_CLOSED
+        else:
+            reason = sc.ERROR
+        cache.conns.pop(key, None)
+        cache.socks.pop(key, None)
+        self.recorder.released(rec, reason)
 
-    def _timings(self, state, rec, limited):
-        """A new connection's set-up, and in a limited multi the transfer's wait, from libcurl's
-        times (which run from the transfer's start)."""
-        getinfo = state.curl.getinfo
-        queued = getinfo(pycurl.QUEUE_TIME_T) / 1e6 if limited else 0.0
-        if rec.opened and queued < _QUEUED:
-            return  # neither a set-up nor a wait to record: spare the other lookups
-        start_ns = time.time_ns() - getinfo(pycurl.TOTAL_TIME_T) * 1000
-        setup = 0.0
-        if not rec.opened:
-            connected = getinfo(pycurl.APPCONNECT_TIME_T) or getinfo(pycurl.CONNECT_TIME_T)
-            resolved = getinfo(pycurl.NAMELOOKUP_TIME_T)
-            setup = max(0, connected - resolved) / 1e6
-            self.recorder.conn_opened(rec, setup)
-            span = self.recorder.setup_started(rec.series, state.context, start_ns + resolved * 1000)
-            self.recorder.setup_ended(span, peer=getinfo(pycurl.PRIMARY_IP) if span else None,
-                                      end_ns=start_ns + connected * 1000)
-        if limited:
-            queued = min(queued, getinfo(pycurl.PRETRANSFER_TIME_T) / 1e6 - setup)
-            if queued >= _QUEUED:
-                self.recorder.waited(rec.series, queued, state.context,
-                                     start_ns + int(queued * 1e9))
+    def _waited(self, state, rec, setup, queue_us, pretransfer_us, total_us):
+        """A transfer's wait in a limited multi, from libcurl's times (which run from the
+        transfer's start)."""
+        queued = queue_us / 1e6
+        if queued < _QUEUED:
+            return
+        queued = min(queued, pretransfer_us / 1e6 - setup)
+        if queued >= _QUEUED:
+            start_ns = time.time_ns() - total_us * 1000
+            self.recorder.waited(rec.series, queued, state.context, start_ns + int(queued * 1e9))
 
     def _let_go(self, taken):
         """Release a connection a transfer moved off; libcurl closed it if it was found dead."""
         rec, key, cache = taken
-        fd = cache.fds.get(key)
-        if fd is not None and not _alive(fd, key):
+        if key in cache.socks and not _alive(cache.socks[key]):
             cache.conns.pop(key, None)
-            cache.fds.pop(key, None)
+            cache.socks.pop(key, None)
             self.recorder.released(rec, sc.SERVER_CLOSED)
         else:
             self.recorder.released(rec)
@@ -437,11 +569,11 @@ class PycurlAdapter(Adapter):
                 continue
             if rec.in_use:
                 continue
-            fd = cache.fds.get(key)
-            if reason is None and key != fresh_key and (fd is None or _alive(fd, key)):
-                continue  # alive, or never seen idle (a redirect's): kept until the pool closes
+            sock = cache.socks.get(key)
+            if reason is None and key != fresh_key and (sock is None or _alive(sock)):
+                continue  # alive, or its socket unknown: kept until the pool closes
             del cache.conns[key]
-            cache.fds.pop(key, None)
+            cache.socks.pop(key, None)
             if reason is not None:
                 why = reason
             elif rec.released_at and now - rec.released_at >= cache.maxage:
@@ -450,10 +582,15 @@ class PycurlAdapter(Adapter):
                 why = sc.SERVER_CLOSED
             self.recorder.closed(rec, why)
 
-    def cache_closed(self, owner):
-        state = getattr(owner, "_poolscope", None)
-        cache = getattr(owner, "_poolscope_cache", None)
-        if state is None or cache is None:
-            return
-        self.recorder.pool_closed(state)
+    def handle_closed(self, state, pool):
+        """An easy handle closed: its transfer (if one was under way) and its own cache end."""
+        if state.conn is not None or state.wait is not None:
+            self.finished(state, state.errno, True, False)
+        _detach(state)
+        self.cache_closed(pool, state.cache)
+
+    def cache_closed(self, pool, cache):
+        """A connection cache closed with its handle; ``pool`` None if it never served."""
+        if pool is not None:
+            self.recorder.pool_closed(pool)
         self._sweep(cache, sc.POOL_CLOSED)
