@@ -3,6 +3,7 @@
 import logging
 import threading
 
+import pytest
 import requests
 import urllib3
 
@@ -106,3 +107,30 @@ def test_a_queue_class_patched_late_still_reaches_new_pools(metrics, server, mon
     assert metrics.histogram(data, "poolscope.connection.wait_time")[0] == 2
     assert metrics.value(data, "poolscope.connection.created") == 1 == server.accepted
     pool.close()
+
+
+@pytest.mark.parametrize("queue_class", ["stdlib", "compiled"])
+def test_a_collected_pool_still_has_urllib3_drain_its_queue(metrics, server, monkeypatch,
+                                                             queue_class):
+    """urllib3 closes a garbage-collected pool's connections by draining its queue; the queue
+    poolscope observes is the one drained (a compiled queue class, gevent's, cannot take an
+    observed subclass in place and is replaced)."""
+    import gc
+
+    if queue_class == "compiled":
+        if getattr(urllib3.connectionpool, "_DEFAULT_QUEUE_CLASS", None) is None:
+            pytest.skip("urllib3 before 2.8 takes its queue class at import")
+        import queue
+
+        import gevent.queue
+        monkeypatch.setattr(queue, "LifoQueue", gevent.queue.LifoQueue)
+    pool = urllib3.HTTPConnectionPool("127.0.0.1", server.port, maxsize=2)
+    assert pool.request("GET", "/").status == 200
+    held = pool.pool
+    assert held.qsize() == 2
+    del pool
+    gc.collect()
+    assert held.qsize() == 0
+    data = metrics.read()
+    assert metrics.value(data, "poolscope.connection.closed",
+                         poolscope__close__reason="pool_closed") == 1

@@ -16,7 +16,9 @@
 """
 
 import queue
+import sys
 import time
+import weakref
 
 from .. import _semconv as sc
 from .._config import internal_error
@@ -36,9 +38,11 @@ def _event(method, *args):
 
 
 class _ObservedQueue:
-    """Mixed in before a pool's queue class: tells poolscope when a request had to wait."""
+    """Mixed in before a pool's queue class: tells poolscope when a request had to wait.
 
-    __slots__ = ()
+    No ``__slots__``: with them, CPython refuses the class as a new ``__class__`` of a queue.
+    """
+
     _poolscope = None  # (recorder, pool state), set when the pool registers
 
     def get(self, block=True, timeout=None):
@@ -76,28 +80,24 @@ class _ObservedQueue:
 _observed_classes = {}
 
 
-def _observed_class(cls, slots):
-    """The observed subclass of a queue class: with no slots of its own to take an object's
-    ``__class__``, or with a ``__dict__`` to replace an object of a compiled class."""
-    observed = _observed_classes.get((cls, slots))
-    if observed is None:
-        namespace = {"__module__": cls.__module__, **({"__slots__": ()} if slots else {})}
-        observed = _observed_classes[cls, slots] = type(cls.__name__, (_ObservedQueue, cls),
-                                                        namespace)
-    return observed
-
-
 def _observed_queue(pool_obj):
-    """The pool's queue, made observed (the same object where its class allows it)."""
+    """The pool's queue, made observed: the same object, given an observed subclass of its
+    class; for a compiled class that refuses it (gevent's), a new queue of that subclass with
+    the same items, which urllib3's finalizer of the pool drains as it would the old one."""
     old = pool_obj.pool
     if isinstance(old, _ObservedQueue):
         return old
+    cls = type(old)
+    observed = _observed_classes.get(cls)
+    if observed is None:
+        observed = _observed_classes[cls] = type(cls.__name__, (_ObservedQueue, cls),
+                                                 {"__slots__": (), "__module__": cls.__module__})
     try:
-        old.__class__ = _observed_class(type(old), True)
+        old.__class__ = observed
         return old
     except TypeError:
         pass
-    new = _observed_class(type(old), False)(old.maxsize)
+    new = observed(old.maxsize)
     items = []
     while True:
         try:
@@ -107,6 +107,9 @@ def _observed_queue(pool_obj):
     for item in reversed(items):  # in the order a LIFO queue gives them out
         new.put(item, False)
     pool_obj.pool = new
+    drain = getattr(sys.modules.get("urllib3.connectionpool"), "_close_pool_connections", None)
+    if drain is not None:
+        weakref.finalize(pool_obj, drain, new)
     return new
 
 
