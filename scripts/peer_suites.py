@@ -1,0 +1,233 @@
+"""Run the HTTP libraries' own test suites with and without poolscope; fail on any test whose
+outcome differs.
+
+For each library, at the version installed in ``.venv``: its source distribution from PyPI
+(which ships its tests), a virtual environment of its own under ``.peer/`` with the library at
+that version, its test requirements and poolscope, then the same selection of tests run
+three ways:
+
+- ``bare``: without poolscope;
+- ``instrumented``: ``poolscope.instrument()`` before the library is imported (the pytest
+  plugin ``tests/peers/poolscope_peer.py``), metrics collected after every test;
+- ``strict``: the same, each test under a recording parent span (so poolscope's spans are
+  made) and ``POOLSCOPE_STRICT=true`` (poolscope's own failures raise).
+
+A test whose outcome differs from the bare run is run alone three times each way: a
+difference that holds is reported, one that does not is a flake of the suite.
+
+Every run is in a network namespace of its own with nothing but loopback (``unshare -n``, so
+it needs root): the suites' servers are on 127.0.0.1, and a test that reaches for another
+address (the internet, a black-hole address for a timeout) fails at once in every run, so it
+is no difference.
+
+    .venv/bin/python scripts/peer_suites.py              # every library, the pool-related files
+    .venv/bin/python scripts/peer_suites.py pycurl --full  # one library, its whole suite
+
+``scripts/test.sh`` runs it after the version matrix. What each selection leaves out, and why,
+is in ``SUITES`` below and in docs/libraries.md.
+"""
+
+import argparse
+import importlib.metadata
+import os
+import shutil
+import subprocess
+import sys
+import tarfile
+import time
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+WORK = ROOT / ".peer"
+PLUGIN_DIR = ROOT / "tests" / "peers"
+
+# dist: the PyPI project; tests: its test folder; install: what its tests need ("group:NAME"
+# for a PEP 735 dependency group of its pyproject.toml, else requirement strings); files: the
+# pool-related part run by default (None: all of it); args: pytest options every run takes.
+SUITES = {
+    "pycurl": dict(
+        dist="pycurl", tests="tests", install=["group:test"],
+        files=[f"tests/{name}" for name in (
+            "multi_test.py", "multi_memory_mgmt_test.py", "multi_callback_test.py",
+            "multi_socket_test.py", "test_multi_notify.py", "test_async_multi.py",
+            "share_test.py", "test_memory_mgmt_close_matrix.py", "memory_mgmt_test.py",
+            "subclass_test.py", "test_subclass_finalize.py", "weakref_test.py",
+            "duphandle_test.py", "reset_test.py", "getinfo_test.py", "info_test.py",
+            "prereq_cb_test.py", "sockopt_cb_test.py", "open_socket_cb_test.py",
+            "close_socket_cb_test.py", "setopt_test.py", "setopt_lifecycle_test.py",
+            "test_write_cb_memoryview.py", "perform_test.py", "curl_object_test.py",
+            "context_manager_test.py", "test_connect_only_send_recv.py")],
+        # reload_test reloads pycurl, which undoes any replacement of its classes (documented)
+        args=["-m", "not online", "-p", "no:randomly", "--deselect",
+              "tests/reload_test.py"]),
+    "urllib3": dict(
+        dist="urllib3", tests="test", install=["group:test", "trustme", "cryptography"],
+        files=["test/test_connectionpool.py", "test/test_poolmanager.py",
+               "test/test_queue_monkeypatch.py", "test/test_connection.py",
+               "test/with_dummyserver/test_connectionpool.py",
+               "test/with_dummyserver/test_poolmanager.py",
+               "test/with_dummyserver/test_socketlevel.py"],
+        args=[]),
+    "requests": dict(
+        dist="requests", tests="tests",
+        install=["pytest-httpbin", "pytest-mock", "trustme", "werkzeug"],
+        files=["tests/test_requests.py", "tests/test_lowlevel.py"], args=[]),
+    "httpcore": dict(
+        dist="httpcore", tests="tests",
+        install=["pytest-httpbin", "trio", "anyio[trio]", "h2", "socksio", "pytest-trio"],
+        files=None, args=[]),
+    "httpx": dict(
+        dist="httpx", tests="tests",
+        install=["trio", "anyio[trio]", "h2", "socksio", "uvicorn", "trustme", "chardet",
+                 "brotli", "zstandard", "rich", "click", "pygments"],
+        files=None, args=[]),
+    "aiohttp": dict(
+        dist="aiohttp", tests="tests",
+        # requirements/test-common-base.in and test.in, less mypy, pytest-codspeed and
+        # python-on-whales (Docker, for the autobahn tests that are not run by default)
+        install=["freezegun", "proxy.py", "pytest-cov", "pytest-mock", "trustme", "blockbuster",
+                 "coverage", "isal", "zlib-ng", "re-assert", "pytest-xdist"],
+        files=["tests/test_connector.py", "tests/test_client_session.py",
+               "tests/test_client_functional.py", "tests/test_client_proto.py",
+               "tests/test_client_request.py", "tests/test_client_response.py"],
+        # its addopts but for xdist and coverage
+        args=["-o", "addopts=", "-m", "not dev_mode and not autobahn and not internal"]),
+}
+RUNS = {
+    "bare": ({}, False),
+    "instrumented": ({}, True),
+    "strict": ({"POOLSCOPE_STRICT": "true", "POOLSCOPE_PEER_SPAN": "true"}, True),
+}
+OUTCOMES = ("failure", "error", "skipped")
+LOOPBACK_ONLY = ["unshare", "--net", "sh", "-c", 'ip link set lo up && exec "$@"', "sh"]
+
+
+def sh(*cmd, cwd=None, env=None, quiet=True):
+    return subprocess.run(cmd, cwd=cwd, env=env, check=True, text=True,
+                          stdout=subprocess.DEVNULL if quiet else None)
+
+
+def prepare(name, spec):
+    """The suite's source and its environment: (source folder, python)."""
+    version = importlib.metadata.version(spec["dist"])
+    base = WORK / f"{name}-{version}"
+    src, venv = base / "src", base / "venv"
+    python = venv / "bin" / "python"
+    ready = base / "ready"
+    if ready.exists() and ready.read_text() == repr(spec["install"]):
+        return src, python, version
+    shutil.rmtree(base, ignore_errors=True)
+    base.mkdir(parents=True)
+    sh(sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--no-binary", ":all:",
+       "-d", str(base), f"{spec['dist']}=={version}")
+    archive = next(p for p in base.iterdir() if p.name.endswith((".tar.gz", ".zip")))
+    with tarfile.open(archive) as tar:
+        tar.extractall(base, filter="data") if hasattr(tarfile, "data_filter") else \
+            tar.extractall(base)
+    next(p for p in base.iterdir() if p.is_dir()).rename(src)
+    sh(sys.executable, "-m", "venv", str(venv))
+    sh(str(python), "-m", "pip", "install", "-q", "--upgrade", "pip")
+    groups = [f"--group={src / 'pyproject.toml'}:{i[6:]}" for i in spec["install"]
+              if i.startswith("group:")]
+    plain = [i for i in spec["install"] if not i.startswith("group:")]
+    sh(str(python), "-m", "pip", "install", "-q", "pytest", "pytest-timeout", *groups, *plain)
+    # last, so that nothing the tests require moves the library off the version under test
+    sh(str(python), "-m", "pip", "install", "-q", "-e", str(ROOT), f"{spec['dist']}=={version}")
+    ready.write_text(repr(spec["install"]))
+    return src, python, version
+
+
+def run(name, spec, src, python, run_name, selection, report):
+    env_extra, plugin = RUNS[run_name]
+    env = {**os.environ, **env_extra, "PYTHONPATH": str(PLUGIN_DIR) if plugin else ""}
+    env.pop("POOLSCOPE_STRICT", None) if "POOLSCOPE_STRICT" not in env_extra else None
+    cmd = [*LOOPBACK_ONLY, str(python), "-m", "pytest", "-q", "-p", "no:cacheprovider", "--timeout", "120",
+           f"--junitxml={report}", *spec["args"], *(["-p", "poolscope_peer"] if plugin else []),
+           *selection]
+    return subprocess.run(cmd, cwd=src, env=env, text=True, stdout=subprocess.DEVNULL,
+                          stderr=subprocess.DEVNULL).returncode
+
+
+def outcomes(report):
+    """{test id: outcome} from a junit report."""
+    found = {}
+    for case in ET.parse(report).iter("testcase"):
+        key = f"{case.get('classname')}::{case.get('name')}"
+        kinds = [child.tag for child in case if child.tag in OUTCOMES]
+        found[key] = kinds[0] if kinds else "passed"
+    return found
+
+
+def node_id(src, key):
+    """A pytest node id for a junit ``classname::name``."""
+    classname, name = key.split("::", 1)
+    parts = classname.split(".")
+    for cut in range(len(parts), 0, -1):
+        path = Path(*parts[:cut]).with_suffix(".py")
+        if (src / path).exists():
+            return "::".join([str(path), *parts[cut:], name])
+    return key
+
+
+def check(name, full):
+    spec = SUITES[name]
+    started = time.monotonic()
+    src, python, version = prepare(name, spec)
+    selection = [] if full or spec["files"] is None else spec["files"]
+    results = {}
+    for run_name in RUNS:
+        report = src.parent / f"{run_name}.xml"
+        run(name, spec, src, python, run_name, selection, report)
+        results[run_name] = outcomes(report)
+    bare = results["bare"]
+    counts = {k: sum(1 for v in bare.values() if v == k) for k in ("passed", *OUTCOMES)}
+    differences = []
+    for key in sorted(set(results["instrumented"]) | set(results["strict"])):
+        differ = [r for r in ("instrumented", "strict") if results[r].get(key, bare.get(key))
+                  != bare.get(key)]
+        if not differ:
+            continue
+        node = node_id(src, key)
+        if len(differ) == 2:  # in both instrumented runs, whatever it does alone
+            differences.append((node, bare.get(key), {r: results[r].get(key) for r in differ}))
+            continue
+        again = {}
+        for rerun in ("bare", differ[0]):
+            report = src.parent / f"rerun-{rerun}.xml"
+            again[rerun] = set()
+            for _ in range(3):
+                run(name, spec, src, python, rerun, [node], report)
+                again[rerun].update(outcomes(report).values())
+        if again["bare"] != again[differ[0]]:
+            differences.append((node, bare.get(key), {f"{r} alone, 3 times": sorted(v)
+                                                      for r, v in again.items()}))
+        else:
+            print(f"  {name}: {node}: {results[differ[0]].get(key)} {differ[0]}, "
+                  f"{bare.get(key)} bare; alone {sorted(again['bare'])} both ways: a flake")
+    print(f"{name} {version}: {len(bare)} tests ({', '.join(f'{v} {k}' for k, v in counts.items())}), "
+          f"{'selection: ' + ' '.join(selection) if selection else 'the whole suite'}; "
+          f"{len(differences)} differences; {time.monotonic() - started:.0f} s")
+    for node, was, seen in differences:
+        print(f"  DIFFERENT {node}: bare {was}; " + "; ".join(f"{k} {v}" for k, v in seen.items()))
+    return not differences
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("libraries", nargs="*", metavar="LIBRARY",
+                        help=f"any of {', '.join(SUITES)} (default: all)")
+    parser.add_argument("--full", action="store_true", help="each library's whole suite")
+    args = parser.parse_args(argv)
+    unknown = [name for name in args.libraries if name not in SUITES]
+    if unknown:
+        parser.error(f"no suite for {', '.join(unknown)}: choose from {', '.join(SUITES)}")
+    if subprocess.run([*LOOPBACK_ONLY, "true"], capture_output=True).returncode != 0:
+        parser.error("the suites run in a loopback-only network namespace: that needs root, "
+                     "unshare (util-linux) and ip (iproute2)")
+    ok = [check(name, args.full) for name in args.libraries or SUITES]
+    return 0 if all(ok) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
