@@ -12,6 +12,7 @@ nox.options.default_venv_backend = "venv"
 nox.options.reuse_existing_virtualenvs = True
 
 LIBRARY_TESTS = ["tests/test_pools.py", "tests/test_urllib3.py", "tests/test_httpx.py",
+                 "tests/test_sdks.py",
                  "tests/test_aiohttp.py", "tests/test_pycurl.py", "tests/test_api.py",
                  "tests/test_ordering.py", "tests/test_faults.py", "tests/test_spans.py",
                  "tests/test_leaks.py", "tests/test_stress.py"]
@@ -19,9 +20,11 @@ INSTRUMENTATIONS = ["opentelemetry-instrumentation-httpx", "opentelemetry-instru
                     "opentelemetry-instrumentation-requests",
                     "opentelemetry-instrumentation-aiohttp-client"]
 OLDEST = ["urllib3==1.26.0", "requests==2.26.0", "httpx==0.25.2", "httpcore==1.0.3",
+          "httpx2==2.0.0", "httpcore2==2.0.0",
           "aiohttp==3.10.11", "pycurl==7.46.0", "wrapt==1.14.1", "opentelemetry-api==1.30.0",
           "opentelemetry-sdk==1.30.0", *(f"{name}==0.51b0" for name in INSTRUMENTATIONS)]
-NEWEST_WRAPT1 = ["urllib3", "requests", "httpx", "httpcore", "aiohttp", "pycurl", "wrapt<2",
+NEWEST_WRAPT1 = ["urllib3", "requests", "httpx", "httpcore", "httpx2", "httpcore2",
+                 "openai[aiohttp]", "anthropic", "aiohttp", "pycurl", "wrapt<2",
                  "opentelemetry-api", "opentelemetry-sdk", *INSTRUMENTATIONS]
 
 
@@ -30,6 +33,6 @@ NEWEST_WRAPT1 = ["urllib3", "requests", "httpx", "httpcore", "aiohttp", "pycurl"
 def matrix(session, pins):
     session.install("--upgrade", "-e", ".", "pytest", "pytest-timeout", *pins)
     session.run("python", "-c", "import importlib.metadata as m; print(*(f'{d} ' + m.version(d) "
-                "for d in ('urllib3', 'requests', 'httpx', 'httpcore', 'aiohttp', 'pycurl', "
-                "'wrapt', 'opentelemetry-sdk')), sep=', ')")
+                "for d in ('urllib3', 'requests', 'httpx', 'httpcore', 'httpx2', 'httpcore2', "
+                "'aiohttp', 'pycurl', 'wrapt', 'opentelemetry-sdk')), sep=', ')")
     session.run("python", "-m", "pytest", "-q", *LIBRARY_TESTS, *session.posargs)

@@ -9,12 +9,13 @@ import threading
 import wrapt
 
 from ._config import env_bool, env_int, env_seconds, logger, setting
-from ._package import SUPPORTED
+from ._package import SUPPORTED, UNCOVERED
 from ._recorder import Recorder
 
 ADAPTERS = {
     "urllib3": "poolscope.adapters.urllib3:Urllib3Adapter",
     "httpx": "poolscope.adapters.httpx:HttpxAdapter",
+    "httpx2": "poolscope.adapters.httpx:Httpx2Adapter",
     "aiohttp": "poolscope.adapters.aiohttp:AiohttpAdapter",
     "pycurl": "poolscope.adapters.pycurl:PycurlAdapter",
 }
@@ -38,12 +39,27 @@ def _version_tuple(text):
 def supported_version(name):
     """The installed version of the package behind ``name`` and whether poolscope supports it."""
     spec = SUPPORTED[name]
-    try:
-        version = importlib.metadata.version(spec["distribution"])
-    except importlib.metadata.PackageNotFoundError:
+    version = _installed(spec["distribution"])
+    if version is None:
         return None, False
     v = _version_tuple(version)
     return version, _version_tuple(spec["minimum"]) <= v < _version_tuple(spec["below"])
+
+
+def _installed(distribution):
+    try:
+        return importlib.metadata.version(distribution)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def _tell_uncovered():
+    """One line naming the installed client libraries whose pools poolscope does not observe."""
+    found = [f"{name} {version}" for name in UNCOVERED
+             if (version := _installed(name)) is not None]
+    if found:
+        logger.warning("poolscope: %s installed, not observed: their connection pools report "
+                       "nothing", ", ".join(found))
 
 
 def _load_adapter(name):
@@ -96,6 +112,7 @@ def instrument(*, meter_provider=None, tracer_provider=None, libraries=None):
                                         if setting(env_bool, "POOLSCOPE_LEAK_WARNINGS", False)
                                         else None))
         _active = owner = _Instrumentation(recorder, names)
+        _tell_uncovered()
         for name in names:
             wrapt.register_post_import_hook(functools.partial(_on_import, name, owner),
                                             SUPPORTED[name]["module"])

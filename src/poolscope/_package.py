@@ -9,8 +9,14 @@ SUPPORTED = {
                 "minimum": "1.26", "below": "3"},
     "httpx": {"distribution": "httpcore", "module": "httpcore",
               "minimum": "1.0.3", "below": "2"},
+    "httpx2": {"distribution": "httpcore2", "module": "httpcore2",
+               "minimum": "2.0", "below": "3"},
     "aiohttp": {"distribution": "aiohttp", "module": "aiohttp.connector",
                 "minimum": "3.10.11", "below": "4"},
     "pycurl": {"distribution": "pycurl", "module": "pycurl",
                "minimum": "7.46", "below": "8"},
 }
+
+# Client libraries with connection pools poolscope does not observe (yet): when one is installed,
+# instrument() says so in one line, so that nobody wonders why its pools report nothing.
+UNCOVERED = ("curl_cffi", "niquests", "urllib3-future", "requestx")

@@ -172,6 +172,7 @@ _recorders = weakref.WeakSet()
 
 # Frames of these packages are not "where the application acquired a connection".
 _NOT_CALLERS = ("poolscope", "wrapt", "urllib3", "requests", "botocore", "httpx", "httpcore",
+                "httpx2", "httpcore2", "openai", "anthropic",
                 "aiohttp", "pycurl", "asyncio", "anyio", "concurrent", "threading", "contextlib")
 
 

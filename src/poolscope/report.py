@@ -7,12 +7,16 @@ from . import _semconv as sc
 # The setting that raises each library's connection limit, and its keep-alive expiry.
 LIMIT_SETTING = {"urllib3": "maxsize (requests: HTTPAdapter pool_maxsize; botocore: max_pool_connections)",
                  "httpx": "httpx.Limits(max_connections=...)",
+                 "httpx2": "httpx2.Limits(max_connections=...) (openai/anthropic: http_client="
+                           "DefaultHttpxClient(limits=...))",
                  "aiohttp": "TCPConnector(limit=..., limit_per_host=...)",
                  "pycurl": "the multi's M_MAX_TOTAL_CONNECTIONS / M_MAX_HOST_CONNECTIONS"}
 KEEPALIVE_SETTING = {"httpx": "httpx.Limits(keepalive_expiry=...)",
+                     "httpx2": "httpx2.Limits(keepalive_expiry=...)",
                      "aiohttp": "TCPConnector(keepalive_timeout=...)",
                      "pycurl": "MAXAGE_CONN"}
 IDLE_SETTING = {"httpx": "httpx.Limits(max_keepalive_connections=...)",
+                "httpx2": "httpx2.Limits(max_keepalive_connections=...)",
                 "aiohttp": "TCPConnector(force_close=False)",
                 "pycurl": "MAXCONNECTS / M_MAXCONNECTS, or drop FORBID_REUSE"}
 

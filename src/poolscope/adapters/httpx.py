@@ -1,7 +1,9 @@
-"""httpx, through httpcore's ``ConnectionPool`` and ``AsyncConnectionPool`` (httpcore 1.0.3+).
+"""httpx, through httpcore's ``ConnectionPool`` and ``AsyncConnectionPool`` (httpcore 1.0.3+),
+and httpx2 (the fork the openai and anthropic SDKs use) through httpcore2's (2.0+).
 
-One implementation serves both: the hooks are plain functions, applied to the ``_sync`` and
-``_async`` classes by name. Where the hooks are (per request, cheapest first):
+One implementation serves all four: the hooks are plain functions, applied to the ``_sync``
+and ``_async`` classes of ``httpcore`` or ``httpcore2`` by name. What differs between the two
+is data (:class:`Httpx2Adapter`). Where the hooks are (per request, cheapest first):
 
 - ``ConnectionPool.handle_request``: tags the request with its pool, for the wait hook.
 - ``PoolRequest.wait_for_connection``: a wait starts when the request has no connection on
@@ -18,6 +20,12 @@ connection as ``_assign_requests_to_connections`` judged it: past ``_expire_at``
 ``keepalive_expired``, an idle socket the server closed is ``server_closed``, the rest are idle
 connections the pool had no room for (``idle_limit``). A connection still in use when the pool
 closes it (a race in httpcore 1.0.9, encode/httpcore#1110) fails its request: ``error``.
+
+httpcore2 2.6 and later drop, without closing it, a connection whose request was cancelled
+before it connected (httpcore keeps it, and its slot, for good: encode/httpcore#1093); such a
+connection is let go with its request. httpcore2's other pool changes (single-pass
+assignment in 2.3, a released connection assigned to a single queued request in 2.8) need
+nothing: a connection handed to a request that then finds it taken is undone as above.
 """
 
 import importlib
@@ -28,17 +36,19 @@ from .. import _semconv as sc
 from .._recorder import ABANDONED, TIMED_OUT
 from ._base import Adapter, arg
 
-FLAVORS = (
-    {"package": "httpcore._sync", "pool": "ConnectionPool", "request": "PoolRequest",
-     "connection": "HTTPConnection", "send": "handle_request", "close": "close",
-     "proxies": (("http_proxy", "HTTPProxy", ("ForwardHTTPConnection", "TunnelHTTPConnection")),
-                 ("socks_proxy", "SOCKSProxy", ("Socks5Connection",)))},
-    {"package": "httpcore._async", "pool": "AsyncConnectionPool", "request": "AsyncPoolRequest",
-     "connection": "AsyncHTTPConnection", "send": "handle_async_request", "close": "aclose",
-     "proxies": (("http_proxy", "AsyncHTTPProxy",
-                  ("AsyncForwardHTTPConnection", "AsyncTunnelHTTPConnection")),
-                 ("socks_proxy", "AsyncSOCKSProxy", ("AsyncSocks5Connection",)))},
-)
+def _flavors(root):
+    """The sync and async classes of ``root`` (``httpcore`` or ``httpcore2``), by name."""
+    return (
+        {"package": f"{root}._sync", "pool": "ConnectionPool", "request": "PoolRequest",
+         "connection": "HTTPConnection", "send": "handle_request", "close": "close",
+         "proxies": (("http_proxy", "HTTPProxy", ("ForwardHTTPConnection", "TunnelHTTPConnection")),
+                     ("socks_proxy", "SOCKSProxy", ("Socks5Connection",)))},
+        {"package": f"{root}._async", "pool": "AsyncConnectionPool", "request": "AsyncPoolRequest",
+         "connection": "AsyncHTTPConnection", "send": "handle_async_request", "close": "aclose",
+         "proxies": (("http_proxy", "AsyncHTTPProxy",
+                      ("AsyncForwardHTTPConnection", "AsyncTunnelHTTPConnection")),
+                     ("socks_proxy", "AsyncSOCKSProxy", ("AsyncSocks5Connection",)))},
+    )
 
 
 def _limit(value):
@@ -89,13 +99,16 @@ def _self_close_reason(conn):
 
 class HttpxAdapter(Adapter):
     library = "httpx"
+    root = "httpcore"  # the package whose pools are patched
 
     def patch(self):
-        from httpcore import ConnectionNotAvailable, PoolTimeout
-
-        self._not_available = ConnectionNotAvailable
-        self._pool_timeout = PoolTimeout
-        for flavor in FLAVORS:
+        core = importlib.import_module(self.root)
+        self._not_available = core.ConnectionNotAvailable
+        self._pool_timeout = core.PoolTimeout
+        connection = importlib.import_module(self.root + "._sync.connection").HTTPConnection
+        # httpcore2 2.6+ (which added is_connected) drops an unconnected, unclaimed connection
+        self._drops_unclaimed = hasattr(connection, "is_connected")
+        for flavor in _flavors(self.root):
             self._patch_flavor(flavor)
 
     def _patch_flavor(self, f):
@@ -166,6 +179,11 @@ class HttpxAdapter(Adapter):
         if exc is not None:
             timed_out = isinstance(exc, self._pool_timeout)
             self.recorder.wait_ended(wait, TIMED_OUT if timed_out else ABANDONED, exc)
+            conn = pool_request.connection  # given to the request as it gave up
+            if self._drops_unclaimed and conn is not None and not conn.is_connected():
+                rec = conn.__dict__.get("_poolscope")
+                if rec is not None and rec.in_use == 0:
+                    self.recorder.closed(rec, sc.ERROR)  # never established: not counted
 
     # -- connections ------------------------------------------------------
 
@@ -222,3 +240,10 @@ class HttpxAdapter(Adapter):
         rec = conn.__dict__.get("_poolscope")
         if rec is not None and not rec.closed:
             self.recorder.closed(rec, _pool_close_reason(conn))
+
+
+class Httpx2Adapter(HttpxAdapter):
+    """httpx2, through httpcore2: the same pool under other names."""
+
+    library = "httpx2"
+    root = "httpcore2"
