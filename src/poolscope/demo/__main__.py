@@ -30,7 +30,7 @@ def main():
     env = {**os.environ, "OTEL_EXPORTER_PROMETHEUS_PORT": str(port),
            "OTEL_SERVICE_NAME": "poolscope-demo"}
     launcher = os.path.join(os.path.dirname(sys.executable), "poolscope-instrument")
-    with DemoServer() as server:
+    with DemoServer(api_delay=0.3) as server:
         print(f"demo server on {server.url}; running the demo app under:\n"
               f"  poolscope-instrument --metrics-exporter report,prometheus "
               f"python -m poolscope.demo.app {server.url}\n", flush=True)

@@ -1,8 +1,9 @@
 """The demo application: an ordinary program that knows nothing of poolscope.
 
 It saturates a urllib3 pool, a requests session, httpx sync and async clients, an aiohttp
-session and a pycurl multi (limit 2 each, 6 requests at once against a 300 ms server), then
-waits for a line on stdin, so that the demo can scrape its Prometheus endpoint before it exits.
+session, a pycurl multi and an openai client (on httpx2, where it is installed: Python 3.11+)
+(limit 2 each, 6 requests at once against a 300 ms server), then waits for a line on stdin, so
+that the demo can scrape its Prometheus endpoint before it exits.
 """
 
 import asyncio
@@ -50,6 +51,18 @@ def main(url):
     asyncio.run(aiohttp_requests())
 
     curl_multi(slow)
+
+    try:
+        import httpx2
+        import openai
+    except ImportError:
+        pass
+    else:
+        ai = openai.OpenAI(base_url=url + "/v1", api_key="demo",
+                           http_client=openai.DefaultHttpxClient(
+                               limits=httpx2.Limits(max_connections=2)))
+        at_once(lambda: ai.chat.completions.create(
+            model="demo", messages=[{"role": "user", "content": "hi"}]))
 
     print("workload done", flush=True)
     sys.stdin.readline()

@@ -3,15 +3,32 @@
 Paths: ``/delay/<seconds>`` answers after that delay; ``/close`` answers with
 ``Connection: close``; ``/drop`` closes the socket without answering; ``/bytes/<n>`` answers
 ``n`` bytes (a body too large to be buffered at once); anything else answers
-``ok`` at once. ``idle_timeout`` closes keep-alive connections left idle that long, as a
-server's own keep-alive limit does. The server counts the connections it accepted
-(``accepted``) and those of them that closed without sending a request (``empty``).
+``ok`` at once. ``POST /v1/chat/completions`` and ``POST /v1/messages`` answer as the OpenAI
+and Anthropic APIs do (a fixed reply, after ``api_delay`` seconds), for the SDKs built on
+httpx2. ``idle_timeout`` closes keep-alive connections left idle that long, as a server's own
+keep-alive limit does. The server counts the connections it accepted (``accepted``), those of
+them that closed without sending a request (``empty``), and the requests it answered
+(``answered``).
 """
 
+import json
 import socket
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+
+_API = {
+    "/v1/chat/completions": {
+        "id": "chatcmpl-poolscope", "object": "chat.completion", "created": 0, "model": "demo",
+        "choices": [{"index": 0, "finish_reason": "stop",
+                     "message": {"role": "assistant", "content": "ok"}}],
+        "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2}},
+    "/v1/messages": {
+        "id": "msg_poolscope", "type": "message", "role": "assistant", "model": "demo",
+        "content": [{"type": "text", "text": "ok"}], "stop_reason": "end_turn",
+        "stop_sequence": None, "usage": {"input_tokens": 1, "output_tokens": 1}},
+}
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -38,6 +55,9 @@ class _Handler(BaseHTTPRequestHandler):
                 self.server.empty += 1
 
     def do_GET(self):
+        length = int(self.headers.get("Content-Length") or 0)
+        if length:
+            self.rfile.read(length)
         path = self.path.split("?", 1)[0]
         if "://" in path:  # asked as a forward proxy: answer for the target ourselves
             path = "/" + path.split("://", 1)[1].partition("/")[2]
@@ -45,11 +65,18 @@ class _Handler(BaseHTTPRequestHandler):
             self.close_connection = True
             self.connection.shutdown(socket.SHUT_RDWR)
             return
+        content_type = "text/plain"
         if path.startswith("/delay/"):
             time.sleep(float(path.rsplit("/", 1)[1]))
-        body = b"x" * int(path[len("/bytes/"):]) if path.startswith("/bytes/") else b"ok"
+        if path in _API:
+            time.sleep(self.server.api_delay)
+            body, content_type = json.dumps(_API[path]).encode(), "application/json"
+        else:
+            body = b"x" * int(path[len("/bytes/"):]) if path.startswith("/bytes/") else b"ok"
+        with self.server.lock:
+            self.server.answered += 1
         self.send_response(200)
-        self.send_header("Content-Type", "text/plain")
+        self.send_header("Content-Type", content_type)
         self.send_header("Content-Length", str(len(body)))
         if path == "/close":
             self.send_header("Connection", "close")
@@ -70,11 +97,12 @@ class DemoServer(ThreadingHTTPServer):
     block_on_close = False
     request_queue_size = 128
 
-    def __init__(self, port=0, idle_timeout=None):
+    def __init__(self, port=0, idle_timeout=None, api_delay=0.0):
         super().__init__(("127.0.0.1", port), _Handler)
         self.idle_timeout = idle_timeout
+        self.api_delay = api_delay
         self.lock = threading.Lock()
-        self.accepted = self.empty = 0
+        self.accepted = self.empty = self.answered = 0
         self._thread = None
 
     @property
