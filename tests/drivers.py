@@ -1,14 +1,17 @@
 """One interface over each client flavor, so a scenario is written once and run on all."""
 
 import asyncio
+import contextlib
 import queue
 import threading
 from concurrent.futures import Future, ThreadPoolExecutor
 
 import aiohttp
 import httpx
+import httpx2
 import pycurl
 import urllib3
+from opentelemetry import trace
 
 
 _executor = ThreadPoolExecutor(4)
@@ -74,12 +77,13 @@ class Urllib3Driver(_Driver):
 
 class HttpxDriver(_Driver):
     library = "httpx"
+    module = httpx
 
     def __init__(self, server, limit=10, pool_timeout=5.0, **limits):
         self.server = server
-        self.client = httpx.Client(
-            limits=httpx.Limits(max_connections=limit, **limits),
-            timeout=httpx.Timeout(5.0, pool=pool_timeout))
+        self.client = self.module.Client(
+            limits=self.module.Limits(max_connections=limit, **limits),
+            timeout=self.module.Timeout(5.0, pool=pool_timeout))
 
     def get(self, path):
         return self.client.get(self.server.url + path).status_code
@@ -127,16 +131,52 @@ class _AsyncDriver(_Driver):
 
 class AsyncHttpxDriver(_AsyncDriver):
     library = "httpx"
+    module = httpx
 
     async def _make(self, limit=10, pool_timeout=5.0, **limits):
-        return httpx.AsyncClient(limits=httpx.Limits(max_connections=limit, **limits),
-                                 timeout=httpx.Timeout(5.0, pool=pool_timeout))
+        return self.module.AsyncClient(
+            limits=self.module.Limits(max_connections=limit, **limits),
+            timeout=self.module.Timeout(5.0, pool=pool_timeout))
 
     async def _get(self, path):
         return (await self.client.get(self.server.url + path)).status_code
 
     async def _aclose(self):
         await self.client.aclose()
+
+
+def _client_span(tracer):
+    """The application's own span around a request (httpx2 has no OpenTelemetry instrumentation
+    of its own), or none without a tracer."""
+    if tracer is None:
+        return contextlib.nullcontext()
+    return tracer.start_as_current_span("GET", kind=trace.SpanKind.CLIENT)
+
+
+class Httpx2Driver(HttpxDriver):
+    library = "httpx2"
+    module = httpx2
+
+    def __init__(self, server, tracer=None, **kw):
+        self.tracer = tracer
+        super().__init__(server, **kw)
+
+    def get(self, path):
+        with _client_span(self.tracer):
+            return super().get(path)
+
+
+class AsyncHttpx2Driver(AsyncHttpxDriver):
+    library = "httpx2"
+    module = httpx2
+
+    def __init__(self, server, tracer=None, **kw):
+        self.tracer = tracer
+        super().__init__(server, **kw)
+
+    async def _get(self, path):
+        with _client_span(self.tracer):
+            return await super()._get(path)
 
 
 class AiohttpDriver(_AsyncDriver):
@@ -218,4 +258,5 @@ class PycurlDriver(_Driver):
 
 
 DRIVERS = {"urllib3": Urllib3Driver, "httpx-sync": HttpxDriver, "httpx-async": AsyncHttpxDriver,
+           "httpx2-sync": Httpx2Driver, "httpx2-async": AsyncHttpx2Driver,
            "aiohttp": AiohttpDriver, "pycurl": PycurlDriver}

@@ -1,6 +1,7 @@
 """The public API: lazy, idempotent, version-gated patching that restores the very same objects."""
 
 import json
+import os
 import logging
 import subprocess
 import sys
@@ -11,6 +12,7 @@ from importlib.metadata import entry_points
 import aiohttp.client_proto
 import aiohttp.connector
 import httpcore
+import httpcore2
 import pycurl
 import pytest
 import urllib3
@@ -26,6 +28,9 @@ PATCHED = [
     (httpcore.ConnectionPool, ("__init__", "handle_request", "close", "create_connection")),
     (httpcore.AsyncConnectionPool, ("__init__", "handle_async_request", "aclose")),
     (httpcore.HTTPConnection, ("handle_request", "_connect", "close")),
+    (httpcore2.ConnectionPool, ("__init__", "handle_request", "close", "create_connection")),
+    (httpcore2.AsyncConnectionPool, ("__init__", "handle_async_request", "aclose")),
+    (httpcore2.HTTPConnection, ("handle_request", "_connect", "close")),
     (aiohttp.connector.BaseConnector, ("__init__", "connect", "_wait_for_available_connection",
                                        "_release", "_close")),
     (aiohttp.connector.TCPConnector, ("_create_connection",)),
@@ -77,15 +82,17 @@ def test_patching_is_lazy_and_happens_at_import():
     out = run("""
         import sys, poolscope
         poolscope.instrument()
-        print(*(m in sys.modules for m in ("urllib3", "httpx", "httpcore", "aiohttp", "pycurl")))
-        import requests, httpx, httpcore, aiohttp, pycurl
+        print(*(m in sys.modules for m in ("urllib3", "httpx", "httpcore", "httpcore2", "aiohttp",
+                                           "pycurl")))
+        import requests, httpx, httpcore, httpx2, httpcore2, aiohttp, pycurl
         from urllib3.connectionpool import HTTPConnectionPool
         print(type(vars(HTTPConnectionPool)["_get_conn"]).__name__,
               type(vars(httpcore.ConnectionPool)["handle_request"]).__name__,
+              type(vars(httpcore2.ConnectionPool)["handle_request"]).__name__,
               type(vars(aiohttp.connector.BaseConnector)["connect"]).__name__,
               pycurl.Curl.__module__)
     """)
-    assert out.split() == ["False"] * 5 + ["function", "function", "function",
+    assert out.split() == ["False"] * 6 + ["function", "function", "function", "function",
                                           "poolscope.adapters.pycurl"]
 
 
@@ -265,3 +272,23 @@ def test_a_forked_child_counts_its_own_pools_not_its_parents():
         "poolscope.connection.acquisitions,False": 1, "poolscope.connection.acquisitions,True": 2,
         "poolscope.connection.created": 1, "poolscope.pool.count": 1,
         "http.client.open_connections,active": 0, "http.client.open_connections,idle": 1}
+
+
+def test_an_uncovered_client_installed_beside_is_one_line(tmp_path):
+    """curl_cffi and niquests installed (their distributions' metadata on the path): one line
+    at start-up names them; the covered libraries are patched as ever."""
+    for name, version in (("curl_cffi", "0.17.0"), ("niquests", "3.21.0")):
+        info = tmp_path / f"{name}-{version}.dist-info"
+        info.mkdir()
+        (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {name}\nVersion: {version}\n")
+    result = subprocess.run(
+        [sys.executable, "-c", "import logging, poolscope; logging.basicConfig(); "
+         "poolscope.instrument(); import urllib3.connectionpool as c; "
+         "print(type(vars(c.HTTPConnectionPool)['_get_conn']).__name__)"],
+        capture_output=True, text=True, timeout=60,
+        env={**_env(), "PYTHONPATH": f"{tmp_path}{os.pathsep}{_env().get('PYTHONPATH', '')}"})
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == ["function"]
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1, lines
+    assert "curl_cffi 0.17.0, niquests 3.21.0 installed, not observed" in lines[0]

@@ -1,15 +1,21 @@
-"""httpx-only behaviour: keep-alive expiry, the idle limit, limits, proxy pools."""
+"""httpx and httpx2 behaviour: keep-alive expiry, the idle limit, limits, proxy pools,
+cancellation."""
 
+import asyncio
 import inspect
 import time
 
 import httpx
+import httpx2
 import pytest
 
-from drivers import AsyncHttpxDriver, HttpxDriver
+from drivers import AsyncHttpx2Driver, AsyncHttpxDriver, Httpx2Driver, HttpxDriver
+
+MODULES = pytest.mark.parametrize("httpx", [httpx, httpx2], ids=["httpx", "httpx2"])
 
 
-@pytest.fixture(params=[HttpxDriver, AsyncHttpxDriver], ids=["sync", "async"])
+@pytest.fixture(params=[HttpxDriver, AsyncHttpxDriver, Httpx2Driver, AsyncHttpx2Driver],
+                ids=["httpx-sync", "httpx-async", "httpx2-sync", "httpx2-async"])
 def driver(request):
     made = []
 
@@ -52,7 +58,8 @@ def test_idle_limit(metrics, server, driver):
     assert metrics.value(data, "poolscope.connection.idle.max") == 1
 
 
-def test_unlimited_pool_reports_no_max_and_never_saturates(metrics, server):
+@MODULES
+def test_unlimited_pool_reports_no_max_and_never_saturates(metrics, server, httpx):
     client = httpx.Client(limits=httpx.Limits(max_connections=None, max_keepalive_connections=None))
     assert client.get(server.url + "/").status_code == 200
     data = metrics.read()
@@ -62,7 +69,8 @@ def test_unlimited_pool_reports_no_max_and_never_saturates(metrics, server):
     client.close()
 
 
-def test_forward_proxy_pool(metrics, server):
+@MODULES
+def test_forward_proxy_pool(metrics, server, httpx):
     """Through an HTTP proxy the pool's connections go to the proxy; origins stay the targets."""
     keyword = "proxy" if "proxy" in inspect.signature(httpx.Client).parameters else "proxies"
     client = httpx.Client(**{keyword: server.url})
@@ -79,7 +87,8 @@ def test_forward_proxy_pool(metrics, server):
     client.close()
 
 
-def test_pool_closing_a_connection_under_a_request_is_an_error(metrics, server):
+@MODULES
+def test_pool_closing_a_connection_under_a_request_is_an_error(metrics, server, httpx):
     """httpcore 1.0.9's pool can close a connection a request is still reading from
     (encode/httpcore#1110, a race between threads); here the close is made directly, as the
     pool's pass makes it. The request fails, so the close reason is ``error``, not the
@@ -96,3 +105,34 @@ def test_pool_closing_a_connection_under_a_request_is_an_error(metrics, server):
     assert metrics.value(data, "http.client.open_connections", http__connection__state="active") == 0
     assert metrics.value(data, "http.client.open_connections", http__connection__state="idle") == 0
     client.close()
+
+
+@MODULES
+def test_a_request_cancelled_as_a_new_connection_is_made_for_it(metrics, server, httpx):
+    """Limit 1: B waits; A's ``Connection: close`` response ends, so the pool makes a new
+    connection for B, and B is cancelled before it runs. httpcore keeps that connection, never
+    connected, and its slot (encode/httpcore#1093); httpcore2 2.6+ drops it. poolscope counts
+    what each pool holds."""
+
+    async def main():
+        async with httpx.AsyncClient(limits=httpx.Limits(max_connections=1)) as client:
+            async with client.stream("GET", server.url + "/close") as first:
+                waiting = asyncio.ensure_future(client.get(server.url + "/"))
+                await asyncio.sleep(0.1)
+                await first.aread()
+            waiting.cancel()  # the pool has just given it a new connection
+            with pytest.raises(asyncio.CancelledError):
+                await waiting
+            pool = client._transport._pool
+            data = metrics.read()
+            held = (len(pool.connections) - sum(c.is_idle() for c in pool.connections),
+                    sum(c.is_idle() for c in pool.connections))
+            assert (metrics.value(data, "http.client.open_connections",
+                                  http__connection__state="active"),
+                    metrics.value(data, "http.client.open_connections",
+                                  http__connection__state="idle")) == held
+            assert not metrics.value(data, "poolscope.connection.pending_requests")
+            assert metrics.value(data, "poolscope.connection.created") == 1 == server.accepted
+            return held
+
+    assert asyncio.run(main()) in ((0, 0), (1, 0))

@@ -7,6 +7,7 @@ import time
 
 import aiohttp
 import httpx
+import httpx2
 import pycurl
 import pytest
 import urllib3
@@ -27,14 +28,16 @@ def assert_held(metrics, library):
     assert HOLD - 0.1 <= age(metrics, library) <= HOLD + 0.4
 
 
-def test_httpx_stream_left_open(metrics, server):
-    client = httpx.Client()
+@pytest.mark.parametrize("module", [httpx, httpx2], ids=["httpx", "httpx2"])
+def test_httpx_stream_left_open(metrics, server, module):
+    library = module.__name__
+    client = module.Client()
     stream = client.stream("GET", server.url + "/")
     stream.__enter__()
     time.sleep(HOLD)
-    assert_held(metrics, "httpx")
+    assert_held(metrics, library)
     stream.__exit__(None, None, None)
-    assert age(metrics, "httpx") == 0
+    assert age(metrics, library) == 0
     client.close()
 
 

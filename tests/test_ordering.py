@@ -26,6 +26,11 @@ CLIENTS = {
                   make="import httpx\nclient = httpx.Client()",
                   get="client.get(URL + path).status_code",
                   close="client.close()"),
+    "httpx2": dict(modules=["httpcore2._sync.connection_pool", "httpcore2._sync.connection",
+                            "httpcore2._async.connection_pool", "httpcore2._async.connection"],
+                   make="import httpx2\nclient = httpx2.Client()",
+                   get="client.get(URL + path).status_code",
+                   close="client.close()"),
     "aiohttp": dict(modules=["aiohttp.connector", "aiohttp.client_proto"],
                     make=textwrap.dedent("""\
                         import asyncio, aiohttp
@@ -169,7 +174,7 @@ def test_instrument_uninstrument_and_again(library, order):
 
 # What a client made before instrument() reports (docs/libraries.md): pools and handles are
 # picked up at their next new connection, except a pycurl handle, whose class was the original.
-BEFORE = {"urllib3": 1, "requests": 1, "httpx": 1, "aiohttp": 1, "pycurl": 0}
+BEFORE = {"urllib3": 1, "requests": 1, "httpx": 1, "httpx2": 1, "aiohttp": 1, "pycurl": 0}
 
 
 @pytest.mark.parametrize("library", sorted(CLIENTS))

@@ -9,6 +9,7 @@ import sys
 
 import aiohttp
 import httpx
+import httpx2
 import pycurl
 import pytest
 import requests
@@ -40,10 +41,15 @@ def requests_get(base, paths):
         yield lambda p=path: session.get(base + p, timeout=5).status_code
 
 
-def httpx_get(base, paths):
-    client = httpx.Client(limits=httpx.Limits(max_connections=1), timeout=httpx.Timeout(5, pool=0.05))
+def httpx_get(base, paths, module=httpx):
+    client = module.Client(limits=module.Limits(max_connections=1),
+                           timeout=module.Timeout(5, pool=0.05))
     for path in paths:
         yield lambda p=path: client.get(base + p).status_code
+
+
+def httpx2_get(base, paths):
+    return httpx_get(base, paths, httpx2)
 
 
 def aiohttp_get(base, paths):
@@ -73,7 +79,7 @@ def pycurl_get(base, paths):
         yield get
 
 
-CLIENTS = {"urllib3": urllib3_get, "requests": requests_get, "httpx": httpx_get,
+CLIENTS = {"urllib3": urllib3_get, "requests": requests_get, "httpx": httpx_get, "httpx2": httpx2_get,
            "aiohttp": aiohttp_get, "pycurl": pycurl_get}
 
 

@@ -62,10 +62,17 @@ def parent_of(span, spans):
     return parent
 
 
-@pytest.mark.parametrize("flavor", ["urllib3", "httpx-sync", "httpx-async", "aiohttp"])
+def app_spans(official, flavor):
+    """Request spans for a client no OpenTelemetry instrumentation covers: the application's."""
+    return {"tracer": official.tracer_provider.get_tracer("app")} \
+        if flavor.startswith("httpx2") else {}
+
+
+@pytest.mark.parametrize("flavor", ["urllib3", "httpx-sync", "httpx-async", "httpx2-sync",
+                                    "httpx2-async", "aiohttp"])
 def test_the_requests_that_waited_have_a_wait_span_under_their_own_span(official, server, flavor):
     """6 at once, limit 2, 300 ms: waits of 0.3, 0.3, 0.6, 0.6 s under four request spans."""
-    with DRIVERS[flavor](server, limit=2) as driver:
+    with DRIVERS[flavor](server, limit=2, **app_spans(official, flavor)) as driver:
         assert driver.get_all(["/delay/0.3"] * 6) == [200] * 6
     spans = official.finished()
     requests = [s for s in spans if s.kind == SpanKind.CLIENT]
@@ -94,9 +101,10 @@ def test_the_requests_that_waited_have_a_wait_span_under_their_own_span(official
     assert reused == [False, False, True, True, True, True]
 
 
-@pytest.mark.parametrize("flavor", ["urllib3", "httpx-sync", "aiohttp"])
+@pytest.mark.parametrize("flavor", ["urllib3", "httpx-sync", "httpx2-sync", "aiohttp"])
 def test_a_pool_timeout_is_one_wait_span_with_error(official, server, flavor):
-    with DRIVERS[flavor](server, limit=1, pool_timeout=0.2) as driver:
+    with DRIVERS[flavor](server, limit=1, pool_timeout=0.2, **app_spans(official, flavor)) \
+            as driver:
         held = driver.submit("/delay/0.6")
         time.sleep(0.1)
         with pytest.raises(Exception):

@@ -31,6 +31,7 @@ from dataclasses import dataclass
 
 import aiohttp
 import httpx
+import httpx2
 import pycurl
 import pytest
 import urllib3
@@ -174,16 +175,18 @@ class Urllib3Client:
 
 class _HttpxBase:
     library = "httpx"
-    timeout_error = httpx.PoolTimeout
+    module = httpx
 
     def __init__(self, server, transport, client):
         self.url = server.url
-        self.client = client(transport=transport(retries=2, limits=httpx.Limits(
-            max_connections=LIMIT, max_keepalive_connections=LIMIT // 2,
-            keepalive_expiry=SERVER_IDLE)), timeout=5.0)
+        self.timeout_error = self.module.PoolTimeout
+        self.client = getattr(self.module, client)(
+            transport=getattr(self.module, transport)(retries=2, limits=self.module.Limits(
+                max_connections=LIMIT, max_keepalive_connections=LIMIT // 2,
+                keepalive_expiry=SERVER_IDLE)), timeout=5.0)
 
     def timeout(self, job):
-        return httpx.Timeout(5.0, pool=job.pool_timeout)
+        return self.module.Timeout(5.0, pool=job.pool_timeout)
 
     def describe(self):
         return [(repr(c), getattr(getattr(c, "_connection", None), "_request_count", None))
@@ -201,7 +204,7 @@ class HttpxClient(_HttpxBase):
     """Sync: a cancel is a response closed unread; retries on."""
 
     def __init__(self, server):
-        super().__init__(server, httpx.HTTPTransport, httpx.Client)
+        super().__init__(server, "HTTPTransport", "Client")
 
     def request(self, job):
         with self.client.stream("GET", self.url + job.path, timeout=self.timeout(job)) as r:
@@ -217,7 +220,7 @@ class HttpxClient(_HttpxBase):
 
 class AsyncHttpxClient(_HttpxBase):
     def __init__(self, server):
-        super().__init__(server, httpx.AsyncHTTPTransport, httpx.AsyncClient)
+        super().__init__(server, "AsyncHTTPTransport", "AsyncClient")
 
     async def request(self, job):
         async with self.client.stream("GET", self.url + job.path,
@@ -230,6 +233,16 @@ class AsyncHttpxClient(_HttpxBase):
 
     async def aclose(self):
         await self.client.aclose()
+
+
+class Httpx2Client(HttpxClient):
+    library = "httpx2"
+    module = httpx2
+
+
+class AsyncHttpx2Client(AsyncHttpxClient):
+    library = "httpx2"
+    module = httpx2
 
 
 class AiohttpClient:
@@ -394,6 +407,7 @@ async def run_async(client, jobs):
 
 
 CLIENTS = {"urllib3": Urllib3Client, "httpx-sync": HttpxClient, "httpx-async": AsyncHttpxClient,
+           "httpx2-sync": Httpx2Client, "httpx2-async": AsyncHttpx2Client,
            "aiohttp": AiohttpClient, "pycurl": PycurlClient}
 
 
@@ -415,7 +429,7 @@ def figures(metrics, library, port):
 def test_figures_stay_exact_under_chaos(flavor, metrics):
     seed = int(os.environ.get("POOLSCOPE_STRESS_SEED", random.randrange(10**6)))
     jobs = make_jobs(random.Random(seed), JOBS)
-    is_async = flavor in ("httpx-async", "aiohttp")
+    is_async = flavor.endswith("-async") or flavor == "aiohttp"
     loop = asyncio.new_event_loop() if is_async else None
     with DemoServer(idle_timeout=SERVER_IDLE) as server, Sampler(metrics) as sampler:
         client = (loop.run_until_complete(_make(CLIENTS[flavor], server)) if is_async
