@@ -8,10 +8,14 @@ from concurrent.futures import Future, ThreadPoolExecutor
 
 import aiohttp
 import httpx
-import httpx2
 import pycurl
 import urllib3
 from opentelemetry import trace
+
+try:  # not in the oldest pins of the version matrix (httpcore 1.0.3 and httpcore2 need other h11s)
+    import httpx2
+except ImportError:
+    httpx2 = None
 
 
 _executor = ThreadPoolExecutor(4)
@@ -258,5 +262,5 @@ class PycurlDriver(_Driver):
 
 
 DRIVERS = {"urllib3": Urllib3Driver, "httpx-sync": HttpxDriver, "httpx-async": AsyncHttpxDriver,
-           "httpx2-sync": Httpx2Driver, "httpx2-async": AsyncHttpx2Driver,
-           "aiohttp": AiohttpDriver, "pycurl": PycurlDriver}
+           "aiohttp": AiohttpDriver, "pycurl": PycurlDriver,
+           **({"httpx2-sync": Httpx2Driver, "httpx2-async": AsyncHttpx2Driver} if httpx2 else {})}

@@ -12,7 +12,6 @@ from importlib.metadata import entry_points
 import aiohttp.client_proto
 import aiohttp.connector
 import httpcore
-import httpcore2
 import pycurl
 import pytest
 import urllib3
@@ -20,6 +19,7 @@ import urllib3
 import poolscope
 from poolscope import _config, _instrument
 from poolscope._package import SUPPORTED
+from drivers import httpx2
 from poolscope.demo.server import DemoServer
 
 PATCHED = [
@@ -28,14 +28,18 @@ PATCHED = [
     (httpcore.ConnectionPool, ("__init__", "handle_request", "close", "create_connection")),
     (httpcore.AsyncConnectionPool, ("__init__", "handle_async_request", "aclose")),
     (httpcore.HTTPConnection, ("handle_request", "_connect", "close")),
-    (httpcore2.ConnectionPool, ("__init__", "handle_request", "close", "create_connection")),
-    (httpcore2.AsyncConnectionPool, ("__init__", "handle_async_request", "aclose")),
-    (httpcore2.HTTPConnection, ("handle_request", "_connect", "close")),
     (aiohttp.connector.BaseConnector, ("__init__", "connect", "_wait_for_available_connection",
                                        "_release", "_close")),
     (aiohttp.connector.TCPConnector, ("_create_connection",)),
     (aiohttp.client_proto.ResponseHandler, ("close", "connection_lost")),
 ]
+if httpx2 is not None:
+    import httpcore2
+    PATCHED += [
+        (httpcore2.ConnectionPool, ("__init__", "handle_request", "close", "create_connection")),
+        (httpcore2.AsyncConnectionPool, ("__init__", "handle_async_request", "aclose")),
+        (httpcore2.HTTPConnection, ("handle_request", "_connect", "close")),
+    ]
 REPLACED = [(pycurl, ("Curl", "CurlMulti"))] + (
     [(pycurl.async_multi, ("CurlMulti",))] if hasattr(pycurl, "async_multi") else [])
 
@@ -84,7 +88,11 @@ def test_patching_is_lazy_and_happens_at_import():
         poolscope.instrument()
         print(*(m in sys.modules for m in ("urllib3", "httpx", "httpcore", "httpcore2", "aiohttp",
                                            "pycurl")))
-        import requests, httpx, httpcore, httpx2, httpcore2, aiohttp, pycurl
+        import requests, httpx, httpcore, aiohttp, pycurl
+        try:
+            import httpcore2
+        except ImportError:  # the oldest pins of the version matrix
+            httpcore2 = httpcore
         from urllib3.connectionpool import HTTPConnectionPool
         print(type(vars(HTTPConnectionPool)["_get_conn"]).__name__,
               type(vars(httpcore.ConnectionPool)["handle_request"]).__name__,

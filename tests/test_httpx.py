@@ -6,21 +6,20 @@ import inspect
 import time
 
 import httpx
-import httpx2
 import pytest
 
-from drivers import AsyncHttpx2Driver, AsyncHttpxDriver, Httpx2Driver, HttpxDriver
+from drivers import DRIVERS, httpx2
 
-MODULES = pytest.mark.parametrize("httpx", [httpx, httpx2], ids=["httpx", "httpx2"])
+MODULES = pytest.mark.parametrize("httpx", [m for m in (httpx, httpx2) if m],
+                                  ids=lambda m: m.__name__)
 
 
-@pytest.fixture(params=[HttpxDriver, AsyncHttpxDriver, Httpx2Driver, AsyncHttpx2Driver],
-                ids=["httpx-sync", "httpx-async", "httpx2-sync", "httpx2-async"])
+@pytest.fixture(params=[name for name in DRIVERS if name.startswith("httpx")])
 def driver(request):
     made = []
 
     def make(*args, **kwargs):
-        made.append(request.param(*args, **kwargs))
+        made.append(DRIVERS[request.param](*args, **kwargs))
         return made[-1]
     yield make
     for d in made:

@@ -10,6 +10,8 @@ import textwrap
 
 import pytest
 
+from drivers import httpx2
+
 # Per library: imports, a client, one request (returns the status), and closing the client.
 CLIENTS = {
     "urllib3": dict(modules=["urllib3", "urllib3.connectionpool", "urllib3.connection",
@@ -26,11 +28,11 @@ CLIENTS = {
                   make="import httpx\nclient = httpx.Client()",
                   get="client.get(URL + path).status_code",
                   close="client.close()"),
-    "httpx2": dict(modules=["httpcore2._sync.connection_pool", "httpcore2._sync.connection",
+    **({} if httpx2 is None else {"httpx2": dict(modules=["httpcore2._sync.connection_pool", "httpcore2._sync.connection",
                             "httpcore2._async.connection_pool", "httpcore2._async.connection"],
                    make="import httpx2\nclient = httpx2.Client()",
                    get="client.get(URL + path).status_code",
-                   close="client.close()"),
+                   close="client.close()")}),
     "aiohttp": dict(modules=["aiohttp.connector", "aiohttp.client_proto"],
                     make=textwrap.dedent("""\
                         import asyncio, aiohttp

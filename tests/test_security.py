@@ -9,7 +9,6 @@ import sys
 
 import aiohttp
 import httpx
-import httpx2
 import pycurl
 import pytest
 import requests
@@ -21,6 +20,7 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 import poolscope
 from poolscope import _instrument, _recorder, report
 from conftest import Metrics
+from drivers import httpx2
 from test_launcher import LAUNCHER, clean_env, free_port
 
 SECRETS = ("hunter2", "alice", "private", "X-Amz-Signature", "c2lnbmF0dXJl", "tok3n")
@@ -79,7 +79,8 @@ def pycurl_get(base, paths):
         yield get
 
 
-CLIENTS = {"urllib3": urllib3_get, "requests": requests_get, "httpx": httpx_get, "httpx2": httpx2_get,
+CLIENTS = {"urllib3": urllib3_get, "requests": requests_get, "httpx": httpx_get,
+           **({"httpx2": httpx2_get} if httpx2 else {}),
            "aiohttp": aiohttp_get, "pycurl": pycurl_get}
 
 

@@ -31,12 +31,12 @@ from dataclasses import dataclass
 
 import aiohttp
 import httpx
-import httpx2
 import pycurl
 import pytest
 import urllib3
 from urllib3.util import Retry
 
+from drivers import httpx2
 from poolscope.demo.server import DemoServer
 
 JOBS = int(os.environ.get("POOLSCOPE_STRESS_JOBS", "600"))
@@ -407,8 +407,8 @@ async def run_async(client, jobs):
 
 
 CLIENTS = {"urllib3": Urllib3Client, "httpx-sync": HttpxClient, "httpx-async": AsyncHttpxClient,
-           "httpx2-sync": Httpx2Client, "httpx2-async": AsyncHttpx2Client,
-           "aiohttp": AiohttpClient, "pycurl": PycurlClient}
+           "aiohttp": AiohttpClient, "pycurl": PycurlClient,
+           **({"httpx2-sync": Httpx2Client, "httpx2-async": AsyncHttpx2Client} if httpx2 else {})}
 
 
 def figures(metrics, library, port):
