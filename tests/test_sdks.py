@@ -37,6 +37,12 @@ def openai_call(client):
     return reply.choices[0].message.content
 
 
+async def openai_acall(client):
+    reply = await client.chat.completions.create(model="demo", messages=[{"role": "user",
+                                                                          "content": "hi"}])
+    return reply.choices[0].message.content
+
+
 def anthropic_call(client):
     return client.messages.create(model="demo", max_tokens=8, messages=[
         {"role": "user", "content": "hi"}]).content[0].text
@@ -110,11 +116,8 @@ def test_openai_async_default_client(metrics, api):
                 base_url=api.url + "/v1", api_key="test", max_retries=0,
                 http_client=openai.DefaultAsyncHttpxClient(
                     limits=httpx2.Limits(max_connections=LIMIT))) as client:
-            async def call():
-                reply = await client.chat.completions.create(
-                    model="demo", messages=[{"role": "user", "content": "hi"}])
-                return reply.choices[0].message.content
-            check(metrics, "httpx2", api, await timed_in_tasks(call))  # before the client closes
+            latencies = await timed_in_tasks(lambda: openai_acall(client))
+            check(metrics, "httpx2", api, latencies)  # before the client closes
     asyncio.run(main())
 
 
@@ -136,10 +139,6 @@ def test_openai_through_its_aiohttp_client(metrics, api):
         http_client = openai.DefaultAioHttpClient(limits=httpx2.Limits(max_connections=LIMIT))
         async with openai.AsyncOpenAI(base_url=api.url + "/v1", api_key="test", max_retries=0,
                                       http_client=http_client) as client:
-            async def call():
-                reply = await client.chat.completions.create(
-                    model="demo", messages=[{"role": "user", "content": "hi"}])
-                return reply.choices[0].message.content
-            check(metrics, "aiohttp", api, await timed_in_tasks(call))
+            check(metrics, "aiohttp", api, await timed_in_tasks(lambda: openai_acall(client)))
             assert isinstance(http_client._transport.client.connector, aiohttp.TCPConnector)
     asyncio.run(main())
