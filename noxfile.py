@@ -21,7 +21,6 @@ INSTRUMENTATIONS = ["opentelemetry-instrumentation-httpx", "opentelemetry-instru
                     "opentelemetry-instrumentation-requests",
                     "opentelemetry-instrumentation-aiohttp-client"]
 OLDEST = ["urllib3==1.26.0", "requests==2.26.0", "httpx==0.25.2", "httpcore==1.0.3",
-          "httpx2==2.0.0", "httpcore2==2.0.0",
           "aiohttp==3.10.11", "pycurl==7.46.0", "wrapt==1.14.1", "opentelemetry-api==1.30.0",
           "opentelemetry-sdk==1.30.0", *(f"{name}==0.51b0" for name in INSTRUMENTATIONS)]
 NEWEST_WRAPT1 = ["urllib3", "requests", "httpx", "httpcore", "httpx2", "httpcore2",
