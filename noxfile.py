@@ -40,8 +40,14 @@ OLDEST_HTTPX2 = ["httpx2==2.0.0", "httpcore2==2.0.0",
                  ids=["oldest", "newest-wrapt1", "oldest-httpx2"])
 def matrix(session, pins):
     session.install("--upgrade", "-e", ".", "pytest", "pytest-timeout", *pins)
-    session.run("python", "-c", "import importlib.metadata as m; print(*(f'{d} ' + m.version(d) "
-                "for d in ('urllib3', 'requests', 'httpx', 'httpcore', 'httpx2', 'httpcore2', "
-                "'aiohttp', 'pycurl', 'wrapt', 'opentelemetry-sdk')), sep=', ')")
+    session.run("python", "-c", "import importlib.metadata as m\n"
+                "def v(d):\n"
+                "    try:\n"
+                "        return m.version(d)\n"
+                "    except m.PackageNotFoundError:\n"
+                "        return 'absent'\n"
+                "print(*(f'{d} {v(d)}' for d in ('urllib3', 'requests', 'httpx', 'httpcore', "
+                "'httpx2', 'httpcore2', 'aiohttp', 'pycurl', 'wrapt', 'opentelemetry-sdk')), "
+                "sep=', ')")
     only = ["-k", "httpx2"] if pins is OLDEST_HTTPX2 else []
     session.run("python", "-m", "pytest", "-q", *LIBRARY_TESTS, *only, *session.posargs)
