@@ -130,7 +130,9 @@ def test_a_collected_pool_still_has_urllib3_drain_its_queue(metrics, server, mon
     assert held.qsize() == 2
     del pool
     gc.collect()
-    assert held.qsize() == 0
+    # urllib3 2.x drains it (1.26 leaves a collected pool's queue as it was)
+    drains = hasattr(urllib3.connectionpool, "_close_pool_connections")
+    assert held.qsize() == (0 if drains else 2)
     data = metrics.read()
     assert metrics.value(data, "poolscope.connection.closed",
                          poolscope__close__reason="pool_closed") == 1
