@@ -101,11 +101,14 @@ def check(metrics, library, api, latencies):
     assert metrics.value(data, "poolscope.connection.max", poolscope__library=library) == LIMIT
 
 
-def test_openai_sync_default_client(metrics, api):
-    client = openai.OpenAI(base_url=api.url + "/v1", api_key="test", max_retries=0,
-                           http_client=openai.DefaultHttpxClient(
-                               limits=httpx2.Limits(max_connections=LIMIT)))
-    latencies = timed_in_threads(lambda: openai_call(client))
+@pytest.mark.parametrize("sdk", ["openai", "anthropic"])
+def test_sync_default_client(metrics, api, sdk):
+    make, http_client, path, call = {
+        "openai": (openai.OpenAI, openai.DefaultHttpxClient, "/v1", openai_call),
+        "anthropic": (anthropic.Anthropic, anthropic.DefaultHttpxClient, "", anthropic_call)}[sdk]
+    client = make(base_url=api.url + path, api_key="test", max_retries=0,
+                  http_client=http_client(limits=httpx2.Limits(max_connections=LIMIT)))
+    latencies = timed_in_threads(lambda: call(client))
     check(metrics, "httpx2", api, latencies)
     client.close()
 
@@ -119,15 +122,6 @@ def test_openai_async_default_client(metrics, api):
             latencies = await timed_in_tasks(lambda: openai_acall(client))
             check(metrics, "httpx2", api, latencies)  # before the client closes
     asyncio.run(main())
-
-
-def test_anthropic_client(metrics, api):
-    client = anthropic.Anthropic(base_url=api.url, api_key="test", max_retries=0,
-                                 http_client=anthropic.DefaultHttpxClient(
-                                     limits=httpx2.Limits(max_connections=LIMIT)))
-    latencies = timed_in_threads(lambda: anthropic_call(client))
-    check(metrics, "httpx2", api, latencies)
-    client.close()
 
 
 def test_openai_through_its_aiohttp_client(metrics, api):
