@@ -157,26 +157,26 @@ def _client_span(tracer):
     return tracer.start_as_current_span("GET", kind=trace.SpanKind.CLIENT)
 
 
-class Httpx2Driver(HttpxDriver):
-    library = "httpx2"
-    module = httpx2
+class _AppSpans:
+    """``tracer``: each request under the application's own CLIENT span (see _client_span)."""
 
     def __init__(self, server, tracer=None, **kw):
         self.tracer = tracer
         super().__init__(server, **kw)
+
+
+class Httpx2Driver(_AppSpans, HttpxDriver):
+    library = "httpx2"
+    module = httpx2
 
     def get(self, path):
         with _client_span(self.tracer):
             return super().get(path)
 
 
-class AsyncHttpx2Driver(AsyncHttpxDriver):
+class AsyncHttpx2Driver(_AppSpans, AsyncHttpxDriver):
     library = "httpx2"
     module = httpx2
-
-    def __init__(self, server, tracer=None, **kw):
-        self.tracer = tracer
-        super().__init__(server, **kw)
 
     async def _get(self, path):
         with _client_span(self.tracer):
