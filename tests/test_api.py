@@ -23,7 +23,7 @@ from drivers import httpx2
 from poolscope.demo.server import DemoServer
 
 PATCHED = [
-    (urllib3.connectionpool.HTTPConnectionPool, ("__init__", "_get_conn", "_put_conn", "close")),
+    (urllib3.connectionpool.HTTPConnectionPool, ("__init__", "_new_conn", "close")),
     (urllib3.connection.HTTPConnection, ("connect", "close")),
     (httpcore.ConnectionPool, ("__init__", "handle_request", "close", "create_connection")),
     (httpcore.AsyncConnectionPool, ("__init__", "handle_async_request", "aclose")),
@@ -94,7 +94,7 @@ def test_patching_is_lazy_and_happens_at_import():
         except ImportError:  # the oldest pins of the version matrix
             httpcore2 = httpcore
         from urllib3.connectionpool import HTTPConnectionPool
-        print(type(vars(HTTPConnectionPool)["_get_conn"]).__name__,
+        print(type(vars(HTTPConnectionPool)["_new_conn"]).__name__,
               type(vars(httpcore.ConnectionPool)["handle_request"]).__name__,
               type(vars(httpcore2.ConnectionPool)["handle_request"]).__name__,
               type(vars(aiohttp.connector.BaseConnector)["connect"]).__name__,
@@ -132,8 +132,8 @@ def test_unsupported_version_is_skipped_with_one_line(monkeypatch, caplog):
     try:
         lines = [r.getMessage() for r in caplog.records]
         assert len(lines) == 1 and "urllib3" in lines[0] and "not supported" in lines[0]
-        assert vars(urllib3.connectionpool.HTTPConnectionPool)["_get_conn"] is \
-            before[(urllib3.connectionpool.HTTPConnectionPool, "_get_conn")]
+        assert vars(urllib3.connectionpool.HTTPConnectionPool)["_new_conn"] is \
+            before[(urllib3.connectionpool.HTTPConnectionPool, "_new_conn")]
     finally:
         poolscope.uninstrument()
 
@@ -146,7 +146,7 @@ def test_unknown_library_is_a_clear_error():
 def test_only_named_libraries():
     poolscope.instrument(libraries=["httpx"])
     try:
-        assert type(vars(urllib3.connectionpool.HTTPConnectionPool)["_get_conn"]).__name__ \
+        assert type(vars(urllib3.connectionpool.HTTPConnectionPool)["_new_conn"]).__name__ \
             == "function"
         assert vars(httpcore.ConnectionPool)["handle_request"].__wrapped__ is not None
     finally:
@@ -166,7 +166,7 @@ def test_internal_failure_never_reaches_the_application(metrics, server, monkeyp
     with caplog.at_level(logging.WARNING, logger="poolscope"):
         assert [pool.request("GET", "/").status for _ in range(3)] == [200] * 3
     assert [r.getMessage() for r in caplog.records] == [
-        "poolscope: internal error in urllib3:HTTPConnectionPool._get_conn ignored; "
+        "poolscope: internal error in urllib3:HTTPConnection.connect ignored; "
         "the application is not affected"]
     pool.close()
 
@@ -292,7 +292,7 @@ def test_an_uncovered_client_installed_beside_is_one_line(tmp_path):
     result = subprocess.run(
         [sys.executable, "-c", "import logging, poolscope; logging.basicConfig(); "
          "poolscope.instrument(); import urllib3.connectionpool as c; "
-         "print(type(vars(c.HTTPConnectionPool)['_get_conn']).__name__)"],
+         "print(type(vars(c.HTTPConnectionPool)['_new_conn']).__name__)"],
         capture_output=True, text=True, timeout=60,
         env={**_env(), "PYTHONPATH": f"{tmp_path}{os.pathsep}{_env().get('PYTHONPATH', '')}"})
     assert result.returncode == 0, result.stderr

@@ -73,14 +73,14 @@ def _record_error(span, error):
 class Series:
     """One attribute set (a library, or a library and an origin) for the life of the process."""
 
-    __slots__ = ("key", "attrs", "active", "idle", "pending", "acquired", "acquired_seen",
-                 "created", "closed", "timeouts", "saturated", "peak", "pools_opened", "_derived")
+    __slots__ = ("key", "attrs", "pending", "acquired", "acquired_seen", "created", "closed",
+                 "timeouts", "saturated", "peak", "pools_opened", "_derived")
 
     def __init__(self, key, attrs):
         self.key = key
         self.attrs = attrs
-        self.active = self.idle = self.pending = 0
-        self.acquired = [0, 0]  # [new, reused]
+        self.pending = 0
+        self.acquired = [0, 0]  # [new, reused on connections since closed]
         self.acquired_seen = [0, 0]
         self.created = self.timeouts = self.peak = self.pools_opened = 0
         self.closed = {}
@@ -106,22 +106,33 @@ class Series:
         self.saturated = 0.0
 
 
+_NEVER = float("inf")
+
+
 class Pool:
-    """The live state of one library pool object."""
+    """The live state of one library pool object.
 
-    __slots__ = ("owner", "library", "scope", "max", "idle_max", "active", "idle", "pending",
-                 "peak", "sat_since", "conns", "waits", "live", "close_reason", "ref", "parent",
-                 "__weakref__")
+    ``active``, ``peak``, ``sat_since`` and ``saturated`` change under ``lock``; None where the
+    adapter serializes the pool's events itself (under the library's own lock, or in one
+    event loop).
+    """
 
-    def __init__(self, owner, library, scope, max_, idle_max, parent=None):
+    __slots__ = ("owner", "library", "scope", "max", "idle_max", "active", "pending", "peak",
+                 "sat_since", "saturated", "full_at", "conns", "waits", "live", "close_reason",
+                 "ref", "parent", "lock", "__weakref__")
+
+    def __init__(self, owner, library, scope, max_, idle_max, parent=None, lock=None):
         self.owner = owner
         self.parent = parent  # a pool whose limit also applies (aiohttp: the connector of a host)
         self.library = library
         self.scope = scope
         self.max = max_
         self.idle_max = idle_max
-        self.active = self.idle = self.pending = self.peak = 0
+        self.lock = lock
+        self.full_at = _NEVER if max_ is None else max_  # saturated at this many active
+        self.active = self.pending = self.peak = 0
         self.sat_since = None
+        self.saturated = 0.0
         self.conns = set()
         self.waits = set()
         self.live = True
@@ -146,6 +157,10 @@ class Conn:
     @property
     def active(self):
         return self.in_use > 0 or not self.opened
+
+    @property
+    def reuses(self):
+        return self.uses - 1 if self.uses > 1 else 0
 
 
 class Wait:
@@ -173,7 +188,17 @@ _recorders = weakref.WeakSet()
 # Frames of these packages are not "where the application acquired a connection".
 _NOT_CALLERS = ("poolscope", "wrapt", "urllib3", "requests", "botocore", "httpx", "httpcore",
                 "httpx2", "httpcore2", "openai", "anthropic",
-                "aiohttp", "pycurl", "asyncio", "anyio", "concurrent", "threading", "contextlib")
+                "aiohttp", "pycurl", "asyncio", "anyio", "concurrent", "threading", "contextlib",
+                "queue", "http", "ssl", "socket")
+
+
+def _within(pool, outer):
+    """Whether ``pool`` is ``outer`` or part of it."""
+    while pool is not None:
+        if pool is outer:
+            return True
+        pool = pool.parent
+    return False
 
 
 def _caller():
@@ -281,14 +306,18 @@ class Recorder:
     # -- pools ------------------------------------------------------------
 
     def pool_opened(self, library, obj, max_connections=None, max_idle=None, origin=None,
-                    parent=None):
+                    parent=None, serialized=False):
         """A library pool came to life; ``origin`` only where the pool serves one origin.
 
         ``parent``: the pool this one is part of, whose counts include this one's (a per-host
-        limit inside a connector-wide one).
+        limit inside a connector-wide one). ``serialized``: the adapter never reports two
+        events of this pool at once (it reports them under the library's own lock of the pool,
+        or from the one event loop the pool belongs to); else the recorder's lock serializes
+        them.
         """
         self._reap()
-        pool = Pool(self, library, self.series(library, origin), max_connections, max_idle, parent)
+        pool = Pool(self, library, self.series(library, origin), max_connections, max_idle, parent,
+                    None if serialized else self._lock)
         pool.ref = weakref.ref(obj)
         with self._lock:
             self._pools.add(pool)
@@ -311,6 +340,20 @@ class Recorder:
         with self._lock:
             return bool(self._pools)
 
+    def pool_objects(self, library):
+        """The library's pool objects this recorder observes that are still alive."""
+        with self._lock:
+            pools = [pool.ref() for pool in self._pools if pool.library == library]
+        return [obj for obj in pools if obj is not None]
+
+    def limit_changed(self, pool, max_connections):
+        """The pool's connection limit is now ``max_connections`` (None: none)."""
+        with self._lock:
+            pool.max = max_connections
+            if pool.live:
+                pool.full_at = _NEVER if max_connections is None else max_connections
+                self._shift(pool, 0, monotonic())
+
     def pool_closed(self, pool, reason=sc.POOL_CLOSED):
         """The application closed the pool: it stops counting as live and saturated."""
         if self._reentered(self.pool_closed, pool, reason):
@@ -320,7 +363,8 @@ class Recorder:
                 pool.close_reason = reason
             if pool.live:
                 pool.live = False
-                self._saturation(pool)
+                pool.full_at = _NEVER
+                self._shift(pool, 0, monotonic())
                 self._forget(pool)
 
     def _reap(self):
@@ -355,22 +399,31 @@ class Recorder:
             internal_error("a pool's garbage collection")
 
     def _forget(self, pool):
-        if not pool.live and not pool.conns and not pool.waits:
+        if not pool.live and not pool.conns and not pool.waits and pool in self._pools:
             self._pools.discard(pool)
+            pool.scope.saturated += pool.saturated
 
-    def _saturation(self, pool):
-        if pool.active > pool.peak:
+    def _shift(self, pool, step, now):
+        """``step`` more connections active in ``pool`` and the pools it is part of, with the
+        peak and the saturated time that follow (under the pool's lock)."""
+        while pool is not None:
+            active = pool.active = pool.active + step
+            if active >= pool.full_at:
+                if pool.sat_since is None:
+                    pool.sat_since = now
+            elif pool.sat_since is not None:
+                pool.saturated += now - pool.sat_since
+                pool.sat_since = None
+            if active > pool.peak:
+                self._peaked(pool)
+            pool = pool.parent
+
+    def _peaked(self, pool):
+        with self._lock:
             pool.peak = pool.active
             if pool.active > pool.scope.peak:
                 pool.scope.peak = pool.active
                 self._scopes[pool.scope].peak_limit = pool.max
-        saturated = pool.live and pool.max is not None and pool.active >= pool.max
-        if saturated:
-            if pool.sat_since is None:
-                pool.sat_since = monotonic()
-        elif pool.sat_since is not None:
-            pool.scope.saturated += monotonic() - pool.sat_since
-            pool.sat_since = None
 
     # -- connections ------------------------------------------------------
 
@@ -379,7 +432,7 @@ class Recorder:
         conn = Conn(pool, series or pool.scope)
         with self._lock:
             pool.conns.add(conn)
-            self._count(conn, 1, 0)
+            self._shift(pool, 1, monotonic())
         return conn
 
     def conn_opened(self, conn, seconds=None):
@@ -391,7 +444,7 @@ class Recorder:
             conn.born = monotonic()
             conn.series.created += 1
             if conn.in_use == 0:
-                self._count(conn, -1, 1)
+                self._shift(conn.pool, -1, monotonic())
         if seconds is not None:
             self._create_time.record(seconds, conn.series.attrs)
 
@@ -399,41 +452,51 @@ class Recorder:
         """A request got ``conn``; returns whether it was reused. Ends ``wait`` if given.
 
         ``context``: the request's, where it is not the current one (see :meth:`context`).
+        The healthy request (a reuse, no wait) changes only the connection and its pool, under
+        the pool's lock.
         """
         now = monotonic()
-        with self._lock:
-            reused = conn.uses > 0
-            conn.uses += 1
-            conn.series.acquired[reused] += 1
-            if conn.in_use == 0:
+        lock = conn.pool.lock if conn.uses and wait is None else self._lock
+        if lock is not None:
+            lock.acquire()
+        try:
+            uses = conn.uses
+            conn.uses = uses + 1
+            if not uses:
+                conn.series.acquired[0] += 1
+            if not conn.in_use:
                 conn.acquired_at = now
                 conn.warned = False
                 if conn.opened and not conn.closed:
-                    self._count(conn, 1, -1)
+                    self._shift(conn.pool, 1, now)
             conn.in_use += 1
             if wait is not None and wait.active:
                 self._unwait(wait)
                 wait.end = now
                 wait.end_ns = time.time_ns()
-        if self.detailed and reused and conn.released_at:
+        finally:
+            if lock is not None:
+                lock.release()
+        if uses and self.detailed and conn.released_at:
             self._idle_time.record(now - conn.released_at, conn.series.attrs)
         span = recording_span(context)
         if span is not None:
-            span.set_attribute(sc.SPAN_REUSED, reused)
-            if reused and conn.released_at:
+            span.set_attribute(sc.SPAN_REUSED, uses > 0)
+            if uses and conn.released_at:
                 span.set_attribute(sc.SPAN_IDLE_TIME, now - conn.released_at)
         if self.leak_after is not None:
             conn.site = _caller()
-        return reused
+        return uses > 0
 
-    def unacquired(self, conn, reused, wait=None):
+    def unacquired(self, conn, wait=None):
         """Undo :meth:`acquired`: the connection turned out not to be available after all."""
         with self._lock:
             conn.uses -= 1
-            conn.series.acquired[reused] -= 1
+            if not conn.uses:
+                conn.series.acquired[0] -= 1
             conn.in_use -= 1
             if conn.in_use == 0 and conn.opened and not conn.closed:
-                self._count(conn, -1, 1)
+                self._shift(conn.pool, -1, monotonic())
             if wait is not None and not wait.active and not wait.done:
                 wait.active = True
                 wait.end = wait.end_ns = None
@@ -443,17 +506,24 @@ class Recorder:
         """The request is done with ``conn``; ``close_reason`` if the connection closed with it."""
         now = monotonic()
         used = None
-        with self._lock:
-            if conn.in_use > 0:
-                conn.in_use -= 1
-                if conn.in_use == 0:
+        lock = conn.pool.lock
+        if lock is not None:
+            lock.acquire()
+        try:
+            in_use = conn.in_use
+            if in_use > 0:
+                conn.in_use = in_use - 1
+                if in_use == 1:
+                    conn.released_at = now
                     if not conn.opened:  # never established: it closes now, still active
                         close_reason = close_reason or sc.ERROR
                     elif not conn.closed:
-                        self._count(conn, -1, 1)
-                    conn.released_at = now
+                        self._shift(conn.pool, -1, now)
                     if self.detailed:
                         used = now - conn.acquired_at
+        finally:
+            if lock is not None:
+                lock.release()
         if close_reason is not None:
             self.closed(conn, close_reason)
         if used is not None:
@@ -472,10 +542,9 @@ class Recorder:
             if not pool.live or pool.ref() is None:
                 reason = pool.close_reason or sc.POOL_CLOSED
             pool.conns.discard(conn)
+            conn.series.acquired[1] += conn.reuses
             if conn.active:
-                self._count(conn, -1, 0)
-            else:
-                self._count(conn, 0, -1)
+                self._shift(pool, -1, monotonic())
             self._forget(pool)
             if not conn.opened:
                 return
@@ -485,20 +554,6 @@ class Recorder:
         span = recording_span()
         if span is not None:
             span.add_event(sc.EVENT_CLOSED, {sc.CLOSE_REASON: reason})
-
-    def _count(self, conn, active, idle):
-        """Add to the active and idle counts of ``conn``'s series and of its pools."""
-        series = conn.series
-        series.active += active
-        series.idle += idle
-        pool = conn.pool
-        while pool is not None:
-            pool.active += active
-            pool.idle += idle
-            if active and (pool.active > pool.peak or pool.sat_since is not None
-                           or (pool.max is not None and pool.active >= pool.max)):
-                self._saturation(pool)
-            pool = pool.parent
 
     # -- waits ------------------------------------------------------------
 
@@ -511,10 +566,13 @@ class Recorder:
         wait = Wait(pool, series or pool.scope, monotonic())
         with self._lock:
             self._pend(wait, 1)
-            snapshot = (pool.active, pool.idle, pool.pending, pool.max)
         if traced:
             parent = recording_span()
             if parent is not None:
+                with self._lock:
+                    idle = sum(not c.active for p in self._pools if _within(p, pool)
+                               for c in p.conns)
+                    snapshot = (pool.active, idle, pool.pending, pool.max)
                 wait.parent = parent
                 wait.span = self._tracer.start_span(
                     sc.SPAN_WAIT, kind=SpanKind.INTERNAL,
@@ -633,7 +691,13 @@ class Recorder:
         for series in self._series.values():
             series.reset_counts()
         for pool in self._pools:
+            for conn in pool.conns:
+                conn.uses = min(conn.uses, 1)  # its acquisitions were the parent's
+        for pool in self._pools:
             pool.peak = pool.active
+            pool.saturated = 0.0
+            if pool.lock is not None:
+                pool.lock = self._lock
             if pool.sat_since is not None:
                 pool.sat_since = now
 
@@ -683,9 +747,18 @@ class Recorder:
             return [Observation(value(s), s.attrs) for s in self._origin_series()]
         return callback
 
+    def _live_conns(self):
+        """{origin series: [its live connections]}, every origin series included."""
+        by_series = {s: [] for s in self._series.values() if s.is_origin}
+        for pool in self._pools:
+            for conn in pool.conns:
+                by_series.setdefault(conn.series, []).append(conn)
+        return by_series
+
     def _observe_open(self, options):
         with self._lock:
-            values = [(s, s.active, s.idle) for s in self._series.values() if s.is_origin]
+            values = [(s, sum(c.active for c in conns), sum(not c.active for c in conns))
+                      for s, conns in self._live_conns().items()]
         for s, active, idle in values:
             yield Observation(active, s.attr(sc.CONNECTION_STATE, sc.STATE_ACTIVE))
             yield Observation(idle, s.attr(sc.CONNECTION_STATE, sc.STATE_IDLE))
@@ -693,13 +766,13 @@ class Recorder:
     def _observe_acquisitions(self, options):
         with self._lock:
             values = []
-            for s in self._series.values():
-                if s.is_origin:
-                    # An acquisition undone (httpcore's ConnectionNotAvailable) must not make
-                    # the exported counter go backwards: report the high-water mark.
-                    seen = s.acquired_seen
-                    seen[0], seen[1] = max(seen[0], s.acquired[0]), max(seen[1], s.acquired[1])
-                    values.append((s, seen[0], seen[1]))
+            for s, conns in self._live_conns().items():
+                # An acquisition undone (httpcore's ConnectionNotAvailable) must not make
+                # the exported counter go backwards: report the high-water mark.
+                seen = s.acquired_seen
+                reused = s.acquired[1] + sum(c.reuses for c in conns)
+                seen[0], seen[1] = max(seen[0], s.acquired[0]), max(seen[1], reused)
+                values.append((s, seen[0], seen[1]))
         for s, new, reused in values:
             yield Observation(new, s.attr(sc.REUSED, False))
             yield Observation(reused, s.attr(sc.REUSED, True))
@@ -729,7 +802,8 @@ class Recorder:
             totals = {s: s.saturated for s in self._series.values() if s.saturated}
             for pool in self._pools:
                 if pool.max is not None:
-                    ongoing = now - pool.sat_since if pool.sat_since is not None else 0.0
+                    since = pool.sat_since
+                    ongoing = pool.saturated + (now - since if since is not None else 0.0)
                     totals[pool.scope] = totals.get(pool.scope, pool.scope.saturated) + ongoing
         return [Observation(v, s.attrs) for s, v in totals.items()]
 

@@ -197,7 +197,7 @@ class HttpxAdapter(Adapter):
     def _sent(self, token, conn, response, exc):
         rec, wait, reused = token
         if isinstance(exc, self._not_available):
-            self.recorder.unacquired(rec, reused, wait)
+            self.recorder.unacquired(rec, wait)
             return
         if wait is not None:
             self.recorder.wait_ended(wait)

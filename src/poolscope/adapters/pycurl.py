@@ -431,7 +431,7 @@ class PycurlAdapter(Adapter):
     def limit_changed(self, multi):
         state = getattr(multi, "_poolscope", None)
         if state is not None:
-            state.max = _cache(multi).max_total or None
+            self.recorder.limit_changed(state, _cache(multi).max_total or None)
 
     def queued(self, multi, state):
         """A transfer joined a multi: it runs later, outside the context it was added in."""

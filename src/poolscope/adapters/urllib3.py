@@ -1,22 +1,33 @@
 """urllib3 1.26 and 2.x (and so requests and botocore), through ``HTTPConnectionPool``.
 
-- Waits: the queue urllib3 made for the pool (whatever its class: urllib3 2.8 looks
-  ``queue.LifoQueue`` up as each pool is made, so gevent and others can patch it late) takes
-  the class of an observed subclass of its own class, which tells whether a ``get`` found the
-  queue empty (every slot out) and so had to wait. A compiled queue class that refuses a new
-  ``__class__`` (gevent's) is replaced by an observed subclass holding the same items.
-- Acquire: ``_get_conn``; the request reuses the connection when its socket is still open
-  (after urllib3's own dropped-connection check), otherwise it will open a new one.
-- Create: ``HTTPConnection.connect`` / ``HTTPSConnection.connect`` (TCP, plus TLS).
-- Release: ``_put_conn``; a ``put`` into a full queue marks the connection ``pool_full``.
+A healthy request passes through no poolscope wrapper: poolscope observes the queue urllib3
+keeps each pool's connections in, where urllib3 already does its bookkeeping under the
+queue's own lock.
+
+- The queue (whatever its class: urllib3 2.8 looks ``queue.LifoQueue`` up as each pool is
+  made, so gevent and others can patch it late) takes the class of an observed subclass of its
+  own class. Its ``_get`` is the acquisition of a pooled, established connection (reused);
+  its ``_put`` the release. A compiled queue class that refuses a new ``__class__`` (gevent's)
+  is replaced by an observed subclass holding the same items, observed at ``get``/``put``.
+- Wait: the queue's ``not_empty`` condition, which ``Queue.get`` waits on exactly when every
+  slot is out; the wait ends granted, timed out (urllib3 then raises ``EmptyPoolError``) or
+  abandoned, all inside that ``wait``.
+- Create: ``HTTPConnection.connect`` / ``HTTPSConnection.connect`` (TCP, plus TLS), where a
+  request on a new connection (or on a pooled one whose socket was closed) is acquired.
 - Close: ``HTTPConnection.close``, the reason read from the context described in
   :func:`_close_reason`. A urllib3 connection object outlives its sockets (it reconnects), so
-  poolscope counts each socket as one connection.
+  poolscope counts each socket as one connection. A pooled connection urllib3 finds dropped
+  as it hands it out was acquired as reused at ``_get``; that acquisition is undone at its
+  close, and the request's new socket is acquired at ``connect``.
+- Pools register at ``__init__``, or (made before ``instrument()``) at their next new
+  connection; ``close`` and collection detach the queue before urllib3 drains it.
 - Eviction: ``RecentlyUsedContainer.__setitem__`` marks the pool a ``PoolManager`` drops.
 """
 
+import contextlib
 import queue
 import sys
+import threading
 import time
 import weakref
 
@@ -27,6 +38,8 @@ from ._base import Adapter, arg, peer_address
 
 _DEFAULT_PORTS = {"http": 80, "https": 443}
 _EMPTY_POOL = None  # the EmptyPoolError urllib3 raises next, for the wait span (set at patch)
+_GET_CONN = _PUT_CONN = None  # code objects of urllib3's own methods (set at patch)
+monotonic = time.monotonic
 
 
 def _event(method, *args):
@@ -37,67 +50,168 @@ def _event(method, *args):
         return None
 
 
+def _caller_is(code):
+    """Whether the caller of the hooked method (up to a few wrappers above it) runs ``code``."""
+    frame = sys._getframe(3)
+    for _ in range(4):
+        if frame is None:
+            return False
+        if frame.f_code is code:
+            return True
+        frame = frame.f_back
+    return False
+
+
 class _ObservedQueue:
-    """Mixed in before a pool's queue class: tells poolscope when a request had to wait.
+    """Mixed in before a pool's queue class. No ``__slots__``: with them, CPython refuses the
+    class as a new ``__class__`` of a queue."""
 
-    No ``__slots__``: with them, CPython refuses the class as a new ``__class__`` of a queue.
-    """
+    _poolscope = None  # (recorder, pool state) while the pool is observed
 
-    _poolscope = None  # (recorder, pool state), set when the pool registers
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        if type(getattr(self, "not_empty", None)) is threading.Condition:
+            self.not_empty = _ObservedCondition(self.mutex)
+        self._poolscope = None
+
+    def _get(self):
+        get = self._poolscope_get
+        item = self.queue.pop() if get is None else get(self)
+        observed = self._poolscope
+        if observed is not None and item is not None:
+            rec = item.__dict__.get("_poolscope")
+            if rec is not None and not rec.closed and item.sock is not None:
+                try:
+                    observed[0].acquired(rec)
+                except Exception:
+                    internal_error("urllib3:pool queue")
+        return item
+
+    def _put(self, item):
+        put = self._poolscope_put
+        if put is None:
+            self.queue.append(item)
+        else:
+            put(self, item)
+        if self._poolscope is not None and item is not None:
+            rec = item.__dict__.get("_poolscope")
+            if rec is not None and rec.in_use and not rec.closed:
+                try:
+                    self._poolscope[0].released(rec)
+                except Exception:
+                    internal_error("urllib3:pool queue")
+
+
+class _ObservedCondition(threading.Condition):
+    """The ``not_empty`` condition of an observed queue: ``Queue.get`` waits on it only when
+    the queue is empty. The wait is seen whole here: this ``wait`` returns only once the queue
+    has an item (granted: ``_get`` follows under the same lock) or the caller's deadline has
+    passed (``Queue.get`` then raises ``Empty``)."""
+
+    def wait(self, timeout=None):
+        caller = sys._getframe(1).f_locals
+        q = caller.get("self")
+        observed = getattr(q, "_poolscope", None)
+        if observed is None or not hasattr(q, "_qsize"):
+            return super().wait(timeout)
+        recorder, pool = observed
+        endtime = caller.get("endtime") if timeout is not None else None
+        if timeout is not None and endtime is None:
+            endtime = monotonic() + timeout
+        wait = _event(recorder.wait_started, pool)
+        outcome, got = ABANDONED, False
+        try:
+            while True:
+                got = super().wait(timeout)
+                if q._qsize():
+                    outcome = GRANTED
+                    return got
+                if getattr(q, "is_shutdown", False):
+                    return got
+                if endtime is not None:
+                    timeout = endtime - monotonic()
+                    if timeout <= 0:
+                        outcome = TIMED_OUT
+                        return got
+        finally:
+            if wait is not None:
+                _event(recorder.wait_ended, wait, outcome, _EMPTY_POOL if outcome == TIMED_OUT else None)
+
+
+class _WaitObservedQueue(_ObservedQueue):
+    """For a queue without ``Queue``'s condition (gevent's compiled one): a ``get`` that finds
+    the queue empty is a wait."""
 
     def get(self, block=True, timeout=None):
         observed = self._poolscope
         if observed is None or not block:
             return super().get(block, timeout)
-        try:  # only the public interface: gevent's queue, for one, has none of Queue's insides
+        try:
             return super().get(False)
         except queue.Empty:  # every slot is out: a wait
             pass
         recorder, pool = observed
         wait = _event(recorder.wait_started, pool)
-        outcome, error = ABANDONED, None
+        outcome = ABANDONED
         try:
             item = super().get(block, timeout)
             outcome = GRANTED
             return item
         except queue.Empty:
-            outcome, error = TIMED_OUT, _EMPTY_POOL
+            outcome = TIMED_OUT
             raise
         finally:
-            if wait is not None:
-                _event(recorder.wait_ended, wait, outcome, error)
+            _ended(recorder, wait, outcome)
 
-    def put(self, item, block=True, timeout=None):
-        try:
-            super().put(item, block, timeout)
-        except queue.Full:
-            rec = getattr(item, "_poolscope", None)
-            if rec is not None:
-                rec.reason = sc.POOL_FULL
-            raise
+
+def _ended(recorder, wait, outcome):
+    if wait is not None:
+        _event(recorder.wait_ended, wait, outcome, _EMPTY_POOL if outcome == TIMED_OUT else None)
 
 
 _observed_classes = {}
 
 
-def _observed_queue(pool_obj):
-    """The pool's queue, made observed: the same object, given an observed subclass of its
-    class; for a compiled class that refuses it (gevent's), a new queue of that subclass with
-    the same items, which urllib3's finalizer of the pool drains as it would the old one."""
+def _unless(method, lifo):
+    """``method``, or None where it is ``LifoQueue``'s own (done inline, a call less)."""
+    return None if method is lifo else method
+
+
+def _observe_queue(pool_obj, observed):
+    """Observe the pool's queue with an observed subclass of its own class.
+
+    A pool's queue as ``__init__`` left it (every slot free, no one else holding the pool) is
+    replaced by a new queue of that subclass: an object made with its class runs as fast as
+    the original, where one given a new ``__class__`` does not (CPython's attribute caches
+    miss on it, about 0.6 µs per request). urllib3 2.x's finalizer of the pool would drain
+    the old queue, so the new one gets a finalizer of its own. A pool poolscope meets later,
+    in use, keeps its queue, which takes the subclass in place (or, a compiled class that
+    refuses it, gevent's, is replaced with the same items).
+    """
     old = pool_obj.pool
-    if isinstance(old, _ObservedQueue):
-        return old
     cls = type(old)
-    observed = _observed_classes.get(cls)
-    if observed is None:
-        observed = _observed_classes[cls] = type(cls.__name__, (_ObservedQueue, cls),
-                                                 {"__slots__": (), "__module__": cls.__module__})
-    try:
-        old.__class__ = observed
-        return old
-    except TypeError:
-        pass
-    new = observed(old.maxsize)
+    if isinstance(old, _ObservedQueue):
+        old._poolscope = observed
+        return
+    new_class = _observed_classes.get(cls)
+    if new_class is None:
+        inline = isinstance(getattr(old, "not_empty", None), threading.Condition)
+        new_class = _observed_classes[cls] = type(
+            cls.__name__, (_ObservedQueue if inline else _WaitObservedQueue, cls),
+            {"_poolscope_get": _unless(cls._get, queue.LifoQueue._get),
+             "_poolscope_put": _unless(cls._put, queue.LifoQueue._put),
+             "__slots__": (), "__module__": cls.__module__})
+    items = list(getattr(old, "queue", ()))
+    if len(items) != old.maxsize or any(item is not None for item in items):
+        try:
+            old.__class__ = new_class
+            if type(getattr(old, "not_empty", None)) is threading.Condition:
+                old.not_empty.__class__ = _ObservedCondition
+            old._poolscope = observed
+            return
+        except TypeError:
+            pass
+    new = new_class(old.maxsize)
     items = []
     while True:
         try:
@@ -106,11 +220,39 @@ def _observed_queue(pool_obj):
             break
     for item in reversed(items):  # in the order a LIFO queue gives them out
         new.put(item, False)
+    new._poolscope = observed
     pool_obj.pool = new
     drain = getattr(sys.modules.get("urllib3.connectionpool"), "_close_pool_connections", None)
     if drain is not None:
         weakref.finalize(pool_obj, drain, new)
-    return new
+
+
+_UNLOCKED = contextlib.nullcontext()
+_LOCK = threading.Lock()
+
+
+def _serialized(pool):
+    """The lock that serializes ``pool``'s events while poolscope observes its queue (the
+    queue's own mutex, under which ``_get`` and ``_put`` report theirs); else none is needed
+    beyond the recorder's."""
+    q = getattr(pool.ref(), "pool", None)
+    if pool.lock is None and getattr(q, "_poolscope", None) is not None:
+        return q.mutex
+    return _UNLOCKED
+
+
+def _detach(q, restore=False):
+    """Stop observing ``q``: its pool was closed or collected (urllib3 drains it next), or
+    poolscope is uninstrumented (``restore``: the queue and its condition get their own
+    classes back)."""
+    q._poolscope = None
+    if restore and type(q) in _observed_classes.values():
+        try:
+            q.__class__ = type(q).__mro__[2]
+            if type(getattr(q, "not_empty", None)) is _ObservedCondition:
+                q.not_empty.__class__ = threading.Condition
+        except TypeError:
+            pass
 
 
 def _close_reason(conn, rec):
@@ -122,8 +264,6 @@ def _close_reason(conn, rec):
     (``server_closed``); any other close mid-exchange is a failed or abandoned request
     (``error``). Idle and still pooled: urllib3's dropped-connection check (``server_closed``).
     """
-    if rec.reason:
-        return rec.reason
     if rec.in_use:
         complete = (getattr(conn, "_HTTPConnection__state", None) == "Idle"
                     and getattr(conn, "_HTTPConnection__response", None) is None)
@@ -135,15 +275,16 @@ class Urllib3Adapter(Adapter):
     library = "urllib3"
 
     def patch(self):
-        global _EMPTY_POOL
+        global _EMPTY_POOL, _GET_CONN, _PUT_CONN
         from urllib3 import _collections, connection, connectionpool, exceptions
 
         _EMPTY_POOL = exceptions.EmptyPoolError(
             None, "Pool is empty and a new connection can't be opened due to blocking mode.")
         pool_cls = connectionpool.HTTPConnectionPool
+        _GET_CONN, _PUT_CONN = (getattr(getattr(pool_cls, name), "__code__", None)
+                                for name in ("_get_conn", "_put_conn"))
         self.wrap(pool_cls, "__init__", after=self._pool_init)
-        self.wrap(pool_cls, "_get_conn", after=self._acquired)
-        self.wrap(pool_cls, "_put_conn", before=self._release)
+        self.wrap(pool_cls, "_new_conn", after=self._new_conn)
         self.wrap(pool_cls, "close", before=self._pool_close)
         for cls in (connection.HTTPConnection, connection.HTTPSConnection):
             if "connect" in vars(cls):
@@ -151,51 +292,92 @@ class Urllib3Adapter(Adapter):
         self.wrap(connection.HTTPConnection, "close", before=self._conn_close)
         self.wrap(_collections.RecentlyUsedContainer, "__setitem__", before=self._evicting)
 
+    def unpatch(self):
+        super().unpatch()
+        for pool_obj in self.recorder.pool_objects(self.library):
+            if getattr(pool_obj, "pool", None) is not None:
+                _detach(pool_obj.pool, restore=True)
+
     def limits(self, pool_obj):
         scheme = pool_obj.scheme or "http"
         size = pool_obj.pool.maxsize if pool_obj.pool is not None else None
         return {"max_connections": size, "max_idle": size,
-                "origin": (scheme, pool_obj.host, pool_obj.port or _DEFAULT_PORTS.get(scheme))}
+                "origin": (scheme, pool_obj.host, pool_obj.port or _DEFAULT_PORTS.get(scheme)),
+                "serialized": isinstance(getattr(pool_obj.pool, "mutex", None), type(_LOCK))}
 
     def registered(self, pool_obj, state):
         if pool_obj.pool is not None:
-            _observed_queue(pool_obj)._poolscope = (self.recorder, state)
+            _observe_queue(pool_obj, (self.recorder, state))
+            weakref.finalize(pool_obj, _detach, pool_obj.pool)
 
-    def _acquired(self, token, pool_obj, conn, exc):
-        if exc is not None:
+    def _pool_close(self, pool_obj, args, kwargs):
+        state = getattr(pool_obj, "_poolscope", None)
+        if state is None:
             return
-        rec = conn.__dict__.get("_poolscope")
-        if conn.sock is None:
-            rec = conn._poolscope = self.recorder.conn_created(self.pool_state(pool_obj))
-        elif rec is None or rec.closed:
-            return  # opened before poolscope was on: not tracked
-        self.recorder.acquired(rec)
+        with _serialized(state):
+            if pool_obj.pool is not None:
+                _detach(pool_obj.pool)
+            self.recorder.pool_closed(state)
 
-    def _release(self, pool_obj, args, kwargs):
-        conn = arg(args, kwargs, 0, "conn")
-        rec = conn.__dict__.get("_poolscope") if conn is not None else None
-        if rec is not None and not rec.closed:
-            self.recorder.released(rec)
+    def _new_conn(self, token, pool_obj, conn, exc):
+        if exc is None:
+            conn._poolscope_pool = self.pool_state(pool_obj)
 
     def _connect_start(self, conn, args, kwargs):
         rec = conn.__dict__.get("_poolscope")
-        if rec is None or rec.opened or rec.closed:
+        if rec is None or rec.closed:
+            pool = self._pool_of(conn, rec)
+            if pool is None:
+                return None  # opened before poolscope was on: not tracked
+            with _serialized(pool):
+                rec = conn._poolscope = self.recorder.conn_created(pool)
+                self.recorder.acquired(rec)
+        elif rec.opened:
             return None
         return rec, time.monotonic(), self.recorder.setup_started(rec.series)
+
+    def _pool_of(self, conn, rec):
+        """The live pool state of a connection object about to open a socket: its last
+        socket's, its tag from ``_new_conn``, or (made before ``instrument()``) the pool found
+        as the ``self`` of the pool method that is connecting it."""
+        for pool in (rec.pool if rec is not None else None, conn.__dict__.get("_poolscope_pool")):
+            if pool is not None and pool.live and pool.owner is self.recorder:
+                return pool
+        frame = sys._getframe(3)
+        for _ in range(8):
+            if frame is None:
+                return None
+            owner = frame.f_locals.get("self")
+            if owner is not None and hasattr(owner, "_get_conn") and frame.f_locals.get("conn") is conn:
+                return self.pool_state(owner)
+            frame = frame.f_back
+        return None
 
     def _connected(self, token, conn, result, exc):
         rec, started, span = token
         try:
             if exc is None:
-                self.recorder.conn_opened(rec, time.monotonic() - started)
+                with _serialized(rec.pool):
+                    self.recorder.conn_opened(rec, time.monotonic() - started)
         finally:
             if span is not None:
                 self.recorder.setup_ended(span, exc, peer_address(lambda: conn.sock.getpeername()))
 
     def _conn_close(self, conn, args, kwargs):
         rec = conn.__dict__.get("_poolscope")
-        if rec is not None and not rec.closed:
-            self.recorder.closed(rec, _close_reason(conn, rec))
+        if rec is None or rec.closed:
+            return
+        with _serialized(rec.pool):
+            if rec.in_use and _caller_is(_GET_CONN):
+                # urllib3 found the pooled connection dropped as it handed it out: the request
+                # goes out on a new socket, acquired at connect
+                self.recorder.unacquired(rec)
+                reason = sc.SERVER_CLOSED
+            elif rec.in_use and _caller_is(_PUT_CONN) and rec.pool.live:
+                reason = sc.POOL_FULL
+            else:
+                reason = _close_reason(conn, rec)
+            self.recorder.closed(rec, reason)
 
     def _evicting(self, container, args, kwargs):
         entries = container._container
