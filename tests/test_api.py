@@ -28,8 +28,9 @@ PATCHED = [
     (httpcore.ConnectionPool, ("__init__", "handle_request", "close", "create_connection")),
     (httpcore.AsyncConnectionPool, ("__init__", "handle_async_request", "aclose")),
     (httpcore.HTTPConnection, ("handle_request", "_connect", "close")),
-    (aiohttp.connector.BaseConnector, ("__init__", "connect", "_wait_for_available_connection",
+    (aiohttp.connector.BaseConnector, ("__init__", "_wait_for_available_connection",
                                        "_release", "_close")),
+    (aiohttp.connector, ("ceil_timeout",)),
     (aiohttp.connector.TCPConnector, ("_create_connection",)),
     (aiohttp.client_proto.ResponseHandler, ("close", "connection_lost")),
 ]
@@ -97,7 +98,7 @@ def test_patching_is_lazy_and_happens_at_import():
         print(type(vars(HTTPConnectionPool)["_new_conn"]).__name__,
               type(vars(httpcore.ConnectionPool)["handle_request"]).__name__,
               type(vars(httpcore2.ConnectionPool)["handle_request"]).__name__,
-              type(vars(aiohttp.connector.BaseConnector)["connect"]).__name__,
+              type(vars(aiohttp.connector.BaseConnector)["_release"]).__name__,
               pycurl.Curl.__module__)
     """)
     assert out.split() == ["False"] * 6 + ["function", "function", "function", "function",

@@ -1,10 +1,12 @@
 """aiohttp 3.10.11+, through ``aiohttp.connector.BaseConnector`` and ``ResponseHandler``.
 
-- Acquire: ``connect``; the connection it returns was reused unless ``_create_connection``
-  made it during this call (that one is acquired as it is made).
+- Acquire: the connector's own set of connections in use (``_acquired``), which takes an
+  observed subclass whose ``add`` is the acquisition of a pooled connection; one
+  ``_create_connection`` made is acquired as it is made. No wrapper on ``connect``.
 - Wait: ``_wait_for_available_connection``, entered only when no slot is free under ``limit``
-  or ``limit_per_host``. aiohttp turns a timeout while queued into ``asyncio.TimeoutError``
-  out of ``connect``; a cancellation arrives as ``CancelledError``, which is not a timeout.
+  or ``limit_per_host``. A wait cut off by an exception timed out if the ``connect`` timeout
+  around it (``ceil_timeout``, which aiohttp calls in ``connect`` only when no pooled
+  connection is free) has expired; otherwise it was cancelled.
 - Create: ``_create_connection`` (name resolution, TCP, TLS, and the proxy's when there is one).
 - Release: ``_release``; its arguments and the protocol's state tell whether the connection
   closes with the response and why.
@@ -19,10 +21,11 @@ queued request from one served at once; those versions are skipped.
 """
 
 import asyncio
+import contextvars
 import time
-import weakref
 
 from .. import _semconv as sc
+from .._config import internal_error
 from .._recorder import ABANDONED, TIMED_OUT
 from ._base import Adapter, arg, peer_address
 
@@ -33,6 +36,30 @@ def _origin(key):
         return ("https" if key.is_ssl else "http"), key.host, key.port
     except AttributeError:
         return None
+
+
+_timeout = contextvars.ContextVar("poolscope_connect_timeout", default=None)
+
+
+def _expired(timeout):
+    """Whether an ``asyncio.timeout`` or ``async_timeout`` context has fired."""
+    expired = getattr(timeout, "expired", False)
+    return expired() if callable(expired) else bool(expired)
+
+
+class _AcquiredSet(set):
+    """A connector's set of connections in use: adding a pooled one is its acquisition."""
+
+    __slots__ = ()
+
+    def add(self, proto):
+        set.add(self, proto)
+        rec = getattr(proto, "_poolscope", None)
+        if rec is not None and not rec.in_use and not rec.closed:
+            try:
+                rec.pool.owner.acquired(rec)
+            except Exception:
+                internal_error("aiohttp:BaseConnector._acquired")
 
 
 def _release_reason(connector, proto, should_close):
@@ -57,10 +84,16 @@ class AiohttpAdapter(Adapter):
     def patch(self):
         from aiohttp import client_proto, connector
 
-        self._unresolved = weakref.WeakKeyDictionary()  # task -> wait that ended in an exception
         base = connector.BaseConnector
         self.wrap(base, "__init__", after=self._pool_init)
-        self.wrap(base, "connect", after=self._connected)
+        if hasattr(connector, "ceil_timeout"):
+            timeout = connector.ceil_timeout
+
+            def ceil_timeout(*args, **kwargs):
+                made = timeout(*args, **kwargs)
+                _timeout.set(made)
+                return made
+            self.replace(connector, "ceil_timeout", ceil_timeout)
         self.wrap(base, "_wait_for_available_connection", before=self._wait_start,
                   after=self._wait_end)
         self.wrap(base, "_release", before=self._release)
@@ -72,9 +105,21 @@ class AiohttpAdapter(Adapter):
         self.wrap(handler, "close", before=self._proto_close)
         self.wrap(handler, "connection_lost", after=self._proto_lost)
 
+    def unpatch(self):
+        super().unpatch()
+        for connector in self.recorder.pool_objects(self.library):
+            if type(getattr(connector, "_acquired", None)) is _AcquiredSet:
+                connector._acquired = set(connector._acquired)
+
     def limits(self, connector):
         idle_max = 0 if connector._force_close else None
-        return {"max_connections": connector._limit or None, "max_idle": idle_max}
+        return {"max_connections": connector._limit or None, "max_idle": idle_max,
+                "serialized": True}  # a connector lives in one event loop
+
+    def registered(self, connector, state):
+        acquired = getattr(connector, "_acquired", None)
+        if type(acquired) is set:
+            connector._acquired = _AcquiredSet(acquired)
 
     def _pool(self, connector, key):
         """The pool a connection key counts against: its host's, under ``limit_per_host``."""
@@ -89,7 +134,7 @@ class AiohttpAdapter(Adapter):
         if pool is None or not pool.live:
             pool = hosts[1][key] = self.recorder.pool_opened(
                 self.library, connector, max_connections=per_host,
-                max_idle=main.idle_max, origin=_origin(key), parent=main)
+                max_idle=main.idle_max, origin=_origin(key), parent=main, serialized=True)
         return pool
 
     def _series(self, key):
@@ -113,8 +158,10 @@ class AiohttpAdapter(Adapter):
     def _wait_end(self, wait, connector, result, exc):
         if exc is None:
             self.recorder.wait_ended(wait)
+        elif _expired(_timeout.get()):
+            self.recorder.wait_ended(wait, TIMED_OUT, asyncio.TimeoutError())
         else:
-            self._unresolved[asyncio.current_task()] = wait
+            self.recorder.wait_ended(wait, ABANDONED, exc)
 
     # -- connections ------------------------------------------------------
 
@@ -139,17 +186,6 @@ class AiohttpAdapter(Adapter):
             if span is not None:
                 self.recorder.setup_ended(span, peer=peer_address(
                     lambda: proto.transport.get_extra_info("peername")))
-
-    def _connected(self, token, connector, connection, exc):
-        if exc is not None:
-            wait = self._unresolved.pop(asyncio.current_task(), None)
-            if wait is not None:
-                timed_out = isinstance(exc, asyncio.TimeoutError)
-                self.recorder.wait_ended(wait, TIMED_OUT if timed_out else ABANDONED, exc)
-            return
-        rec = connection._protocol.__dict__.get("_poolscope")
-        if rec is not None and not rec.in_use and not rec.closed:
-            self.recorder.acquired(rec)
 
     def _release(self, connector, args, kwargs):
         proto = arg(args, kwargs, 1, "protocol")
