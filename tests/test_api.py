@@ -25,9 +25,12 @@ from poolscope.demo.server import DemoServer
 PATCHED = [
     (urllib3.connectionpool.HTTPConnectionPool, ("__init__", "_new_conn", "close")),
     (urllib3.connection.HTTPConnection, ("connect", "close")),
-    (httpcore.ConnectionPool, ("__init__", "handle_request", "close", "create_connection")),
-    (httpcore.AsyncConnectionPool, ("__init__", "handle_async_request", "aclose")),
-    (httpcore.HTTPConnection, ("handle_request", "_connect", "close")),
+    (httpcore.ConnectionPool, ("__init__", "close", "create_connection")),
+    (httpcore.AsyncConnectionPool, ("__init__", "aclose")),
+    (httpcore.HTTPConnection, ("_connect", "close")),
+    (httpcore._sync.connection_pool.PoolRequest, ("assign_to_connection", "clear_connection")),
+    (httpcore._sync.connection_pool, ("Event",)),
+    (httpcore._async.connection_pool, ("AsyncEvent",)),
     (aiohttp.connector.BaseConnector, ("__init__", "_wait_for_available_connection",
                                        "_release", "_close")),
     (aiohttp.connector, ("ceil_timeout",)),
@@ -37,9 +40,10 @@ PATCHED = [
 if httpx2 is not None:
     import httpcore2
     PATCHED += [
-        (httpcore2.ConnectionPool, ("__init__", "handle_request", "close", "create_connection")),
-        (httpcore2.AsyncConnectionPool, ("__init__", "handle_async_request", "aclose")),
-        (httpcore2.HTTPConnection, ("handle_request", "_connect", "close")),
+        (httpcore2.ConnectionPool, ("__init__", "close", "create_connection")),
+        (httpcore2.AsyncConnectionPool, ("__init__", "aclose")),
+        (httpcore2.HTTPConnection, ("_connect", "close")),
+        (httpcore2._sync.connection_pool.PoolRequest, ("assign_to_connection", "clear_connection")),
     ]
 REPLACED = [(pycurl, ("Curl", "CurlMulti"))] + (
     [(pycurl.async_multi, ("CurlMulti",))] if hasattr(pycurl, "async_multi") else [])
@@ -96,8 +100,8 @@ def test_patching_is_lazy_and_happens_at_import():
             httpcore2 = httpcore
         from urllib3.connectionpool import HTTPConnectionPool
         print(type(vars(HTTPConnectionPool)["_new_conn"]).__name__,
-              type(vars(httpcore.ConnectionPool)["handle_request"]).__name__,
-              type(vars(httpcore2.ConnectionPool)["handle_request"]).__name__,
+              type(vars(httpcore.ConnectionPool)["close"]).__name__,
+              type(vars(httpcore2.ConnectionPool)["close"]).__name__,
               type(vars(aiohttp.connector.BaseConnector)["_release"]).__name__,
               pycurl.Curl.__module__)
     """)
@@ -149,7 +153,7 @@ def test_only_named_libraries():
     try:
         assert type(vars(urllib3.connectionpool.HTTPConnectionPool)["_new_conn"]).__name__ \
             == "function"
-        assert vars(httpcore.ConnectionPool)["handle_request"].__wrapped__ is not None
+        assert vars(httpcore.ConnectionPool)["close"].__wrapped__ is not None
     finally:
         poolscope.uninstrument()
 

@@ -57,6 +57,7 @@ def _span_reader():
 recording_span = _span_reader()
 
 GRANTED, TIMED_OUT, ABANDONED = "granted", "timed_out", "abandoned"
+_CURRENT = object()
 
 _URL = re.compile(r"""(\b[a-zA-Z][\w+.-]*://)(?:[^/@\s'"]*@)?([^/?#\s'"]*)[^\s'"]*""")
 _PATH = re.compile(r"""(?<![\w.:/])/[^\s'"]*""")
@@ -448,10 +449,12 @@ class Recorder:
         if seconds is not None:
             self._create_time.record(seconds, conn.series.attrs)
 
-    def acquired(self, conn, wait=None, context=None):
+    def acquired(self, conn, wait=None, context=None, span=_CURRENT):
         """A request got ``conn``; returns whether it was reused. Ends ``wait`` if given.
 
-        ``context``: the request's, where it is not the current one (see :meth:`context`).
+        ``context``: the request's, where it is not the current one (see :meth:`context`); or
+        ``span``: the request's span (None: none), where the library hands the connection to
+        the request from another thread or task.
         The healthy request (a reuse, no wait) changes only the connection and its pool, under
         the pool's lock.
         """
@@ -479,7 +482,8 @@ class Recorder:
                 lock.release()
         if uses and self.detailed and conn.released_at:
             self._idle_time.record(now - conn.released_at, conn.series.attrs)
-        span = recording_span(context)
+        if span is _CURRENT:
+            span = recording_span(context)
         if span is not None:
             span.set_attribute(sc.SPAN_REUSED, uses > 0)
             if uses and conn.released_at:
@@ -497,10 +501,14 @@ class Recorder:
             conn.in_use -= 1
             if conn.in_use == 0 and conn.opened and not conn.closed:
                 self._shift(conn.pool, -1, monotonic())
-            if wait is not None and not wait.active and not wait.done:
+            resumed = wait is not None and not wait.active and not wait.done
+            if resumed:
                 wait.active = True
                 wait.end = wait.end_ns = None
                 self._pend(wait, 1)
+        if resumed and wait.parent is not None and wait.span is None:  # its span had ended
+            wait.span = self._tracer.start_span(sc.SPAN_WAIT, kind=SpanKind.INTERNAL,
+                                                attributes=self._span_attrs(wait.series))
 
     def released(self, conn, close_reason=None):
         """The request is done with ``conn``; ``close_reason`` if the connection closed with it."""
@@ -594,19 +602,36 @@ class Recorder:
                 wait.end_ns = time.time_ns()
             if outcome == TIMED_OUT:
                 wait.series.timeouts += 1
+            span, wait.span = wait.span, None
         seconds = wait.end - wait.start
         if outcome == GRANTED:
             self._wait_time.record(seconds, wait.series.attrs)
-        if wait.span is not None:
-            self._end_wait_span(wait.span, wait.parent, outcome, seconds, error, wait.end_ns)
+        if span is not None:
+            self._end_wait_span(span, wait.parent, outcome, seconds, error, wait.end_ns)
+
+    def wait_granted(self, wait, end_span=True):
+        """The request holds a connection the library may yet take back (httpcore's
+        ``ConnectionNotAvailable``), its wait then going on; :meth:`wait_ended` counts it. The
+        request's span learns the wait time now, and the wait's span ends now with
+        ``end_span`` (else at :meth:`wait_ended`, at the time the wait ended)."""
+        with self._lock:
+            if wait.done or wait.active:
+                return
+            span = wait.span if end_span else None
+            if end_span:
+                wait.span = None
+        self._end_wait_span(span, wait.parent, GRANTED, wait.end - wait.start, None, wait.end_ns)
 
     def _end_wait_span(self, span, parent, outcome, seconds, error, end_ns):
+        """End the wait's span (if any); a granted wait's time goes on the request's span."""
+        if outcome == GRANTED and parent is not None and parent.is_recording():
+            parent.set_attribute(sc.SPAN_WAIT_TIME, seconds)
+        if span is None:
+            return
         if outcome == TIMED_OUT:
             span.set_status(StatusCode.ERROR, "pool timeout: no connection within the timeout")
             if error is not None:
                 _record_error(span, error)
-        elif outcome == GRANTED and parent is not None:
-            parent.set_attribute(sc.SPAN_WAIT_TIME, seconds)
         span.end(end_time=end_ns)
 
     def waited(self, series, seconds, context=None, end_ns=None, error=None):

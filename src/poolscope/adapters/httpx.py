@@ -3,17 +3,19 @@ and httpx2 (the fork the openai and anthropic SDKs use) through httpcore2's (2.0
 
 One implementation serves all four: the hooks are plain functions, applied to the ``_sync``
 and ``_async`` classes of ``httpcore`` or ``httpcore2`` by name. What differs between the two
-is data (:class:`Httpx2Adapter`). Where the hooks are (per request, cheapest first):
+is data (:class:`Httpx2Adapter`). A healthy request passes through one poolscope function
+and one observed list, both where httpcore already keeps its books under its pool's lock:
 
-- ``ConnectionPool.handle_request``: tags the request with its pool, for the wait hook.
-- ``PoolRequest.wait_for_connection``: a wait starts when the request has no connection on
-  entry; it ends in PoolTimeout, cancellation, or at the connection's ``handle_request``.
-- ``HTTPConnection.handle_request`` (and the proxy connections'): the acquisition. httpcore may
-  hand one idle HTTP/1.1 connection to several queued requests; all but one then raise
-  ``ConnectionNotAvailable`` and queue again, so that acquisition is undone and the wait goes on.
-- ``PoolByteStream.close``: the release, read once the stream is closed; a connection that
-  closed with its response (``Connection: close``, a failed or abandoned read) is counted
-  closed there.
+- ``PoolRequest.assign_to_connection``: the acquisition. httpcore may hand one idle HTTP/1.1
+  connection to several queued requests; all but one then raise ``ConnectionNotAvailable``
+  and ``clear_connection`` undoes their acquisition, and their wait goes on.
+- The pool's request list (``_requests``), which takes an observed subclass: ``remove`` is
+  the release, when the response is closed or the request failed. A connection that closed
+  with its response (``Connection: close``, a failed or abandoned read) is counted closed
+  there.
+- Wait: the ``Event`` a ``PoolRequest`` waits on, whose ``wait`` httpcore calls only when the
+  request has no connection. It ends in ``PoolTimeout``, cancellation, or once the request
+  holds a connection it keeps (at its release).
 
 Pool-initiated closes pass through ``HTTPConnection.close``, where the reason is read from the
 connection as ``_assign_requests_to_connections`` judged it: past ``_expire_at`` is
@@ -23,32 +25,37 @@ closes it (a race in httpcore 1.0.9, encode/httpcore#1110) fails its request: ``
 
 httpcore2 2.6 and later drop, without closing it, a connection whose request was cancelled
 before it connected (httpcore keeps it, and its slot, for good: encode/httpcore#1093); such a
-connection is let go with its request. httpcore2's other pool changes (single-pass
-assignment in 2.3, a released connection assigned to a single queued request in 2.8) need
-nothing: a connection handed to a request that then finds it taken is undone as above.
+connection is let go with its request.
 """
 
+import contextlib
 import importlib
+import inspect
 import sys
 import time
 
 from .. import _semconv as sc
-from .._recorder import ABANDONED, TIMED_OUT
+from .._config import internal_error
+from .._recorder import ABANDONED, TIMED_OUT, recording_span
 from ._base import Adapter, arg
+
 
 def _flavors(root):
     """The sync and async classes of ``root`` (``httpcore`` or ``httpcore2``), by name."""
     return (
         {"package": f"{root}._sync", "pool": "ConnectionPool", "request": "PoolRequest",
-         "connection": "HTTPConnection", "send": "handle_request", "close": "close",
+         "event": "Event", "connection": "HTTPConnection", "close": "close",
          "proxies": (("http_proxy", "HTTPProxy", ("ForwardHTTPConnection", "TunnelHTTPConnection")),
                      ("socks_proxy", "SOCKSProxy", ("Socks5Connection",)))},
         {"package": f"{root}._async", "pool": "AsyncConnectionPool", "request": "AsyncPoolRequest",
-         "connection": "AsyncHTTPConnection", "send": "handle_async_request", "close": "aclose",
+         "event": "AsyncEvent", "connection": "AsyncHTTPConnection", "close": "aclose",
          "proxies": (("http_proxy", "AsyncHTTPProxy",
                       ("AsyncForwardHTTPConnection", "AsyncTunnelHTTPConnection")),
                      ("socks_proxy", "AsyncSOCKSProxy", ("AsyncSocks5Connection",)))},
     )
+
+
+_UNLOCKED = contextlib.nullcontext()
 
 
 def _limit(value):
@@ -82,10 +89,13 @@ def _pool_close_reason(conn):
 
 def _left_busy(conn, rec):
     """Whether httpcore keeps the connection out of service for good now that its only request
-    is over: never used (cancelled between connecting and sending) or still ``ACTIVE`` (its
-    response closed mid-way by a cancellation), httpcore#1093. It holds its slot, so it stays
-    active."""
-    return rec.in_use == 1 and _state(_protocol(conn)) in ("NEW", "ACTIVE")
+    is over: never connected or never used (the request cancelled before it), or still
+    ``ACTIVE`` (its response closed mid-way by a cancellation), httpcore#1093. It holds its
+    slot, so it stays active."""
+    if rec.in_use != 1:
+        return False
+    inner = _protocol(conn)
+    return inner is None or _state(inner) in ("NEW", "ACTIVE")
 
 
 def _self_close_reason(conn):
@@ -97,13 +107,66 @@ def _self_close_reason(conn):
     return sc.SERVER_CLOSED if their in ("MUST_CLOSE", "CLOSED") else sc.ERROR
 
 
+def _caller(depth, name):
+    """The ``self`` of the frame ``depth`` up if it runs a method called ``name``, else None."""
+    frame = sys._getframe(depth + 1)
+    if frame is not None and frame.f_code.co_name == name:
+        return frame.f_locals.get("self")
+    return None
+
+
+class _Requests(list):
+    """A pool's list of requests in flight: ``remove`` is a request leaving the pool."""
+
+    __slots__ = ("_poolscope",)
+
+    def append(self, pool_request):
+        list.append(self, pool_request)
+        span = recording_span()  # a request joins in its own thread; another may assign it
+        if span is not None:
+            pool_request._poolscope_span = span
+
+    def remove(self, pool_request):
+        list.remove(self, pool_request)
+        if pool_request.connection is not None or "_poolscope_wait" in pool_request.__dict__:
+            try:
+                self._poolscope.left(pool_request)
+            except Exception:
+                internal_error("httpx:ConnectionPool._requests")
+
+
+def _observed_event(base, adapter):
+    """A subclass of httpcore's ``Event`` (or ``AsyncEvent``) whose ``wait``, called by
+    ``PoolRequest.wait_for_connection`` only when the request has no connection, is a wait."""
+    if inspect.iscoroutinefunction(base.wait):
+        async def wait(self, timeout=None):
+            waiting = adapter.waiting(sys._getframe(1))
+            try:
+                result = await base.wait(self, timeout)
+            except BaseException as exc:
+                adapter.wait_failed(waiting, exc)
+                raise
+            adapter.wait_granted(waiting)
+            return result
+    else:
+        def wait(self, timeout=None):
+            waiting = adapter.waiting(sys._getframe(1))
+            try:
+                result = base.wait(self, timeout)
+            except BaseException as exc:
+                adapter.wait_failed(waiting, exc)
+                raise
+            adapter.wait_granted(waiting)
+            return result
+    return type(base.__name__, (base,), {"wait": wait, "__module__": base.__module__})
+
+
 class HttpxAdapter(Adapter):
     library = "httpx"
     root = "httpcore"  # the package whose pools are patched
 
     def patch(self):
         core = importlib.import_module(self.root)
-        self._not_available = core.ConnectionNotAvailable
         self._pool_timeout = core.PoolTimeout
         connection = importlib.import_module(self.root + "._sync.connection").HTTPConnection
         # httpcore2 2.6+ (which added is_connected) drops an unconnected, unclaimed connection
@@ -126,31 +189,54 @@ class HttpxAdapter(Adapter):
             conn_classes.extend(getattr(module, name) for name in connections)
 
         self.wrap(pool_cls, "__init__", after=self._pool_init)
-        self.wrap(pool_cls, f["send"], before=self._tag_request)
         self.wrap(pool_cls, f["close"], before=self._pool_close)
-        self.wrap(getattr(pools, f["request"]), "wait_for_connection",
-                  before=self._wait_start, after=self._wait_failed)
-        self.wrap(pools.PoolByteStream, f["close"], before=self._release, after=self._released)
+        request_cls = getattr(pools, f["request"])
+        self.wrap(request_cls, "assign_to_connection", before=self._assign)
+        self.wrap(request_cls, "clear_connection", before=self._clear)
+        self.replace(pools, f["event"], _observed_event(getattr(pools, f["event"]), self))
         for cls in pool_classes:
             if "create_connection" in vars(cls):
                 self.wrap(cls, "create_connection", before=self._origin_arg, after=self._created)
         for cls in conn_classes:
-            self.wrap(cls, f["send"], before=self._acquire, after=self._sent)
             self.wrap(cls, f["close"], before=self._conn_close)
         self.wrap(conn_classes[0], "_connect", before=self._connect_start, after=self._connected)
 
+    def unpatch(self):
+        super().unpatch()
+        for pool_obj in self.recorder.pool_objects(self.library):
+            if type(getattr(pool_obj, "_requests", None)) is _Requests:
+                pool_obj._requests = list(pool_obj._requests)
+
     def limits(self, pool_obj):
         return {"max_connections": _limit(pool_obj._max_connections),
-                "max_idle": _limit(pool_obj._max_keepalive_connections)}
+                "max_idle": _limit(pool_obj._max_keepalive_connections),
+                "serialized": hasattr(pool_obj, "_optional_thread_lock")}
+
+    def registered(self, pool_obj, state):
+        requests = getattr(pool_obj, "_requests", None)
+        if type(requests) is list:
+            observed = pool_obj._requests = _Requests(requests)
+            observed._poolscope = self
 
     def _series(self, origin):
         return self.recorder.series(
             self.library, (origin.scheme.decode("ascii"), origin.host.decode("ascii"), origin.port))
 
+    @staticmethod
+    def _locked(pool):
+        """The pool's own lock, under which httpcore assigns and releases its connections, for
+        the rarer events poolscope reports outside it."""
+        if pool.lock is not None:
+            return _UNLOCKED
+        return getattr(pool.ref(), "_optional_thread_lock", _UNLOCKED)
+
     # -- pool -------------------------------------------------------------
 
-    def _tag_request(self, pool_obj, args, kwargs):
-        arg(args, kwargs, 0, "request")._poolscope_pool = self.pool_state(pool_obj)
+    def _pool_close(self, pool_obj, args, kwargs):
+        state = getattr(pool_obj, "_poolscope", None)
+        if state is not None:
+            with self._locked(state):
+                self.recorder.pool_closed(state)
 
     def _origin_arg(self, pool_obj, args, kwargs):
         return arg(args, kwargs, 0, "origin")
@@ -160,53 +246,91 @@ class HttpxAdapter(Adapter):
             conn._poolscope = self.recorder.conn_created(self.pool_state(pool_obj),
                                                          self._series(origin))
 
-    # -- waits ------------------------------------------------------------
+    # -- requests ---------------------------------------------------------
 
-    def _wait_start(self, pool_request, args, kwargs):
-        if pool_request.connection is not None:
-            return None
-        request = pool_request.request
-        wait = request.__dict__.get("_poolscope_wait")
-        if wait is None or wait.done:
-            pool = request.__dict__.get("_poolscope_pool")
-            if pool is None:
-                return None
-            wait = self.recorder.wait_started(pool, self._series(request.url.origin))
-            request._poolscope_wait = wait
-        return wait
+    def _assign(self, pool_request, args, kwargs):
+        conn = args[0] if args else kwargs.get("connection")
+        rec = conn.__dict__.get("_poolscope") if conn is not None else None
+        if rec is not None:
+            found = pool_request.__dict__
+            self.recorder.acquired(rec, found.get("_poolscope_wait"),
+                                   span=found.get("_poolscope_span"))
 
-    def _wait_failed(self, wait, pool_request, result, exc):
-        if exc is not None:
-            timed_out = isinstance(exc, self._pool_timeout)
-            self.recorder.wait_ended(wait, TIMED_OUT if timed_out else ABANDONED, exc)
-            conn = pool_request.connection  # given to the request as it gave up
-            if self._drops_unclaimed and conn is not None and not conn.is_connected():
-                rec = conn.__dict__.get("_poolscope")
-                if rec is not None and rec.in_use == 0:
-                    self.recorder.closed(rec, sc.ERROR)  # never established: not counted
+    def _clear(self, pool_request, args, kwargs):
+        conn = pool_request.connection
+        rec = conn.__dict__.get("_poolscope") if conn is not None else None
+        if rec is not None:  # ConnectionNotAvailable: another request took it first
+            with self._locked(rec.pool):
+                self.recorder.unacquired(rec, pool_request.__dict__.get("_poolscope_wait"))
 
-    # -- connections ------------------------------------------------------
-
-    def _acquire(self, conn, args, kwargs):
-        rec = conn.__dict__.get("_poolscope")
-        if rec is None:
-            return None
-        wait = arg(args, kwargs, 0, "request").__dict__.get("_poolscope_wait")
-        return rec, wait, self.recorder.acquired(rec, wait)
-
-    def _sent(self, token, conn, response, exc):
-        rec, wait, reused = token
-        if isinstance(exc, self._not_available):
-            self.recorder.unacquired(rec, wait)
+    def left(self, pool_request):
+        """The request left its pool (under the pool's lock): its response is closed, or it
+        failed or gave up."""
+        wait = pool_request.__dict__.get("_poolscope_wait")
+        gave_up = wait is not None and wait.done  # timed out or cancelled
+        if wait is not None and not wait.done:
+            self.recorder.wait_ended(wait)  # it holds the connection it waited for
+        conn = pool_request.connection
+        rec = conn.__dict__.get("_poolscope") if conn is not None else None
+        if rec is None or rec.closed or not rec.in_use:
             return
-        if wait is not None:
-            self.recorder.wait_ended(wait)
-        if exc is None:
-            self.recorder.conn_opened(rec)  # a proxied connection; no-op once opened
-        elif conn.is_closed():
+        if conn.is_closed():
+            self.recorder.released(rec, _self_close_reason(conn) if rec.opened else sc.ERROR)
+        elif gave_up and self._drops_unclaimed and not conn.is_connected():
+            # given to the request as it gave up; httpcore2 drops it unconnected
             self.recorder.released(rec, sc.ERROR)
         elif not _left_busy(conn, rec):
+            if not rec.opened:
+                self.recorder.conn_opened(rec)  # a proxied connection, through at last
             self.recorder.released(rec)
+
+    # -- waits ------------------------------------------------------------
+
+    def waiting(self, frame):
+        """(wait, pool request) of the request whose ``wait_for_connection`` is ``frame`` (None
+        if it is not one poolscope observes)."""
+        try:
+            if frame.f_code.co_name != "wait_for_connection":
+                return None
+            pool_request = frame.f_locals["self"]
+            wait = pool_request.__dict__.get("_poolscope_wait")
+            if wait is not None and not wait.done:
+                return wait, pool_request  # waiting again after ConnectionNotAvailable
+            pool_obj = frame.f_back.f_locals.get("self") if frame.f_back is not None else None
+            pool = getattr(pool_obj, "_poolscope", None)
+            if pool is None or pool.owner is not self.recorder:
+                return None
+            wait = self.recorder.wait_started(pool, self._series(pool_request.request.url.origin))
+            pool_request._poolscope_wait = wait
+            return wait, pool_request
+        except Exception:
+            internal_error("httpx:wait_for_connection")
+            return None
+
+    def wait_granted(self, waiting):
+        """The request has a connection. It is counted when the request leaves the pool; its
+        span ends now unless another request was handed the same connection too (httpcore
+        1.0), when one of the two will find it taken and wait on."""
+        if waiting is None:
+            return
+        wait, pool_request = waiting
+        try:
+            rec = pool_request.connection.__dict__.get("_poolscope")
+            self.recorder.wait_granted(wait, end_span=rec is None or rec.in_use == 1)
+        except Exception:
+            internal_error("httpx:wait_for_connection")
+
+    def wait_failed(self, waiting, exc):
+        if waiting is None:
+            return
+        wait = waiting[0]
+        try:
+            timed_out = isinstance(exc, self._pool_timeout)
+            self.recorder.wait_ended(wait, TIMED_OUT if timed_out else ABANDONED, exc)
+        except Exception:
+            internal_error("httpx:wait_for_connection")
+
+    # -- connections ------------------------------------------------------
 
     def _connect_start(self, conn, args, kwargs):
         rec = conn.__dict__.get("_poolscope")
@@ -217,29 +341,17 @@ class HttpxAdapter(Adapter):
     def _connected(self, token, conn, stream, exc):
         rec, started, span = token
         if exc is None:
-            self.recorder.conn_opened(rec, time.monotonic() - started)
+            with self._locked(rec.pool):
+                self.recorder.conn_opened(rec, time.monotonic() - started)
         if span is not None:
             peer = stream.get_extra_info("server_addr") if exc is None else None
             self.recorder.setup_ended(span, exc, peer[0] if peer else None)
 
-    def _release(self, stream, args, kwargs):
-        if stream._closed:
-            return None
-        conn = stream._pool_request.connection
-        rec = conn.__dict__.get("_poolscope") if conn is not None else None
-        return None if rec is None else (rec, conn)
-
-    def _released(self, token, stream, result, exc):
-        rec, conn = token
-        if not rec.closed and conn.is_closed():
-            self.recorder.released(rec, _self_close_reason(conn))
-        elif not _left_busy(conn, rec):
-            self.recorder.released(rec)
-
     def _conn_close(self, conn, args, kwargs):
         rec = conn.__dict__.get("_poolscope")
         if rec is not None and not rec.closed:
-            self.recorder.closed(rec, _pool_close_reason(conn))
+            with self._locked(rec.pool):
+                self.recorder.closed(rec, _pool_close_reason(conn))
 
 
 class Httpx2Adapter(HttpxAdapter):
