@@ -183,8 +183,10 @@ class _Handle:
 
     def granted(self, peer_ip, local_ip, peer_port, local_port):
         if _adapter is not None:
-            _guard("pycurl:PREREQFUNCTION", _adapter.granted, self,
-                   (local_ip, local_port, peer_ip, peer_port))
+            try:
+                _adapter.granted(self, (local_ip, local_port, peer_ip, peer_port))
+            except Exception:
+                internal_error("pycurl:PREREQFUNCTION")
         app = self.prereq
         return pycurl.PREREQFUNC_OK if app is None else app(peer_ip, local_ip, peer_port,
                                                             local_port)
@@ -235,7 +237,10 @@ def _observed(perform):
             raise
         finally:
             if _adapter is not None:
-                _guard("pycurl:Curl.perform", _adapter.finished, self._ps, errno)
+                try:
+                    _adapter.finished(self._ps, errno)
+                except Exception:
+                    internal_error("pycurl:Curl.perform")
     return method
 
 
@@ -424,9 +429,10 @@ class PycurlAdapter(Adapter):
         super().unpatch()
 
     def limits(self, owner):
+        # libcurl lets one thread at a time use a handle or a multi; a share, several
         if isinstance(owner, pycurl.CurlMulti):
-            return {"max_connections": _cache(owner).max_total or None}
-        return {}
+            return {"max_connections": _cache(owner).max_total or None, "serialized": True}
+        return {"serialized": isinstance(owner, pycurl.Curl)}
 
     def limit_changed(self, multi):
         state = getattr(multi, "_poolscope", None)

@@ -173,8 +173,9 @@ _observed_classes = {}
 
 
 def _unless(method, lifo):
-    """``method``, or None where it is ``LifoQueue``'s own (done inline, a call less)."""
-    return None if method is lifo else method
+    """``method`` (called with the queue), or None where it is ``LifoQueue``'s own (done
+    inline, a call less)."""
+    return None if method is lifo else staticmethod(method)
 
 
 def _observe_queue(pool_obj, observed):
