@@ -1,5 +1,6 @@
 """What every adapter shares: patch bookkeeping and the one guarded wrapper for sync and async."""
 
+import contextlib
 import functools
 import inspect
 import types
@@ -7,6 +8,7 @@ import types
 from .._config import internal_error
 
 _MISSING = object()
+_UNLOCKED = contextlib.nullcontext()
 
 
 def around(function, where, before=None, after=None, is_async=False):
@@ -102,6 +104,17 @@ class Adapter:
 
     def registered(self, pool_obj, state):
         """Hook for adapters that attach the pool state to more of the library's objects."""
+
+    def own_lock(self, pool_obj):
+        """The library's lock under which the adapter reports a serialized pool's frequent
+        events (None: none)."""
+        return None
+
+    def serialized(self, pool):
+        """What to hold while reporting a rarer event of ``pool`` from outside the library's
+        lock: that lock, for a pool whose events the library's lock serializes."""
+        lock = self.own_lock(pool.ref()) if pool.lock is None else None
+        return _UNLOCKED if lock is None else lock
 
     def pool_state(self, pool_obj):
         """The pool state of a library pool, registering it now if this recorder has not seen it."""

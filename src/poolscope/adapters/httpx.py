@@ -28,7 +28,6 @@ before it connected (httpcore keeps it, and its slot, for good: encode/httpcore#
 connection is let go with its request.
 """
 
-import contextlib
 import importlib
 import inspect
 import sys
@@ -53,9 +52,6 @@ def _flavors(root):
                       ("AsyncForwardHTTPConnection", "AsyncTunnelHTTPConnection")),
                      ("socks_proxy", "AsyncSOCKSProxy", ("AsyncSocks5Connection",)))},
     )
-
-
-_UNLOCKED = contextlib.nullcontext()
 
 
 def _limit(value):
@@ -222,20 +218,15 @@ class HttpxAdapter(Adapter):
         return self.recorder.series(
             self.library, (origin.scheme.decode("ascii"), origin.host.decode("ascii"), origin.port))
 
-    @staticmethod
-    def _locked(pool):
-        """The pool's own lock, under which httpcore assigns and releases its connections, for
-        the rarer events poolscope reports outside it."""
-        if pool.lock is not None:
-            return _UNLOCKED
-        return getattr(pool.ref(), "_optional_thread_lock", _UNLOCKED)
+    def own_lock(self, pool_obj):
+        return getattr(pool_obj, "_optional_thread_lock", None)
 
     # -- pool -------------------------------------------------------------
 
     def _pool_close(self, pool_obj, args, kwargs):
         state = getattr(pool_obj, "_poolscope", None)
         if state is not None:
-            with self._locked(state):
+            with self.serialized(state):
                 self.recorder.pool_closed(state)
 
     def _origin_arg(self, pool_obj, args, kwargs):
@@ -260,7 +251,7 @@ class HttpxAdapter(Adapter):
         conn = pool_request.connection
         rec = conn.__dict__.get("_poolscope") if conn is not None else None
         if rec is not None:  # ConnectionNotAvailable: another request took it first
-            with self._locked(rec.pool):
+            with self.serialized(rec.pool):
                 self.recorder.unacquired(rec, pool_request.__dict__.get("_poolscope_wait"))
 
     def left(self, pool_request):
@@ -341,7 +332,7 @@ class HttpxAdapter(Adapter):
     def _connected(self, token, conn, stream, exc):
         rec, started, span = token
         if exc is None:
-            with self._locked(rec.pool):
+            with self.serialized(rec.pool):
                 self.recorder.conn_opened(rec, time.monotonic() - started)
         if span is not None:
             peer = stream.get_extra_info("server_addr") if exc is None else None
@@ -350,7 +341,7 @@ class HttpxAdapter(Adapter):
     def _conn_close(self, conn, args, kwargs):
         rec = conn.__dict__.get("_poolscope")
         if rec is not None and not rec.closed:
-            with self._locked(rec.pool):
+            with self.serialized(rec.pool):
                 self.recorder.closed(rec, _pool_close_reason(conn))
 
 

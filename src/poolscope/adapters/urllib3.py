@@ -24,7 +24,6 @@ queue's own lock.
 - Eviction: ``RecentlyUsedContainer.__setitem__`` marks the pool a ``PoolManager`` drops.
 """
 
-import contextlib
 import queue
 import sys
 import threading
@@ -228,18 +227,7 @@ def _observe_queue(pool_obj, observed):
         weakref.finalize(pool_obj, drain, new)
 
 
-_UNLOCKED = contextlib.nullcontext()
-_LOCK = threading.Lock()
-
-
-def _serialized(pool):
-    """The lock that serializes ``pool``'s events while poolscope observes its queue (the
-    queue's own mutex, under which ``_get`` and ``_put`` report theirs); else none is needed
-    beyond the recorder's."""
-    q = getattr(pool.ref(), "pool", None)
-    if pool.lock is None and getattr(q, "_poolscope", None) is not None:
-        return q.mutex
-    return _UNLOCKED
+_LOCK_TYPE = type(threading.Lock())
 
 
 def _detach(q, restore=False):
@@ -304,18 +292,22 @@ class Urllib3Adapter(Adapter):
         size = pool_obj.pool.maxsize if pool_obj.pool is not None else None
         return {"max_connections": size, "max_idle": size,
                 "origin": (scheme, pool_obj.host, pool_obj.port or _DEFAULT_PORTS.get(scheme)),
-                "serialized": isinstance(getattr(pool_obj.pool, "mutex", None), type(_LOCK))}
+                "serialized": isinstance(getattr(pool_obj.pool, "mutex", None), _LOCK_TYPE)}
 
     def registered(self, pool_obj, state):
         if pool_obj.pool is not None:
             _observe_queue(pool_obj, (self.recorder, state))
             weakref.finalize(pool_obj, _detach, pool_obj.pool)
 
+    def own_lock(self, pool_obj):
+        q = getattr(pool_obj, "pool", None)  # the queue's mutex, while poolscope observes it
+        return q.mutex if getattr(q, "_poolscope", None) is not None else None
+
     def _pool_close(self, pool_obj, args, kwargs):
         state = getattr(pool_obj, "_poolscope", None)
         if state is None:
             return
-        with _serialized(state):
+        with self.serialized(state):
             if pool_obj.pool is not None:
                 _detach(pool_obj.pool)
             self.recorder.pool_closed(state)
@@ -330,7 +322,7 @@ class Urllib3Adapter(Adapter):
             pool = self._pool_of(conn, rec)
             if pool is None:
                 return None  # opened before poolscope was on: not tracked
-            with _serialized(pool):
+            with self.serialized(pool):
                 rec = conn._poolscope = self.recorder.conn_created(pool)
                 self.recorder.acquired(rec)
         elif rec.opened:
@@ -358,7 +350,7 @@ class Urllib3Adapter(Adapter):
         rec, started, span = token
         try:
             if exc is None:
-                with _serialized(rec.pool):
+                with self.serialized(rec.pool):
                     self.recorder.conn_opened(rec, time.monotonic() - started)
         finally:
             if span is not None:
@@ -368,7 +360,7 @@ class Urllib3Adapter(Adapter):
         rec = conn.__dict__.get("_poolscope")
         if rec is None or rec.closed:
             return
-        with _serialized(rec.pool):
+        with self.serialized(rec.pool):
             if rec.in_use and _caller_is(_GET_CONN):
                 # urllib3 found the pooled connection dropped as it handed it out: the request
                 # goes out on a new socket, acquired at connect
