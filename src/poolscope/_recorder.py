@@ -1,10 +1,13 @@
 """Pool events in, OpenTelemetry out: the per-pool live state and every instrument.
 
 Adapters call the event methods below; nothing else in poolscope touches the
-metrics API. Counts and gauges are plain integers under one lock, read by
-observable instruments at collection time, so a healthy request costs no SDK
-call. Histograms record only waits, new connections and closes (and, with
-detailed timings, use and idle times).
+metrics API. A healthy request (a pooled connection reused, no wait) changes
+plain integers on its connection and its pool only, serialized by the
+library's own lock where the pool has one; the per-origin counts and gauges
+are summed from the pools' connections when a reader collects, so a request
+costs no SDK call. Rarer events (a new connection, a close, a wait) also take
+the recorder's lock. Histograms record only waits, new connections and closes
+(and, with detailed timings, use and idle times).
 """
 
 import os
@@ -145,7 +148,7 @@ class Conn:
     """One connection, from the slot it takes to its close (a socket's lifetime)."""
 
     __slots__ = ("pool", "series", "in_use", "uses", "opened", "born", "acquired_at",
-                 "released_at", "closed", "reason", "site", "warned")
+                 "released_at", "closed", "site", "warned")
 
     def __init__(self, pool, series):
         self.pool = pool
@@ -153,7 +156,7 @@ class Conn:
         self.in_use = self.uses = 0
         self.opened = self.closed = self.warned = False
         self.born = self.acquired_at = self.released_at = 0.0
-        self.reason = self.site = None
+        self.site = None
 
     @property
     def active(self):

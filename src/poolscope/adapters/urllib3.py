@@ -133,8 +133,7 @@ class _ObservedCondition(threading.Condition):
                         outcome = TIMED_OUT
                         return got
         finally:
-            if wait is not None:
-                _event(recorder.wait_ended, wait, outcome, _EMPTY_POOL if outcome == TIMED_OUT else None)
+            _ended(recorder, wait, outcome)
 
 
 class _WaitObservedQueue(_ObservedQueue):
