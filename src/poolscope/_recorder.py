@@ -122,8 +122,8 @@ class Pool:
     """
 
     __slots__ = ("owner", "library", "scope", "max", "idle_max", "active", "pending", "peak",
-                 "sat_since", "saturated", "full_at", "conns", "waits", "live", "close_reason",
-                 "ref", "parent", "lock", "__weakref__")
+                 "sat_since", "saturated", "full_at", "conns", "waits", "queued", "live",
+                 "close_reason", "ref", "parent", "lock", "__weakref__")
 
     def __init__(self, owner, library, scope, max_, idle_max, parent=None, lock=None):
         self.owner = owner
@@ -139,6 +139,7 @@ class Pool:
         self.saturated = 0.0
         self.conns = set()
         self.waits = set()
+        self.queued = None  # or a function giving (series, since) of each queued request
         self.live = True
         self.close_reason = None
         self.ref = None
@@ -640,9 +641,12 @@ class Recorder:
     def waited(self, series, seconds, context=None, end_ns=None, error=None):
         """A wait known only after it ended (pycurl): ``seconds`` long, ending at ``end_ns``
         (now if None), traced under ``context`` (see :meth:`context`). With ``error`` it timed
-        out: traced, not recorded (count the timeout with :meth:`wait_ended`)."""
+        out: counted as a timeout and traced, its time not recorded."""
         if error is None:
             self._wait_time.record(seconds, series.attrs)
+        else:
+            with self._lock:
+                series.timeouts += 1
         parent = recording_span(context)
         if parent is not None:
             end_ns = end_ns or time.time_ns()
@@ -752,7 +756,7 @@ class Recorder:
         updown, counter, gauge = (meter.create_observable_up_down_counter,
                                   meter.create_observable_counter, meter.create_observable_gauge)
         observe(updown, sc.OPEN_CONNECTIONS, self._observe_open)
-        observe(updown, sc.PENDING_REQUESTS, self._origin_values(lambda s: s.pending))
+        observe(updown, sc.PENDING_REQUESTS, self._observe_pending)
         observe(counter, sc.ACQUISITIONS, self._observe_acquisitions)
         observe(counter, sc.CREATED, self._origin_values(lambda s: s.created))
         observe(counter, sc.TIMEOUTS, self._origin_values(lambda s: s.timeouts))
@@ -764,7 +768,7 @@ class Recorder:
         observe(gauge, sc.OLDEST_ACTIVE_AGE, self._observe_ages(
             lambda c: c.acquired_at if c.in_use else None, lambda w: None))
         observe(gauge, sc.OLDEST_PENDING_AGE, self._observe_ages(
-            lambda c: None, lambda w: w.start))
+            lambda c: None, lambda w: w.start, queued=True))
 
     def _origin_series(self):
         with self._lock:
@@ -782,6 +786,20 @@ class Recorder:
             for conn in pool.conns:
                 by_series.setdefault(conn.series, []).append(conn)
         return by_series
+
+    def _queued(self):
+        """(series, since) of each request a library holds back in a pool whose queue is read
+        at collection (``Pool.queued``) instead of being told wait by wait."""
+        for pool in self._pools:
+            if pool.queued is not None:
+                yield from pool.queued()
+
+    def _observe_pending(self, options):
+        with self._lock:
+            pending = {s: s.pending for s in self._series.values() if s.is_origin}
+            for series, _ in self._queued():
+                pending[series] = pending.get(series, 0) + 1
+        return [Observation(n, s.attrs) for s, n in pending.items()]
 
     def _observe_open(self, options):
         with self._lock:
@@ -835,7 +853,7 @@ class Recorder:
                     totals[pool.scope] = totals.get(pool.scope, pool.scope.saturated) + ongoing
         return [Observation(v, s.attrs) for s, v in totals.items()]
 
-    def _observe_ages(self, conn_start, wait_start):
+    def _observe_ages(self, conn_start, wait_start, queued=False):
         """Age of the oldest item per origin; 0 for an origin with none."""
         def callback(options):
             now = monotonic()
@@ -847,6 +865,9 @@ class Recorder:
                             start = start_of(item)
                             if start is not None and start < oldest.get(item.series, now):
                                 oldest[item.series] = start
+                for series, start in self._queued() if queued else ():
+                    if start < oldest.get(series, now):
+                        oldest[series] = start
             return [Observation(now - start, s.attrs) for s, start in oldest.items()]
         return callback
 

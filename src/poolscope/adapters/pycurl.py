@@ -30,7 +30,8 @@ easy handle's own.
   queue (libcurl 8.23: 1.35 s reported for a 0.65 s wait), so the wait is the smaller of it and
   ``PRETRANSFER_TIME_T`` less the connection's set-up. A transfer counts as having waited when
   that is 1 ms or more: an unqueued one leaves the queue in microseconds. A transfer added to
-  such a multi is pending from ``add_handle`` until it has a connection. A transfer that timed
+  such a multi is pending from ``add_handle`` until it has a connection, which a collection
+  reads from the multi's handles (no wait is told transfer by transfer). A transfer that timed
   out with no connection (no socket opened for it, none reused: no ``PRIMARY_PORT``) timed out
   waiting.
 - Close: libcurl closes idle cached connections on its own (``MAXAGE_CONN`` expiry, a full
@@ -50,7 +51,6 @@ import pycurl
 
 from .. import _semconv as sc
 from .._config import internal_error
-from .._recorder import ABANDONED, TIMED_OUT
 from ._base import Adapter
 
 _DEFAULT_PORTS = {"http": 80, "https": 443}
@@ -89,8 +89,10 @@ def _open(curl, sock):
         return False
     if curl is None:
         return _alive(sock)
-    active = _read(curl, pycurl.ACTIVESOCKET)
-    return active is None or active[0] == sock[0]
+    try:
+        return curl.getinfo(pycurl.ACTIVESOCKET) == sock[0]
+    except pycurl.error:  # inside one of the multi's callbacks
+        return True
 
 
 def _origin(url):
@@ -106,7 +108,8 @@ def _origin(url):
 class _Cache:
     """poolscope's view of one libcurl connection cache."""
 
-    __slots__ = ("conns", "socks", "handles", "maxage", "max_total", "max_host", "__weakref__")
+    __slots__ = ("conns", "socks", "handles", "maxage", "max_total", "max_host", "pool",
+                 "__weakref__")
 
     def __init__(self):
         self.conns = {}  # (local ip, local port, peer ip, peer port) -> Conn
@@ -114,17 +117,27 @@ class _Cache:
         self.handles = set()  # a multi's: the _Handle of each easy handle added to it
         self.maxage = _DEFAULT_MAXAGE
         self.max_total = self.max_host = 0
+        self.pool = None  # a multi's pool state
 
     @property
     def limited(self):
         """Whether the multi holds transfers back (only a multi's cache has limits)."""
         return bool(self.max_total or self.max_host)
 
+    def queued(self, recorder):
+        """(series, since) of each transfer the multi holds back: added, with no connection
+        yet. Read at collection, so that a transfer's time in the queue costs it nothing."""
+        for state in tuple(self.handles):
+            since = state.queued_at
+            if since is not None:
+                yield state.series(recorder), since
 
-def _cache(owner):
-    cache = getattr(owner, "_poolscope_cache", None)
+
+def _share_cache(share):
+    """poolscope's view of a ``CurlShare``'s connection cache."""
+    cache = getattr(share, "_poolscope_cache", None)
     if cache is None:
-        cache = owner._poolscope_cache = _Cache()
+        cache = share._poolscope_cache = _Cache()
     return cache
 
 
@@ -151,7 +164,8 @@ class _Handle:
     """
 
     __slots__ = ("curl", "url", "origin", "prereq", "sockopt", "forbid_reuse", "share", "multi",
-                 "cache", "conn", "wait", "context", "sockets", "setup", "errno", "__weakref__")
+                 "cache", "conn", "queued_at", "context", "sockets", "setup", "errno",
+                 "__weakref__")
 
     def __init__(self, curl):
         self.curl = weakref.ref(curl)
@@ -160,7 +174,7 @@ class _Handle:
         self.prereq = self.sockopt = self.share = self.multi = None
         self.cache = _Cache()  # the handle's own, when it is in no multi and shares none
         self.forbid_reuse = False
-        self.conn = self.wait = self.context = self.sockets = self.errno = None
+        self.conn = self.queued_at = self.context = self.sockets = self.errno = None
         self.setup = 0.0
 
     def copy(self, curl):
@@ -182,9 +196,19 @@ class _Handle:
         return pycurl.SOCKOPT_OK if app is None else app(fd, purpose)
 
     def granted(self, peer_ip, local_ip, peer_port, local_port):
-        if _adapter is not None:
+        adapter = _adapter
+        if adapter is not None:
             try:
-                _adapter.granted(self, (local_ip, local_port, peer_ip, peer_port))
+                key = local_ip, local_port, peer_ip, peer_port
+                multi = self.multi
+                cache = multi[1] if multi is not None else self.cache
+                rec = cache.conns.get(key)
+                if (rec is None or rec.closed or self.sockets or self.conn is not None
+                        or multi is None and self.share is not None):
+                    adapter.granted(self, key)
+                else:  # the healthy request: a cached connection, no share
+                    self.conn, self.queued_at = (rec, key, cache), None
+                    adapter.recorder.acquired(rec, context=self.context)
             except Exception:
                 internal_error("pycurl:PREREQFUNCTION")
         app = self.prereq
@@ -211,7 +235,7 @@ class _Handle:
                 return multi, self.multi[1]
         share = self.share() if self.share is not None else None
         if share is not None:
-            return share, _cache(share)
+            return share, _share_cache(share)
         return self.curl(), self.cache
 
 
@@ -247,11 +271,14 @@ def _observed(perform):
 class Curl(pycurl.Curl):
     """``pycurl.Curl``, observed by poolscope."""
 
+    # poolscope's state of the handle, in a slot: pycurl finds its other attributes only
+    # after raising and clearing an AttributeError, 0.4 µs a read
+    __slots__ = ("_ps",)
+
     def __new__(cls, *args, **kwargs):
         _checked(cls, args, kwargs)
         self = super().__new__(cls)
-        self._ps = _Handle(self)
-        self._poolscope_cache = self._ps.cache  # for the code that sees any owner alike
+        _set_state(self, _Handle(self))
         self._ps.install(self)
         return self
 
@@ -305,8 +332,7 @@ class Curl(pycurl.Curl):
         if isinstance(dup, Curl):  # its attributes are copies of this handle's: make its own
             if getattr(dup, "_poolscope", None) is not None:
                 del dup._poolscope
-            dup._ps = self._ps.copy(dup)
-            dup._poolscope_cache = dup._ps.cache
+            _set_state(dup, self._ps.copy(dup))
             dup._ps.install(dup)
         return dup
 
@@ -322,6 +348,9 @@ class Curl(pycurl.Curl):
     perform_rs = _observed(pycurl.Curl.perform_rs)
 
 
+_set_state = Curl.__dict__["_ps"].__set__  # pycurl's own setattr would not reach the slot
+
+
 def _state(handle):
     return getattr(handle, "_ps", None) if isinstance(handle, Curl) else None
 
@@ -329,9 +358,12 @@ def _state(handle):
 class CurlMulti(pycurl.CurlMulti):
     """``pycurl.CurlMulti``, observed by poolscope."""
 
+    __slots__ = ("_ps",)  # its _Cache (see Curl)
+
     def __new__(cls, *args, **kwargs):
         _checked(cls, args, kwargs)
         self = super().__new__(cls)
+        _set_cache(self, _Cache())
         # pycurl ignores it for a subclass: close() below does what it would
         self._ps_close_handles = bool(kwargs.get("close_handles")) if cls is CurlMulti else False
         return self
@@ -340,7 +372,7 @@ class CurlMulti(pycurl.CurlMulti):
         result = super().setopt(*args, **kwargs)
         if len(args) >= 2 and args[0] in (pycurl.M_MAX_TOTAL_CONNECTIONS,
                                           pycurl.M_MAX_HOST_CONNECTIONS):
-            cache = _cache(self)
+            cache = self._ps
             if args[0] == pycurl.M_MAX_TOTAL_CONNECTIONS:
                 cache.max_total = args[1]
                 if _adapter is not None:
@@ -353,7 +385,7 @@ class CurlMulti(pycurl.CurlMulti):
         result = super().add_handle(*args, **kwargs)
         state = _state(args[0]) if args else None
         if state is not None:
-            cache = _cache(self)
+            cache = self._ps
             state.multi = weakref.ref(self), cache
             cache.handles.add(state)
             if _adapter is not None:
@@ -382,7 +414,7 @@ class CurlMulti(pycurl.CurlMulti):
         return result
 
     def close(self, *args, **kwargs):
-        cache, pool = getattr(self, "_poolscope_cache", None), getattr(self, "_poolscope", None)
+        cache, pool = getattr(self, "_ps", None), getattr(self, "_poolscope", None)
         attached = list(cache.handles) if cache is not None else []
         close_handles = getattr(self, "_ps_close_handles", False)
         result = super().close(*args, **kwargs)
@@ -401,11 +433,14 @@ class CurlMulti(pycurl.CurlMulti):
         return result
 
 
+_set_cache = CurlMulti.__dict__["_ps"].__set__
+
+
 def _detach(state):
     """The easy handle left its multi."""
     if state.multi is not None:
         state.multi[1].handles.discard(state)
-    state.multi = state.context = state.errno = None
+    state.multi = state.queued_at = state.context = state.errno = None
 
 
 class PycurlAdapter(Adapter):
@@ -431,25 +466,34 @@ class PycurlAdapter(Adapter):
     def limits(self, owner):
         # libcurl lets one thread at a time use a handle or a multi; a share, several
         if isinstance(owner, pycurl.CurlMulti):
-            return {"max_connections": _cache(owner).max_total or None, "serialized": True}
+            return {"max_connections": owner._ps.max_total or None, "serialized": True}
         return {"serialized": isinstance(owner, pycurl.Curl)}
 
+    def registered(self, owner, pool):
+        if isinstance(owner, CurlMulti):
+            owner._ps.pool = pool
+            pool.queued = functools.partial(owner._ps.queued, self.recorder)
+
     def limit_changed(self, multi):
-        state = getattr(multi, "_poolscope", None)
-        if state is not None:
-            self.recorder.limit_changed(state, _cache(multi).max_total or None)
+        pool = multi._ps.pool
+        if pool is not None:
+            self.recorder.limit_changed(pool, multi._ps.max_total or None)
 
     def queued(self, multi, state):
-        """A transfer joined a multi: it runs later, outside the context it was added in."""
+        """A transfer joined a multi: it runs later, outside the context it was added in. In a
+        multi that holds transfers back it is pending until it has a connection (libcurl's
+        figure for the wait comes at the end)."""
         state.context = self.recorder.context()
-        if state.multi[1].limited:
-            state.wait = self.recorder.wait_started(
-                self.pool_state(multi), state.series(self.recorder), traced=False)
+        cache = state.multi[1]
+        if cache.limited:
+            state.queued_at = time.monotonic()
+            state.series(self.recorder)  # the origin reads 0 pending, not nothing, once it is out
+            pool = cache.pool
+            if pool is None or not pool.live or pool.owner is not self.recorder:
+                self.pool_state(multi)
 
     def granted(self, state, key):
-        if state.wait is not None:  # no longer pending; libcurl's figure for the wait comes at the end
-            wait, state.wait = state.wait, None
-            self.recorder.wait_ended(wait, ABANDONED)
+        state.queued_at = None
         if state.conn is not None:  # libcurl retried on a new connection, or followed a redirect
             self._let_go(state.conn)
         owner, cache = state.owner()
@@ -501,8 +545,8 @@ class PycurlAdapter(Adapter):
         taken = state.conn
         curl = state.curl()
         if taken is None:
-            wait = state.wait
-            if wait is not None:
+            since = state.queued_at
+            if since is not None:
                 timed_out = False
                 if errno == pycurl.E_OPERATION_TIMEDOUT and state.sockets is None:
                     port = _read(curl, pycurl.PRIMARY_PORT) if curl is not None else None
@@ -510,12 +554,11 @@ class PycurlAdapter(Adapter):
                         state.errno = errno
                         return
                     timed_out = port is not None and port[0] <= 0
-                state.wait = None
-                error = pycurl.error(errno, "timed out waiting for a connection")
+                state.queued_at = None
                 if timed_out:
-                    self.recorder.waited(wait.series, time.monotonic() - wait.start,
-                                         state.context, error=error)
-                self.recorder.wait_ended(wait, TIMED_OUT if timed_out else ABANDONED, error)
+                    self.recorder.waited(state.series(self.recorder), time.monotonic() - since,
+                                         state.context,
+                                         error=pycurl.error(errno, "timed out waiting for a connection"))
             state.sockets = None
             return
         rec, key, cache = taken
@@ -590,7 +633,7 @@ class PycurlAdapter(Adapter):
 
     def handle_closed(self, state, pool):
         """An easy handle closed: its transfer (if one was under way) and its own cache end."""
-        if state.conn is not None or state.wait is not None:
+        if state.conn is not None or state.queued_at is not None:
             self.finished(state, state.errno, True, False)
         _detach(state)
         self.cache_closed(pool, state.cache)
