@@ -3,6 +3,7 @@
 import contextlib
 import functools
 import inspect
+import sys
 import types
 
 from .._config import internal_error
@@ -69,6 +70,18 @@ def around(function, where, before=None, after=None, is_async=False):
             return result
     functools.update_wrapper(method, function)
     return method
+
+
+def calling(code, depth=4):
+    """The frame running ``code`` among the few that called the hooked method (the hook's own
+    frame and its wrapper's skipped), or None: which of the library's methods an event comes
+    from, asked only on rare events."""
+    frame = sys._getframe(3)
+    for _ in range(depth):
+        if frame is None or frame.f_code is code:
+            return frame
+        frame = frame.f_back
+    return None
 
 
 def peer_address(read):

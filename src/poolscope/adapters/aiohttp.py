@@ -1,17 +1,19 @@
 """aiohttp 3.10.11+, through ``aiohttp.connector.BaseConnector`` and ``ResponseHandler``.
 
-- Acquire: the connector's own set of connections in use (``_acquired``), which takes an
-  observed subclass whose ``add`` is the acquisition of a pooled connection; one
-  ``_create_connection`` made is acquired as it is made. No wrapper on ``connect``.
+- Acquire and release: the connector's own set of connections in use (``_acquired``), which
+  takes an observed subclass: its ``add`` is the acquisition of a pooled connection (one
+  ``_create_connection`` made is acquired as it is made), its ``discard`` the release. No
+  wrapper on ``connect`` or ``_release``.
 - Wait: ``_wait_for_available_connection``, entered only when no slot is free under ``limit``
   or ``limit_per_host``. A wait cut off by an exception timed out if the ``connect`` timeout
   around it (``ceil_timeout``, which aiohttp calls in ``connect`` only when no pooled
   connection is free) has expired; otherwise it was cancelled.
 - Create: ``_create_connection`` (name resolution, TCP, TLS, and the proxy's when there is one).
-- Release: ``_release``; its arguments and the protocol's state tell whether the connection
-  closes with the response and why.
-- Close: ``ResponseHandler.close`` when aiohttp closes an idle connection (``_get`` and the
-  periodic ``_cleanup``: expired if still connected, else the server had closed it), and
+- Close: ``ResponseHandler.close``. Inside ``_release`` the connection closes with its
+  response: the caller of ``_release`` (``Connection.release``, or ``close`` for a response
+  given up) and the protocol's state tell why. Elsewhere aiohttp closes an idle connection
+  (``_get`` and the periodic ``_cleanup``: expired if still connected, else the server had
+  closed it). And
   ``ResponseHandler.connection_lost`` when the server or the network closes the socket first.
 - Limits: the connector's ``limit`` is one pool; with ``limit_per_host`` each host's
   connections also form a pool of that size inside it.
@@ -27,7 +29,7 @@ import time
 from .. import _semconv as sc
 from .._config import internal_error
 from .._recorder import ABANDONED, TIMED_OUT
-from ._base import Adapter, arg, peer_address
+from ._base import Adapter, arg, calling, peer_address
 
 
 def _origin(key):
@@ -48,7 +50,8 @@ def _expired(timeout):
 
 
 class _AcquiredSet(set):
-    """A connector's set of connections in use: adding a pooled one is its acquisition."""
+    """A connector's set of connections in use: adding a pooled one is its acquisition,
+    discarding one its release."""
 
     __slots__ = ()
 
@@ -61,9 +64,21 @@ class _AcquiredSet(set):
             except Exception:
                 internal_error("aiohttp:BaseConnector._acquired")
 
+    def discard(self, proto):
+        set.discard(self, proto)
+        rec = getattr(proto, "_poolscope", None)
+        if rec is not None and rec.in_use:
+            try:
+                rec.pool.owner.released(rec)
+            except Exception:
+                internal_error("aiohttp:BaseConnector._acquired")
+
+
+_RELEASE = _RELEASED = None  # code objects of BaseConnector._release, Connection.release
+
 
 def _release_reason(connector, proto, should_close):
-    """Why ``_release`` will close ``proto``, or None when it goes back to the pool."""
+    """Why ``_release`` closes ``proto`` (None: it would not)."""
     if should_close:
         return sc.ERROR
     if connector._force_close:
@@ -82,9 +97,11 @@ class AiohttpAdapter(Adapter):
     library = "aiohttp"
 
     def patch(self):
+        global _RELEASE, _RELEASED
         from aiohttp import client_proto, connector
 
         base = connector.BaseConnector
+        _RELEASE, _RELEASED = base._release.__code__, connector.Connection.release.__code__
         self.wrap(base, "__init__", after=self._pool_init)
         if hasattr(connector, "ceil_timeout"):
             timeout = connector.ceil_timeout
@@ -96,7 +113,6 @@ class AiohttpAdapter(Adapter):
             self.replace(connector, "ceil_timeout", ceil_timeout)
         self.wrap(base, "_wait_for_available_connection", before=self._wait_start,
                   after=self._wait_end)
-        self.wrap(base, "_release", before=self._release)
         self.wrap(base, "_close", before=self._closing)
         for cls in vars(connector).values():
             if isinstance(cls, type) and issubclass(cls, base) and "_create_connection" in vars(cls):
@@ -187,21 +203,15 @@ class AiohttpAdapter(Adapter):
                 self.recorder.setup_ended(span, peer=peer_address(
                     lambda: proto.transport.get_extra_info("peername")))
 
-    def _release(self, connector, args, kwargs):
-        proto = arg(args, kwargs, 1, "protocol")
-        rec = proto.__dict__.get("_poolscope")
-        if rec is None or not rec.in_use:
-            return
-        reason = None
-        if not connector._closed and not rec.closed:
-            reason = _release_reason(connector, proto, kwargs.get("should_close", False))
-        self.recorder.released(rec, reason)
-
     def _proto_close(self, proto, args, kwargs):
         rec = proto.__dict__.get("_poolscope")
         if rec is None or rec.closed or proto.transport is None:
             return
-        if rec.in_use:
+        release = calling(_RELEASE)
+        if release is not None:  # closing with its response, just released
+            should_close = release.f_back is None or release.f_back.f_code is not _RELEASED
+            reason = _release_reason(release.f_locals["self"], proto, should_close) or sc.ERROR
+        elif rec.in_use:
             reason = sc.ERROR
         else:
             reason = sc.KEEPALIVE_EXPIRED if proto.is_connected() else sc.SERVER_CLOSED

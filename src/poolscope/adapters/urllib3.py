@@ -33,7 +33,7 @@ import weakref
 from .. import _semconv as sc
 from .._config import internal_error
 from .._recorder import ABANDONED, GRANTED, TIMED_OUT
-from ._base import Adapter, arg, peer_address
+from ._base import Adapter, arg, calling, peer_address
 
 _DEFAULT_PORTS = {"http": 80, "https": 443}
 _EMPTY_POOL = None  # the EmptyPoolError urllib3 raises next, for the wait span (set at patch)
@@ -47,18 +47,6 @@ def _event(method, *args):
     except Exception:
         internal_error("urllib3:pool queue")
         return None
-
-
-def _caller_is(code):
-    """Whether the caller of the hooked method (up to a few wrappers above it) runs ``code``."""
-    frame = sys._getframe(3)
-    for _ in range(4):
-        if frame is None:
-            return False
-        if frame.f_code is code:
-            return True
-        frame = frame.f_back
-    return False
 
 
 class _ObservedQueue:
@@ -360,12 +348,12 @@ class Urllib3Adapter(Adapter):
         if rec is None or rec.closed:
             return
         with self.serialized(rec.pool):
-            if rec.in_use and _caller_is(_GET_CONN):
+            if rec.in_use and calling(_GET_CONN) is not None:
                 # urllib3 found the pooled connection dropped as it handed it out: the request
                 # goes out on a new socket, acquired at connect
                 self.recorder.unacquired(rec)
                 reason = sc.SERVER_CLOSED
-            elif rec.in_use and _caller_is(_PUT_CONN) and rec.pool.live:
+            elif rec.in_use and calling(_PUT_CONN) is not None and rec.pool.live:
                 reason = sc.POOL_FULL
             else:
                 reason = _close_reason(conn, rec)
