@@ -12,12 +12,31 @@ import argparse
 import cProfile
 import os
 import pstats
+import threading
 
 import client
 from nginx import nginx
 from run import CASES, LIBRARIES, _client_cpus
 
 _OURS = os.sep + "poolscope" + os.sep
+
+
+def _profiled_threads():
+    """[the main thread's profile], to which every thread started from now on adds its own
+    (the sync clients run their requests in worker threads)."""
+    profiles = [cProfile.Profile()]
+    run = threading.Thread.run
+
+    def profiled(thread):
+        profile = cProfile.Profile()
+        profiles.append(profile)
+        profile.enable()
+        try:
+            run(thread)
+        finally:
+            profile.disable()
+    threading.Thread.run = profiled
+    return profiles
 
 
 def main():
@@ -35,13 +54,13 @@ def main():
     with nginx() as listen:
         url = "http://%s:%d/" % listen[0]
         client.run(args.library, args.case, 200, url)  # warm: pools, connections, caches
-        profile = cProfile.Profile()
-        profile.enable()
+        profiles = _profiled_threads()
+        profiles[0].enable()
         client.run(args.library, args.case, args.requests, url)
-        profile.disable()
+        profiles[0].disable()
     n = args.requests + client.WARMUP
     ours = [(calls, inner, f"{os.path.basename(file)}:{line}({name})")
-            for (file, line, name), (_, calls, inner, _, _) in pstats.Stats(profile).stats.items()
+            for (file, line, name), (_, calls, inner, _, _) in pstats.Stats(*profiles).stats.items()
             if _OURS in file]
     total = sum(inner for _, inner, _ in ours) or 1.0
     print(f"{args.library} {args.case}: poolscope's Python calls per request ({n} requests)")
