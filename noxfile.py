@@ -1,7 +1,8 @@
 """The version matrix: poolscope's library tests on the oldest supported versions of every
 library (with wrapt 1.x and the oldest OpenTelemetry), on the newest libraries with wrapt 1.x,
 and the httpx2 tests on the oldest httpx2. The main test run covers the newest of everything
-with wrapt 2.x.
+with wrapt 2.x. A last session installs urllib3-future over urllib3, as it can be, for the
+tests of a client poolscope must leave alone (``tests/test_uncovered.py``).
 
 Run: ``nox -s matrix`` (``scripts/test.sh`` does, after the main run). Pins are read from the
 oldest/newest lines below; the supported ranges are in ``src/poolscope/_package.py``.
@@ -51,3 +52,13 @@ def matrix(session, pins):
                 "sep=', ')")
     only = ["-k", "httpx2"] if pins is OLDEST_HTTPX2 else []
     session.run("python", "-m", "pytest", "-q", *LIBRARY_TESTS, *only, *session.posargs)
+
+
+@nox.session(python="3.11", name="urllib3-future")
+def urllib3_future(session):
+    # urllib3 first, then urllib3-future's files over it: `import urllib3` gives urllib3-future
+    # while urllib3's own metadata still says urllib3 is installed
+    session.install("--upgrade", "-e", ".", "pytest", "pytest-timeout", "urllib3")
+    session.install("--force-reinstall", "--no-deps", "urllib3-future")
+    session.install("niquests")
+    session.run("python", "-m", "pytest", "-q", "tests/test_uncovered.py", *session.posargs)

@@ -3,6 +3,8 @@
 import functools
 import importlib
 import importlib.metadata
+import importlib.util
+import os
 import re
 import threading
 
@@ -29,6 +31,7 @@ class _Instrumentation:
         self.recorder = recorder
         self.libraries = libraries
         self.adapters = {}
+        self.skipped = set()  # adapters not to load: their module is another library's
 
 
 def _version_tuple(text):
@@ -53,13 +56,31 @@ def _installed(distribution):
         return None
 
 
-def _tell_uncovered():
-    """One line naming the installed client libraries whose pools poolscope does not observe."""
+def _urllib3_is_future():
+    """Whether ``import urllib3`` gives urllib3-future, which can install itself under that
+    name (beside or instead of urllib3): its package has a ``backend`` that urllib3's lacks.
+    Nothing is imported to tell."""
+    try:
+        spec = importlib.util.find_spec("urllib3")
+    except (ImportError, ValueError):
+        return False
+    locations = (spec.submodule_search_locations if spec is not None else None) or ()
+    return any(os.path.isdir(os.path.join(location, "backend")) for location in locations)
+
+
+def _tell_uncovered(owner):
+    """One line naming the installed client libraries whose pools poolscope does not observe,
+    and whether ``import urllib3`` gives one of them (its pools are then left alone)."""
     found = [f"{name} {version}" for name in UNCOVERED
              if (version := _installed(name)) is not None]
-    if found:
+    future = "urllib3" in owner.libraries and _urllib3_is_future()
+    if future:
+        owner.skipped.add("urllib3")
+    if found or future:
         logger.warning("poolscope: %s installed, not observed: their connection pools report "
-                       "nothing", ", ".join(found))
+                       "nothing%s", ", ".join(found) or "urllib3-future",
+                       "; `import urllib3` gives urllib3-future, so no urllib3 pool is observed"
+                       if future else "")
 
 
 def _load_adapter(name):
@@ -69,7 +90,7 @@ def _load_adapter(name):
 
 def _on_import(name, owner, module):
     with _lock:
-        if _active is not owner or name in owner.adapters:
+        if _active is not owner or name in owner.adapters or name in owner.skipped:
             return
         version, ok = supported_version(name)
         spec = SUPPORTED[name]
@@ -112,7 +133,7 @@ def instrument(*, meter_provider=None, tracer_provider=None, libraries=None):
                                         if setting(env_bool, "POOLSCOPE_LEAK_WARNINGS", False)
                                         else None))
         _active = owner = _Instrumentation(recorder, names)
-        _tell_uncovered()
+        _tell_uncovered(owner)
         for name in names:
             wrapt.register_post_import_hook(functools.partial(_on_import, name, owner),
                                             SUPPORTED[name]["module"])
