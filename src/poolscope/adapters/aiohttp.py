@@ -13,8 +13,8 @@
   response: the caller of ``_release`` (``Connection.release``, or ``close`` for a response
   given up) and the protocol's state tell why. Elsewhere aiohttp closes an idle connection
   (``_get`` and the periodic ``_cleanup``: expired if still connected, else the server had
-  closed it). And
-  ``ResponseHandler.connection_lost`` when the server or the network closes the socket first.
+  closed it). ``ResponseHandler.connection_lost`` when the server or the network closes the
+  socket first.
 - Limits: the connector's ``limit`` is one pool; with ``limit_per_host`` each host's
   connections also form a pool of that size inside it.
 
