@@ -16,7 +16,7 @@ import threading
 
 import client
 from nginx import nginx
-from run import CASES, LIBRARIES, _client_cpus
+from run import CASES, LIBRARIES, OPTIONAL, _client_cpus
 
 _OURS = os.sep + "poolscope" + os.sep
 
@@ -41,7 +41,7 @@ def _profiled_threads():
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("library", choices=LIBRARIES)
+    parser.add_argument("library", choices=LIBRARIES + OPTIONAL)
     parser.add_argument("--case", choices=CASES, default="sequential")
     parser.add_argument("--requests", type=int, default=3000)
     args = parser.parse_args()

@@ -2,7 +2,8 @@
 
     python benchmarks/client.py LIBRARY CASE SETUP REQUESTS URL
 
-LIBRARY: urllib3, requests, httpx, httpx-async, aiohttp, pycurl.
+LIBRARY: urllib3, requests, httpx, httpx-async, aiohttp, pycurl, and niquests where it is
+installed (its urllib3-future replaces urllib3: the version matrix's urllib3-future venv).
 CASE: sequential (one client, keep-alive, one request at a time) or saturated
 (CONCURRENCY requests at once through a pool of LIMIT).
 SETUP: plain, poolscope, detailed, traced, traced+poolscope, official.
@@ -61,7 +62,7 @@ def instrument(setup, library):
 
 def _official(library, meter_provider, tracer_provider):
     providers = {"meter_provider": meter_provider, "tracer_provider": tracer_provider}
-    if library == "urllib3":
+    if library in ("urllib3", "niquests"):  # niquests' urllib3-future is installed as urllib3
         from opentelemetry.instrumentation.urllib3 import URLLib3Instrumentor as I
     elif library == "requests":
         from opentelemetry.instrumentation.requests import RequestsInstrumentor as I
@@ -117,6 +118,13 @@ def sync_workload(library, case, url):
         limits = httpx.Limits(max_connections=LIMIT if case == "saturated" else None)
         client = httpx.Client(limits=limits)
         return lambda: client.get(url).content
+    if library == "niquests":
+        import niquests
+        session = niquests.Session()
+        if case == "saturated":
+            session.mount("http://", niquests.adapters.HTTPAdapter(pool_maxsize=LIMIT,
+                                                                    pool_block=True))
+        return lambda: session.get(url).content
     if library == "pycurl":
         return None
     raise SystemExit(f"unknown library {library}")

@@ -20,12 +20,12 @@ import time
 
 import client
 from nginx import nginx
-from run import CASES, LIBRARIES, _client_cpus
+from run import CASES, LIBRARIES, OPTIONAL, _client_cpus
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("library", choices=LIBRARIES)
+    parser.add_argument("library", choices=LIBRARIES + OPTIONAL)
     parser.add_argument("case", choices=CASES)
     parser.add_argument("--rounds", type=int, default=10)
     parser.add_argument("--requests", type=int, default=3000)

@@ -23,6 +23,9 @@ from nginx import nginx, server_cpu
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 LIBRARIES = ["urllib3", "requests", "httpx", "httpx-async", "aiohttp", "pycurl"]
+# not in the default run: niquests' urllib3-future replaces urllib3 where it is installed, so it
+# runs from its own venv (the version matrix's: .nox/urllib3-future-newest/bin/python)
+OPTIONAL = ["niquests"]
 CASES = ["sequential", "saturated"]
 # mode -> (baseline setup, instrumented setup)
 # "sdk" is the OpenTelemetry SDK set up and nothing instrumented, as in a service that already
@@ -36,7 +39,7 @@ MODES = {
 }
 # requests per run: about half a second of work on a slow machine
 REQUESTS = {"urllib3": 4000, "requests": 2000, "httpx": 3000, "httpx-async": 1500,
-            "aiohttp": 4000, "pycurl": 8000}
+            "aiohttp": 4000, "pycurl": 8000, "niquests": 1500}
 
 
 def _fixed_layout():
@@ -108,7 +111,7 @@ def machine():
         pass
     versions = []
     for dist in ("poolscope", "opentelemetry-sdk", "wrapt", "urllib3", "requests", "httpx",
-                 "httpcore", "aiohttp", "pycurl"):
+                 "httpcore", "aiohttp", "pycurl", "urllib3-future", "niquests"):
         try:
             versions.append(f"{dist} {importlib.metadata.version(dist)}")
         except importlib.metadata.PackageNotFoundError:
@@ -163,7 +166,8 @@ def main():
     parser.add_argument("--memory", action="store_true",
                         help="peak memory over 1M requests and with 10,000 origins")
     args = parser.parse_args()
-    for name, values, known in (("library", args.libraries, LIBRARIES), ("case", args.cases, CASES),
+    for name, values, known in (("library", args.libraries, LIBRARIES + OPTIONAL),
+                                ("case", args.cases, CASES),
                                 ("mode", args.modes, MODES)):
         unknown = [v for v in values if v not in known]
         if unknown:

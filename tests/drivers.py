@@ -12,10 +12,19 @@ import pycurl
 import urllib3
 from opentelemetry import trace
 
+from poolscope._instrument import _urllib3_is_future
+
 try:  # not in the oldest pins of the version matrix (httpcore 1.0.3 and httpcore2 need other h11s)
     import httpx2
 except ImportError:
     httpx2 = None
+try:  # only in the version matrix's urllib3-future session: its urllib3-future replaces urllib3
+    import niquests
+except ImportError:
+    niquests = None
+
+# where urllib3-future installed itself as urllib3, `import urllib3` gives it
+URLLIB3_FUTURE = _urllib3_is_future()
 
 
 _executor = ThreadPoolExecutor(4)
@@ -44,6 +53,7 @@ class _Driver:
     """Closes its client at the end of a ``with`` block, or with ``close()``."""
 
     closed = False
+    has_pool_timeout = True
 
     def __enter__(self):
         return self
@@ -58,7 +68,7 @@ class _Driver:
 
 
 class Urllib3Driver(_Driver):
-    library = "urllib3"
+    library = "urllib3-future" if URLLIB3_FUTURE else "urllib3"
 
     def __init__(self, server, limit=10, pool_timeout=None, block=True, **kw):
         self.server = server
@@ -77,6 +87,38 @@ class Urllib3Driver(_Driver):
 
     def _close(self):
         self.pool.close()
+
+
+class NiquestsDriver(_Driver):
+    """A niquests ``Session`` whose ``http://`` adapter keeps ``limit`` connections, blocking
+    when all are out. niquests sets no pool timeout (urllib3-future's own ``pool_timeout`` is
+    driven through its urllib3 API)."""
+
+    library = "urllib3-future"
+    has_pool_timeout = False
+
+    def __init__(self, server, limit=10, pool_timeout=None, block=True, tracer=None):
+        if pool_timeout is not None:
+            import pytest
+            pytest.skip("niquests has no pool timeout")
+        self.server = server
+        self.tracer = tracer
+        self.session = niquests.Session()
+        self.session.mount("http://", niquests.adapters.HTTPAdapter(
+            pool_maxsize=limit, pool_block=block, max_retries=0))
+
+    def get(self, path):
+        with _client_span(self.tracer):
+            return self.session.get(self.server.url + path, timeout=5).status_code
+
+    def get_all(self, paths):
+        return _in_threads(self.get, paths)
+
+    def submit(self, path):
+        return _executor.submit(self.get, path)
+
+    def _close(self):
+        self.session.close()
 
 
 class HttpxDriver(_Driver):
@@ -261,6 +303,7 @@ class PycurlDriver(_Driver):
         self.multi.close()
 
 
-DRIVERS = {"urllib3": Urllib3Driver, "httpx-sync": HttpxDriver, "httpx-async": AsyncHttpxDriver,
+DRIVERS = {"urllib3-future" if URLLIB3_FUTURE else "urllib3": Urllib3Driver,
+           **({"niquests": NiquestsDriver} if niquests else {}), "httpx-sync": HttpxDriver, "httpx-async": AsyncHttpxDriver,
            "aiohttp": AiohttpDriver, "pycurl": PycurlDriver,
            **({"httpx2-sync": Httpx2Driver, "httpx2-async": AsyncHttpx2Driver} if httpx2 else {})}

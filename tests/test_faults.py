@@ -37,7 +37,8 @@ def scenario(flavor, server):
             return fn(driver)
     mixed = run({}, lambda d: seen(d.get_all(["/delay/0.05"] * 4 + ["/close", "/drop"]) +
                                    [d.get("/") for _ in range(3)]))
-    timed_out = run({"pool_timeout": 0.1}, lambda d: seen(d.get_all(["/delay/0.4"] * 3)))
+    timed_out = (run({"pool_timeout": 0.1}, lambda d: seen(d.get_all(["/delay/0.4"] * 3)))
+                 if DRIVERS[flavor].has_pool_timeout else None)
     return mixed, timed_out
 
 
@@ -104,7 +105,7 @@ def inject(kind, monkeypatch):
 def test_a_fault_never_changes_what_the_application_sees(flavor, kind, server, lenient,
                                                          monkeypatch, caplog):
     expected = scenario(flavor, server)
-    assert expected[1].count("200") == 2 and len(expected[1]) == 3  # one pool timeout
+    assert expected[1] is None or (expected[1].count("200") == 2 and len(expected[1]) == 3)
     providers = inject(kind, monkeypatch)
     try:
         with caplog.at_level(logging.WARNING, logger="poolscope"):

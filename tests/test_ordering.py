@@ -10,7 +10,7 @@ import textwrap
 
 import pytest
 
-from drivers import httpx2
+from drivers import httpx2, niquests
 
 # Per library: imports, a client, one request (returns the status), and closing the client.
 CLIENTS = {
@@ -33,6 +33,11 @@ CLIENTS = {
                    make="import httpx2\nclient = httpx2.Client()",
                    get="client.get(URL + path).status_code",
                    close="client.close()")}),
+    # niquests on urllib3-future installed as urllib3 (the version matrix's urllib3-future session)
+    **({} if niquests is None else {"niquests": dict(
+        modules=["urllib3.connectionpool", "urllib3.connection", "urllib3.util.traffic_police"],
+        library="urllib3-future", make="import niquests\nclient = niquests.Session()",
+        get="client.get(URL + path).status_code", close="client.close()")}),
     "aiohttp": dict(modules=["aiohttp.connector", "aiohttp.client_proto"],
                     make=textwrap.dedent("""\
                         import asyncio, aiohttp
@@ -176,7 +181,8 @@ def test_instrument_uninstrument_and_again(library, order):
 
 # What a client made before instrument() reports (docs/libraries.md): pools and handles are
 # picked up at their next new connection, except a pycurl handle, whose class was the original.
-BEFORE = {"urllib3": 1, "requests": 1, "httpx": 1, "httpx2": 1, "aiohttp": 1, "pycurl": 0}
+BEFORE = {"urllib3": 1, "requests": 1, "httpx": 1, "httpx2": 1, "aiohttp": 1, "pycurl": 0,
+          "niquests": 1}
 
 
 @pytest.mark.parametrize("library", sorted(CLIENTS))

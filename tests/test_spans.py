@@ -68,7 +68,8 @@ def app_spans(official, flavor):
         if flavor.startswith("httpx2") else {}
 
 
-@pytest.mark.parametrize("flavor", [f for f in ("urllib3", "httpx-sync", "httpx-async",
+@pytest.mark.parametrize("flavor", [f for f in ("urllib3", "urllib3-future", "niquests",
+                                               "httpx-sync", "httpx-async",
                                                "httpx2-sync", "httpx2-async", "aiohttp")
                                     if f in DRIVERS])
 def test_the_requests_that_waited_have_a_wait_span_under_their_own_span(official, server, flavor):
@@ -102,7 +103,8 @@ def test_the_requests_that_waited_have_a_wait_span_under_their_own_span(official
     assert reused == [False, False, True, True, True, True]
 
 
-@pytest.mark.parametrize("flavor", [f for f in ("urllib3", "httpx-sync", "httpx2-sync", "aiohttp")
+@pytest.mark.parametrize("flavor", [f for f in ("urllib3", "urllib3-future", "httpx-sync",
+                                               "httpx2-sync", "aiohttp")
                                     if f in DRIVERS])
 def test_a_pool_timeout_is_one_wait_span_with_error(official, server, flavor):
     with DRIVERS[flavor](server, limit=1, pool_timeout=0.2, **app_spans(official, flavor)) \

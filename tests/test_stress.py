@@ -36,7 +36,7 @@ import pytest
 import urllib3
 from urllib3.util import Retry
 
-from drivers import httpx2
+from drivers import URLLIB3_FUTURE, httpx2, niquests
 from poolscope.demo.server import DemoServer
 
 JOBS = int(os.environ.get("POOLSCOPE_STRESS_JOBS", "600"))
@@ -171,6 +171,65 @@ class Urllib3Client:
 
     def close(self):
         self.pool.close()
+
+
+def _police_counts(police):
+    """(active, idle) in urllib3-future's books of one pool: connections held by a thread, and
+    those available with a socket."""
+    with police._lock:
+        held = {c.obj_id for c in police._cursor.values()}
+        conns = [c for c in police._registry.values() if hasattr(c, "sock")]
+        return (sum(1 for c in conns if id(c) in held),
+                sum(1 for c in conns if id(c) in police._container and c.sock is not None))
+
+
+class Urllib3FutureClient(Urllib3Client):
+    """urllib3-future through its urllib3 API (where it installed itself as urllib3)."""
+
+    library = "urllib3-future"
+
+    def describe(self):
+        return repr(self.pool.pool)
+
+    def own(self):
+        return _police_counts(self.pool.pool)
+
+
+class NiquestsClient:
+    """Sync, retries on; a cancel is a response closed unread. niquests sets no pool timeout:
+    a hurried request waits as long as it must."""
+
+    library = "urllib3-future"
+    timeout_error = PoolTimedOut
+
+    def __init__(self, server):
+        self.url = server.url
+        self.session = niquests.Session()
+        self.adapter = niquests.adapters.HTTPAdapter(
+            pool_maxsize=LIMIT, pool_block=True,
+            max_retries=niquests.packages.urllib3.Retry(total=2, backoff_factor=0))
+        self.session.mount("http://", self.adapter)
+
+    def request(self, job):
+        if job.kind in ("abandon", "cancel"):
+            with self.session.get(self.url + job.path, stream=True, timeout=5) as response:
+                if job.kind == "abandon":
+                    response.raw.read(1024)
+                return response.status_code
+        return self.session.get(self.url + job.path, timeout=5).status_code
+
+    def _pool(self):
+        [pool] = list(self.adapter.poolmanager.pools._registry.values())
+        return pool
+
+    def describe(self):
+        return repr(self._pool().pool)
+
+    def own(self):
+        return _police_counts(self._pool().pool)
+
+    def close(self):
+        self.session.close()
 
 
 class _HttpxBase:
@@ -406,7 +465,8 @@ async def run_async(client, jobs):
     return await asyncio.gather(*(one(job) for job in jobs))
 
 
-CLIENTS = {"urllib3": Urllib3Client, "httpx-sync": HttpxClient, "httpx-async": AsyncHttpxClient,
+CLIENTS = {**({"urllib3-future": Urllib3FutureClient} if URLLIB3_FUTURE else
+              {"urllib3": Urllib3Client}), **({"niquests": NiquestsClient} if niquests else {}), "httpx-sync": HttpxClient, "httpx-async": AsyncHttpxClient,
            "aiohttp": AiohttpClient, "pycurl": PycurlClient,
            **({"httpx2-sync": Httpx2Client, "httpx2-async": AsyncHttpx2Client} if httpx2 else {})}
 

@@ -20,7 +20,13 @@ ADAPTERS = {
     "httpx2": "poolscope.adapters.httpx:Httpx2Adapter",
     "aiohttp": "poolscope.adapters.aiohttp:AiohttpAdapter",
     "pycurl": "poolscope.adapters.pycurl:PycurlAdapter",
+    "urllib3-future": "poolscope.adapters.urllib3_future:Urllib3FutureAdapter",
 }
+# urllib3-future can install itself as ``urllib3`` (niquests then uses that copy): the
+# ``urllib3`` modules are then observed as urllib3-future's
+_FUTURE_AS_URLLIB3 = "urllib3-future as urllib3"
+_ADAPTER_CLASSES = {**ADAPTERS, _FUTURE_AS_URLLIB3:
+                    "poolscope.adapters.urllib3_future:Urllib3FutureAsUrllib3Adapter"}
 
 _lock = threading.RLock()
 _active = None  # the current _Instrumentation
@@ -31,7 +37,6 @@ class _Instrumentation:
         self.recorder = recorder
         self.libraries = libraries
         self.adapters = {}
-        self.skipped = set()  # adapters not to load: their module is another library's
 
 
 def _version_tuple(text):
@@ -68,36 +73,31 @@ def _urllib3_is_future():
     return any(os.path.isdir(os.path.join(location, "backend")) for location in locations)
 
 
-def _tell_uncovered(owner):
-    """One line naming the installed client libraries whose pools poolscope does not observe,
-    and whether ``import urllib3`` gives one of them (its pools are then left alone)."""
+def _tell_uncovered():
+    """One line naming the installed client libraries whose pools poolscope does not observe."""
     found = [f"{name} {version}" for name in UNCOVERED
              if (version := _installed(name)) is not None]
-    future = "urllib3" in owner.libraries and _urllib3_is_future()
-    if future:
-        owner.skipped.add("urllib3")
-    if found or future:
+    if found:
         logger.warning("poolscope: %s installed, not observed: their connection pools report "
-                       "nothing%s", ", ".join(found) or "urllib3-future",
-                       "; `import urllib3` gives urllib3-future, so no urllib3 pool is observed"
-                       if future else "")
+                       "nothing", ", ".join(found))
 
 
 def _load_adapter(name):
-    module, _, cls = ADAPTERS[name].partition(":")
+    module, _, cls = _ADAPTER_CLASSES[name].partition(":")
     return getattr(importlib.import_module(module), cls)
 
 
 def _on_import(name, owner, module):
     with _lock:
-        if _active is not owner or name in owner.adapters or name in owner.skipped:
+        if _active is not owner or name in owner.adapters:
             return
-        version, ok = supported_version(name)
-        spec = SUPPORTED[name]
+        checked = "urllib3-future" if name == _FUTURE_AS_URLLIB3 else name
+        version, ok = supported_version(checked)
+        spec = SUPPORTED[checked]
         if not ok:
             logger.warning("poolscope: %s %s is not supported (supported: >=%s,<%s); %s pools are "
                            "not instrumented", spec["distribution"], version, spec["minimum"],
-                           spec["below"], name)
+                           spec["below"], checked)
             return
         adapter = _load_adapter(name)(owner.recorder)
         try:
@@ -133,10 +133,12 @@ def instrument(*, meter_provider=None, tracer_provider=None, libraries=None):
                                         if setting(env_bool, "POOLSCOPE_LEAK_WARNINGS", False)
                                         else None))
         _active = owner = _Instrumentation(recorder, names)
-        _tell_uncovered(owner)
+        _tell_uncovered()
         for name in names:
-            wrapt.register_post_import_hook(functools.partial(_on_import, name, owner),
-                                            SUPPORTED[name]["module"])
+            module = SUPPORTED[name]["module"]
+            if name == "urllib3" and _urllib3_is_future():
+                name = _FUTURE_AS_URLLIB3
+            wrapt.register_post_import_hook(functools.partial(_on_import, name, owner), module)
 
 
 def uninstrument():

@@ -15,8 +15,10 @@ SUPPORTED = {
                 "minimum": "3.10.11", "below": "4"},
     "pycurl": {"distribution": "pycurl", "module": "pycurl",
                "minimum": "7.46", "below": "8"},
+    "urllib3-future": {"distribution": "urllib3-future", "module": "urllib3_future.connectionpool",
+                       "minimum": "2.20", "below": "3"},
 }
 
 # Client libraries with connection pools poolscope does not observe (yet): when one is installed,
 # instrument() says so in one line, so that nobody wonders why its pools report nothing.
-UNCOVERED = ("curl_cffi", "niquests", "urllib3-future", "requestx")
+UNCOVERED = ("curl_cffi", "requestx")

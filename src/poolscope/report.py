@@ -10,11 +10,14 @@ LIMIT_SETTING = {"urllib3": "maxsize (requests: HTTPAdapter pool_maxsize; botoco
                  "httpx2": "httpx2.Limits(max_connections=...) (openai/anthropic: http_client="
                            "DefaultHttpxClient(limits=...))",
                  "aiohttp": "TCPConnector(limit=..., limit_per_host=...)",
-                 "pycurl": "the multi's M_MAX_TOTAL_CONNECTIONS / M_MAX_HOST_CONNECTIONS"}
+                 "pycurl": "the multi's M_MAX_TOTAL_CONNECTIONS / M_MAX_HOST_CONNECTIONS",
+                 "urllib3-future": "HTTPAdapter(pool_maxsize=...) (niquests: Session(pool_maxsize="
+                                   "...); urllib3-future: maxsize)"}
 KEEPALIVE_SETTING = {"httpx": "httpx.Limits(keepalive_expiry=...)",
                      "httpx2": "httpx2.Limits(keepalive_expiry=...)",
                      "aiohttp": "TCPConnector(keepalive_timeout=...)",
-                     "pycurl": "MAXAGE_CONN"}
+                     "pycurl": "MAXAGE_CONN",
+                     "urllib3-future": "keepalive_delay (niquests: Session(keepalive_delay=...))"}
 IDLE_SETTING = {"httpx": "httpx.Limits(max_keepalive_connections=...)",
                 "httpx2": "httpx2.Limits(max_keepalive_connections=...)",
                 "aiohttp": "TCPConnector(force_close=False)",

@@ -1,0 +1,242 @@
+"""urllib3-future 2.x (and so niquests), through ``HTTPConnectionPool`` and its ``TrafficPolice``.
+
+urllib3-future keeps each pool's connections in a ``TrafficPolice``: ``_registry`` (every
+connection), ``_container`` (the available ones) and ``_cursor`` (the one each thread holds).
+poolscope reads those books where the police changes them:
+
+- Acquire: the police's ``get``, which hands the calling thread a pooled connection (reused;
+  one urllib3-future then finds dropped is closed in ``_get_conn`` before any use, and the
+  request's new socket is acquired at ``connect``) or reserves a slot for a new one (acquired
+  at ``connect``, as urllib3's).
+- Release: ``_next_signal_or_container_insert``, where the police takes a thread's connection
+  back, into its container or straight to a waiting thread; or, where a response is still to
+  be read on it then (niquests reads every body after that, a ``stream=True`` response when
+  the application does), once the last one is: the connection's ``_pending_responses``, where
+  urllib3-future keeps them, is observed from ``connect`` on.
+- Wait: a ``get`` that registers a signal waits; the wait ends when that ``get`` returns
+  (granted: a connection, or a slot to open one) or raises (``UnavailableTraffic``: timed
+  out). A thread the police wakes without a connection and that waits again goes on waiting
+  in the same wait.
+- Create: ``HTTPConnection.connect`` / ``HTTPSConnection.connect``; close:
+  ``HTTPConnection.close``, the reason read from the police method closing it.
+- Pools register at ``__init__`` (or, made before ``instrument()``, at their next new
+  connection) and close with ``close``; a pool the ``PoolManager``'s police sacrifices for a
+  new one is ``evicted``.
+
+Only HTTP/1.1 is covered: a multiplexed (HTTP/2 or HTTP/3) connection serves several threads
+through ``locate``/``borrow``, which poolscope does not observe yet. The module tree is data
+(``root``): the same adapter observes ``urllib3_future`` and, where urllib3-future installed
+itself as ``urllib3``, that copy.
+"""
+
+import importlib
+import threading
+import time
+
+from .. import _semconv as sc
+from .._config import internal_error
+from .._recorder import ABANDONED, GRANTED, TIMED_OUT
+from ._base import calling
+from .urllib3 import _DEFAULT_PORTS, Urllib3Adapter
+
+get_ident = threading.get_ident
+
+
+def _code(function):
+    return getattr(function, "__code__", None)
+
+
+class _PendingResponses(dict):
+    """A connection's responses still to be read (urllib3-future's ``_pending_responses``).
+    ``returned``: its thread gave the connection back with one pending, so the release waits
+    for the last to be read. Decided under the police's lock on both sides."""
+
+    __slots__ = ("recorder", "rec", "lock", "returned")
+
+    def __delitem__(self, key):
+        dict.__delitem__(self, key)
+        if not self and self.returned:
+            self._settle()
+
+    def pop(self, *args):
+        value = dict.pop(self, *args)
+        if not self and self.returned:
+            self._settle()
+        return value
+
+    def _settle(self):
+        try:
+            with self.lock:
+                if self.returned and not self:
+                    self.returned = False
+                    self.recorder.released(self.rec)
+        except Exception:
+            internal_error("urllib3-future:response read")
+
+
+class Urllib3FutureAdapter(Urllib3Adapter):
+    library = "urllib3-future"
+    root = "urllib3_future"
+
+    def patch(self):
+        def module(name):
+            return importlib.import_module(f"{self.root}.{name}")
+
+        connection, connectionpool = module("connection"), module("connectionpool")
+        police = module("util.traffic_police")
+        police_cls, self._unavailable = police.TrafficPolice, police.UnavailableTraffic
+        pool_cls = connectionpool.HTTPConnectionPool
+        self._get_code, self._sacrifice_code, self._get_conn_code = (
+            _code(police_cls.get), _code(police_cls._sacrifice_first_idle), _code(pool_cls._get_conn))
+        self.wrap(pool_cls, "__init__", after=self._pool_init)
+        self.wrap(pool_cls, "_new_conn", after=self._new_conn)
+        self.wrap(pool_cls, "close", before=self._pool_close)
+        for cls in (connection.HTTPConnection, connection.HTTPSConnection):
+            if "connect" in vars(cls):
+                self.wrap(cls, "connect", before=self._connect_start, after=self._connected)
+        self.wrap(connection.HTTPConnection, "close", before=self._conn_close)
+        self.wrap(police_cls, "_register_signal", after=self._signalled)
+        self.replace(police_cls, "get", self._observed_get(police_cls.get))
+        self.replace(police_cls, "_next_signal_or_container_insert",
+                     self._observed_insert(police_cls._next_signal_or_container_insert))
+
+    def unpatch(self):
+        super(Urllib3Adapter, self).unpatch()
+
+    def limits(self, pool_obj):
+        scheme = pool_obj.scheme or "http"
+        size = getattr(pool_obj.pool, "maxsize", None)
+        return {"max_connections": size, "max_idle": size,
+                "origin": (scheme, pool_obj.host, pool_obj.port or _DEFAULT_PORTS.get(scheme))}
+
+    def registered(self, pool_obj, state):
+        if pool_obj.pool is not None:
+            pool_obj.pool._poolscope = (self.recorder, state, {})  # the last: open waits by thread
+
+    def own_lock(self, pool_obj):
+        return None
+
+    def _observed_get(self, get):
+        """The police's ``get``: the acquisition of a pooled connection, and the end of a
+        wait begun inside it."""
+
+        def observed_get(police, *args, **kwargs):
+            observed = police.__dict__.get("_poolscope")
+            if observed is None:
+                return get(police, *args, **kwargs)
+            try:
+                conn = get(police, *args, **kwargs)
+            except BaseException as exc:
+                if observed[2]:
+                    self._wait_over(observed, TIMED_OUT if isinstance(exc, self._unavailable)
+                                    else ABANDONED, exc)
+                raise
+            try:
+                if observed[2]:
+                    self._wait_over(observed, GRANTED)
+                if conn is not None:
+                    rec = conn.__dict__.get("_poolscope")
+                    if rec is not None and not rec.closed and conn.sock is not None:
+                        observed[0].acquired(rec)
+            except Exception:
+                internal_error("urllib3-future:police get")
+            return conn
+
+        observed_get.__wrapped__ = get
+        return observed_get
+
+    def _observed_insert(self, insert):
+        """The police's ``_next_signal_or_container_insert``: a thread's connection is back."""
+
+        def observed_insert(police, *args, **kwargs):
+            try:  # the thread's key: an argument from urllib3-future 2.24 on
+                cursor = police._cursor.get(args[0] if args else get_ident())
+            except Exception:
+                cursor = None
+            insert(police, *args, **kwargs)
+            observed = police.__dict__.get("_poolscope")
+            if observed is not None and cursor is not None:
+                try:
+                    attrs = getattr(cursor.conn_or_pool, "__dict__", {})
+                    rec = attrs.get("_poolscope")
+                    if rec is not None and rec.in_use and not rec.closed:
+                        pending = attrs.get("_pending_responses")
+                        if pending and type(pending) is _PendingResponses:
+                            pending.returned = True
+                        else:
+                            observed[0].released(rec)
+                except Exception:
+                    internal_error("urllib3-future:police release")
+
+        observed_insert.__wrapped__ = insert
+        return observed_insert
+
+    def _connected(self, token, conn, result, exc):
+        super()._connected(token, conn, result, exc)
+        rec = token[0]
+        police = getattr(rec.pool.ref(), "pool", None)
+        if exc is None and police is not None and type(conn._pending_responses) is dict:
+            pending = _PendingResponses(conn._pending_responses)
+            pending.recorder, pending.rec, pending.lock = self.recorder, rec, police._lock
+            pending.returned = False
+            conn._pending_responses = pending
+
+    def _signalled(self, token, police, signal, exc):
+        """A thread registered to be woken: from ``get``, a wait for a connection begins
+        (unless this thread's wait goes on after a wake-up without one)."""
+        observed = police.__dict__.get("_poolscope")
+        if observed is None or exc is not None or calling(self._get_code) is None:
+            return
+        waits = observed[2]
+        if get_ident() not in waits:
+            waits[get_ident()] = observed[0].wait_started(observed[1])
+
+    def _wait_over(self, observed, outcome, error=None):
+        wait = observed[2].pop(get_ident(), None)
+        if wait is not None:
+            observed[0].wait_ended(wait, outcome, error if outcome == TIMED_OUT else None)
+
+    def _pool_close(self, pool_obj, args, kwargs):
+        state = getattr(pool_obj, "_poolscope", None)
+        if state is not None:
+            evicted = calling(self._sacrifice_code, depth=1) is not None
+            self.recorder.pool_closed(state, sc.EVICTED if evicted else sc.POOL_CLOSED)
+
+    def _conn_close(self, conn, args, kwargs):
+        rec = conn.__dict__.get("_poolscope")
+        if rec is None or rec.closed:
+            return
+        if calling(self._sacrifice_code, depth=1) is not None:
+            reason = sc.POOL_FULL
+        elif rec.in_use and calling(self._get_conn_code) is None:
+            reason = sc.SERVER_CLOSED if _refused_more(conn) else sc.ERROR
+        else:
+            if rec.in_use:
+                # urllib3-future found the pooled connection dropped as it handed it out: the
+                # request goes out on a new socket, acquired at connect
+                self.recorder.unacquired(rec)
+            reason = sc.KEEPALIVE_EXPIRED if _past_keepalive(conn) else sc.SERVER_CLOSED
+        self.recorder.closed(rec, reason)
+
+
+def _refused_more(conn):
+    """Whether the server said this connection takes no more requests (``Connection: close``,
+    HTTP/2 GOAWAY): urllib3-future closes it once the response is read."""
+    protocol = getattr(conn, "_protocol", None)
+    try:
+        return protocol is not None and bool(protocol.has_expired())
+    except Exception:
+        return False
+
+
+def _past_keepalive(conn):
+    """Whether the connection outlived its ``keepalive_delay``, after which urllib3-future
+    counts it dropped."""
+    delay, born = getattr(conn, "_keepalive_delay", None), getattr(conn, "connected_at", None)
+    return delay is not None and born is not None and time.monotonic() - born >= delay
+
+
+class Urllib3FutureAsUrllib3Adapter(Urllib3FutureAdapter):
+    """urllib3-future installed as ``urllib3``."""
+
+    root = "urllib3"

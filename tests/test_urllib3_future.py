@@ -1,0 +1,181 @@
+"""urllib3-future and niquests on it, as installed with niquests: urllib3-future's files in
+place of urllib3's (``import urllib3`` gives it; urllib3's metadata may stay installed), its
+own ``urllib3_future`` beside. The version matrix's ``urllib3-future`` session runs these
+tests, and the shared scenarios on the ``urllib3-future`` and ``niquests`` flavors; where
+``import urllib3`` gives urllib3 they are skipped.
+"""
+
+import logging
+import os
+import subprocess
+import threading
+import time
+
+import pytest
+
+import poolscope
+from conftest import Metrics
+from drivers import URLLIB3_FUTURE
+from test_launcher import LAUNCHER, PY, clean_env, free_port, scrape, series
+
+pytestmark = pytest.mark.skipif(not URLLIB3_FUTURE, reason="`import urllib3` gives urllib3 here "
+                                "(the version matrix's urllib3-future session runs these tests)")
+
+EXAMPLE = os.path.join(os.path.dirname(__file__), "..", "examples", "niquests_session.py")
+
+
+def test_six_requests_limit_two_in_the_report_and_on_the_prometheus_endpoint(server):
+    """Issue 21's scenario, with no code change: a niquests Session limited to 2 connections
+    (blocking), 6 requests at once to a 300 ms endpoint. 4 wait: 2 for one service time, 2 for
+    two, so at least 1.8 s in all; 2 connections created, the ones the server accepted."""
+    port = free_port()
+    proc = subprocess.Popen(
+        [LAUNCHER, "--metrics-exporter", "prometheus,report", PY, "-c",
+         f"import runpy, sys; runpy.run_path({EXAMPLE!r}, run_name='__main__'); "
+         "sys.stdin.readline()"],
+        env=clean_env(OTEL_EXPORTER_PROMETHEUS_PORT=str(port)), stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        line = proc.stdout.readline()
+        assert line == "the server accepted 2 connections\n", proc.stderr.read()
+        samples = scrape(port)
+        labels = {"poolscope_library": "urllib3-future"}
+        [waits] = series(samples, "poolscope_connection_wait_time_seconds_count", **labels)
+        [waited] = series(samples, "poolscope_connection_wait_time_seconds_sum", **labels)
+        assert waits == 4 and 1.8 <= waited <= 2.4
+        assert series(samples, "poolscope_connection_created_total", **labels) == [2.0]
+        assert series(samples, "http_client_open_connections", http_connection_state="idle",
+                      **labels) == [2.0]  # the example leaves its session open
+        assert series(samples, "poolscope_connection_pending_requests", **labels) == [0.0]
+    finally:
+        out, err = proc.communicate("\n", timeout=60)
+    assert proc.returncode == 0, err
+    assert "urllib3-future http://127.0.0.1:" in err
+    assert "pool: limit 2, peak 2 in use" in err
+    assert "requests: 6 acquisitions, 4 waited" in err
+    assert "connections: 2 created, reuse 67%" in err
+    assert "raise HTTPAdapter(pool_maxsize=...)" in err
+    assert "not observed" not in err
+
+
+def test_six_requests_limit_two_against_the_applications_own_figures(metrics, server):
+    """The same scenario in process: each wait is no longer than what its request took beyond
+    the 300 ms the server spent on it, and the pool's own books agree at the end."""
+    import niquests
+
+    session = niquests.Session()
+    session.mount("http://", niquests.adapters.HTTPAdapter(pool_maxsize=2, pool_block=True))
+    took = []
+
+    def get():
+        start = time.monotonic()
+        assert session.get(server.url + "/delay/0.3").status_code == 200
+        took.append(time.monotonic() - start)
+    threads = [threading.Thread(target=get) for _ in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    data = metrics.read()
+    count, total = metrics.histogram(data, "poolscope.connection.wait_time")
+    assert count == 4
+    assert 1.8 <= total <= sum(sorted(took)[2:]) - 4 * 0.3
+    assert metrics.value(data, "poolscope.connection.created") == server.accepted == 2
+    assert metrics.value(data, "poolscope.connection.acquisitions") == server.answered == 6
+    [pool] = session.adapters["http://"].poolmanager.pools._registry.values()
+    police = pool.pool
+    assert (len(police._registry), len(police._container), len(police._cursor)) == (2, 2, 0)
+    assert metrics.value(data, "http.client.open_connections",
+                         http__connection__state="idle") == 2
+    assert metrics.value(data, "http.client.open_connections",
+                         http__connection__state="active") == 0
+    assert metrics.value(data, "poolscope.connection.pending_requests") == 0
+    session.close()
+
+
+def closes(metrics):
+    return {a["poolscope.close.reason"]: p.value
+            for a, p in metrics.read().get("poolscope.connection.closed", []) if p.value}
+
+
+def test_keepalive_delay_expiry(metrics, server):
+    """urllib3-future counts a connection older than its ``keepalive_delay`` dropped and
+    replaces it."""
+    import urllib3
+
+    manager = urllib3.PoolManager(keepalive_delay=0.5)
+    assert manager.request("GET", server.url + "/").status == 200
+    time.sleep(0.8)
+    assert manager.request("GET", server.url + "/").status == 200
+    assert closes(metrics) == {"keepalive_expired": 1}
+    assert metrics.value(metrics.read(), "poolscope.connection.created") == server.accepted == 2
+    manager.clear()
+
+
+def test_a_pool_the_manager_drops_for_another_is_evicted(metrics, server):
+    """``PoolManager(num_pools=1)``, two origins: the first pool makes room for the second."""
+    import urllib3_future
+
+    from poolscope.demo.server import DemoServer
+
+    with DemoServer() as other:
+        manager = urllib3_future.PoolManager(num_pools=1)
+        assert manager.request("GET", server.url + "/").status == 200
+        assert manager.request("GET", other.url + "/").status == 200
+        assert closes(metrics) == {"evicted": 1}
+        data = metrics.read()
+        assert metrics.value(data, "poolscope.pool.count") == 1
+        assert metrics.value(data, "http.client.open_connections") == 1
+        manager.clear()
+    assert closes(metrics) == {"evicted": 1, "pool_closed": 1}
+
+
+def test_both_module_trees_are_observed_and_restored(server, caplog):
+    """``urllib3`` (urllib3-future's copy) and ``urllib3_future`` are two sets of classes: both
+    are observed, as urllib3-future, and ``uninstrument()`` puts back the very objects."""
+    import urllib3
+    import urllib3_future
+
+    def members():
+        found = {}
+        for root in (urllib3, urllib3_future):
+            for cls in (root.connectionpool.HTTPConnectionPool, root.connection.HTTPConnection,
+                        root.connection.HTTPSConnection,
+                        root.util.traffic_police.TrafficPolice):
+                found.update({(root.__name__, cls.__name__, k): v for k, v in vars(cls).items()})
+        return found
+
+    before = members()
+    metrics = Metrics()
+    with caplog.at_level(logging.WARNING, logger="poolscope"):
+        poolscope.instrument(meter_provider=metrics.provider)
+        try:
+            changed = {k for k, v in members().items() if before.get(k) is not v}
+            statuses = [root.PoolManager().request("GET", server.url + "/").status
+                        for root in (urllib3, urllib3_future)]
+            data = metrics.read()
+        finally:
+            poolscope.uninstrument()
+    assert {root for root, *_ in changed} == {"urllib3", "urllib3_future"}
+    assert statuses == [200, 200] and server.accepted == 2
+    assert metrics.value(data, "poolscope.connection.created",
+                         poolscope__library="urllib3-future") == 2
+    assert members() == before and all(members()[k] is v for k, v in before.items())
+    assert [r.getMessage() for r in caplog.records if r.name == "poolscope"] == []
+
+
+def test_a_response_never_closed_is_a_held_connection(metrics, server):
+    """niquests ``stream=True`` keeps the connection until the response is closed."""
+    import niquests
+
+    session = niquests.Session()
+    response = session.get(server.url + "/bytes/100000", stream=True)
+    time.sleep(0.3)
+    data = metrics.read()
+    assert metrics.value(data, "http.client.open_connections",
+                         http__connection__state="active") == 1
+    assert metrics.value(data, "poolscope.connection.oldest_active_age") >= 0.3
+    response.close()
+    data = metrics.read()
+    assert metrics.value(data, "poolscope.connection.oldest_active_age") == 0
+    session.close()
