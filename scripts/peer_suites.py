@@ -95,6 +95,15 @@ SUITES = {
                "tests/test_client_request.py", "tests/test_client_response.py"],
         # its addopts but for xdist and coverage
         args=["-o", "addopts=", "-m", "not dev_mode and not autobahn and not internal"]),
+    # niquests' pool; installed as urllib3 in its venv, as niquests installs it. Not in .venv
+    # (it would replace urllib3 there): the version is the newest tested, pinned here
+    "urllib3-future": dict(
+        dist="urllib3-future", version="2.25.904", tests="test", install=["group:dev"],
+        files=["test/test_traffic_police.py", "test/test_connectionpool.py",
+               "test/test_poolmanager.py", "test/with_dummyserver/test_connectionpool.py",
+               "test/with_dummyserver/test_poolmanager.py",
+               "test/with_dummyserver/test_socketlevel.py"],
+        args=["-p", "no:randomly", "-o", "asyncio_default_fixture_loop_scope=function"]),
 }
 RUNS = {
     "bare": ({}, False),
@@ -112,7 +121,10 @@ def sh(*cmd, cwd=None, env=None, quiet=True):
 
 def prepare(name, spec):
     """The suite's source and its environment: (source folder, python)."""
-    version = importlib.metadata.version(spec["dist"])
+    try:
+        version = importlib.metadata.version(spec["dist"])
+    except importlib.metadata.PackageNotFoundError:
+        version = spec["version"]
     base = WORK / f"{name}-{version}"
     src, venv = base / "src", base / "venv"
     python = venv / "bin" / "python"
