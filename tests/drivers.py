@@ -67,7 +67,17 @@ class _Driver:
             self._close()
 
 
-class Urllib3Driver(_Driver):
+class _SyncDriver(_Driver):
+    """Requests from threads of the test's own."""
+
+    def get_all(self, paths):
+        return _in_threads(self.get, paths)
+
+    def submit(self, path):
+        return _executor.submit(self.get, path)
+
+
+class Urllib3Driver(_SyncDriver):
     library = "urllib3-future" if URLLIB3_FUTURE else "urllib3"
 
     def __init__(self, server, limit=10, pool_timeout=None, block=True, **kw):
@@ -79,17 +89,11 @@ class Urllib3Driver(_Driver):
     def get(self, path):
         return self.pool.request("GET", path, pool_timeout=self.pool_timeout).status
 
-    def get_all(self, paths):
-        return _in_threads(self.get, paths)
-
-    def submit(self, path):
-        return _executor.submit(self.get, path)
-
     def _close(self):
         self.pool.close()
 
 
-class NiquestsDriver(_Driver):
+class NiquestsDriver(_SyncDriver):
     """A niquests ``Session`` whose ``http://`` adapter keeps ``limit`` connections, blocking
     when all are out. niquests sets no pool timeout (urllib3-future's own ``pool_timeout`` is
     driven through its urllib3 API)."""
@@ -111,17 +115,11 @@ class NiquestsDriver(_Driver):
         with _client_span(self.tracer):
             return self.session.get(self.server.url + path, timeout=5).status_code
 
-    def get_all(self, paths):
-        return _in_threads(self.get, paths)
-
-    def submit(self, path):
-        return _executor.submit(self.get, path)
-
     def _close(self):
         self.session.close()
 
 
-class HttpxDriver(_Driver):
+class HttpxDriver(_SyncDriver):
     library = "httpx"
     module = httpx
 
@@ -133,12 +131,6 @@ class HttpxDriver(_Driver):
 
     def get(self, path):
         return self.client.get(self.server.url + path).status_code
-
-    def get_all(self, paths):
-        return _in_threads(self.get, paths)
-
-    def submit(self, path):
-        return _executor.submit(self.get, path)
 
     def _close(self):
         self.client.close()

@@ -259,6 +259,11 @@ class Urllib3Adapter(Adapter):
         pool_cls = connectionpool.HTTPConnectionPool
         _GET_CONN, _PUT_CONN = (getattr(getattr(pool_cls, name), "__code__", None)
                                 for name in ("_get_conn", "_put_conn"))
+        self.patch_pools(pool_cls, connection)
+        self.wrap(_collections.RecentlyUsedContainer, "__setitem__", before=self._evicting)
+
+    def patch_pools(self, pool_cls, connection):
+        """The pool's life and its connections' set-up and close (shared with urllib3-future)."""
         self.wrap(pool_cls, "__init__", after=self._pool_init)
         self.wrap(pool_cls, "_new_conn", after=self._new_conn)
         self.wrap(pool_cls, "close", before=self._pool_close)
@@ -266,7 +271,6 @@ class Urllib3Adapter(Adapter):
             if "connect" in vars(cls):
                 self.wrap(cls, "connect", before=self._connect_start, after=self._connected)
         self.wrap(connection.HTTPConnection, "close", before=self._conn_close)
-        self.wrap(_collections.RecentlyUsedContainer, "__setitem__", before=self._evicting)
 
     def unpatch(self):
         super().unpatch()

@@ -88,13 +88,7 @@ class Urllib3FutureAdapter(Urllib3Adapter):
         pool_cls = connectionpool.HTTPConnectionPool
         self._get_code, self._sacrifice_code, self._get_conn_code = (
             _code(police_cls.get), _code(police_cls._sacrifice_first_idle), _code(pool_cls._get_conn))
-        self.wrap(pool_cls, "__init__", after=self._pool_init)
-        self.wrap(pool_cls, "_new_conn", after=self._new_conn)
-        self.wrap(pool_cls, "close", before=self._pool_close)
-        for cls in (connection.HTTPConnection, connection.HTTPSConnection):
-            if "connect" in vars(cls):
-                self.wrap(cls, "connect", before=self._connect_start, after=self._connected)
-        self.wrap(connection.HTTPConnection, "close", before=self._conn_close)
+        self.patch_pools(pool_cls, connection)
         self.wrap(police_cls, "_register_signal", after=self._signalled)
         self.replace(police_cls, "get", self._observed_get(police_cls.get))
         self.replace(police_cls, "_next_signal_or_container_insert",
