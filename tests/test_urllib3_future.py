@@ -179,3 +179,39 @@ def test_a_response_never_closed_is_a_held_connection(metrics, server):
     data = metrics.read()
     assert metrics.value(data, "poolscope.connection.oldest_active_age") == 0
     session.close()
+
+
+@pytest.mark.parametrize("libraries, observed", [(["urllib3-future"], True), (["urllib3"], True),
+                                                 (["httpx"], False)])
+def test_either_name_selects_the_copy_niquests_uses(server, libraries, observed):
+    import niquests
+
+    metrics = Metrics()
+    poolscope.instrument(meter_provider=metrics.provider, libraries=libraries)
+    try:
+        with niquests.Session() as session:
+            assert session.get(server.url + "/").status_code == 200
+        created = metrics.value(metrics.read(), "poolscope.connection.created")
+    finally:
+        poolscope.uninstrument()
+    assert created == (1 if observed else None)
+
+
+def test_a_version_outside_the_range_is_one_line_for_both_trees(monkeypatch, caplog):
+    import urllib3  # noqa: F401
+    import urllib3_future  # noqa: F401
+
+    from poolscope import _package
+
+    monkeypatch.setitem(_package.SUPPORTED, "urllib3-future",
+                        {**_package.SUPPORTED["urllib3-future"], "minimum": "9"})
+    before = dict(vars(urllib3_future.util.traffic_police.TrafficPolice))
+    with caplog.at_level(logging.WARNING, logger="poolscope"):
+        poolscope.instrument(meter_provider=Metrics().provider)
+        try:
+            patched = dict(vars(urllib3_future.util.traffic_police.TrafficPolice)) != before
+        finally:
+            poolscope.uninstrument()
+    lines = [r.getMessage() for r in caplog.records if r.name == "poolscope"]
+    assert len(lines) == 1 and "urllib3-future" in lines[0] and "not supported" in lines[0], lines
+    assert not patched

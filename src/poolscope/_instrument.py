@@ -37,6 +37,7 @@ class _Instrumentation:
         self.recorder = recorder
         self.libraries = libraries
         self.adapters = {}
+        self.told = set()  # distributions named in a line already
 
 
 def _version_tuple(text):
@@ -95,6 +96,9 @@ def _on_import(name, owner, module):
         version, ok = supported_version(checked)
         spec = SUPPORTED[checked]
         if not ok:
+            if spec["distribution"] in owner.told:
+                return
+            owner.told.add(spec["distribution"])
             logger.warning("poolscope: %s %s is not supported (supported: >=%s,<%s); %s pools are "
                            "not instrumented", spec["distribution"], version, spec["minimum"],
                            spec["below"], checked)
@@ -134,10 +138,12 @@ def instrument(*, meter_provider=None, tracer_provider=None, libraries=None):
                                         else None))
         _active = owner = _Instrumentation(recorder, names)
         _tell_uncovered()
-        for name in names:
-            module = SUPPORTED[name]["module"]
-            if name == "urllib3" and _urllib3_is_future():
-                name = _FUTURE_AS_URLLIB3
+        hooks = [(name, SUPPORTED[name]["module"]) for name in names]
+        if _urllib3_is_future():  # either name asks for the copy niquests uses
+            hooks = [hook for hook in hooks if hook[0] != "urllib3"]
+            if {"urllib3", "urllib3-future"} & set(names):
+                hooks.append((_FUTURE_AS_URLLIB3, SUPPORTED["urllib3"]["module"]))
+        for name, module in hooks:
             wrapt.register_post_import_hook(functools.partial(_on_import, name, owner), module)
 
 
