@@ -198,8 +198,10 @@ def test_either_name_selects_the_copy_niquests_uses(server, libraries, observed)
 
 
 def test_a_version_outside_the_range_is_one_line_for_both_trees(monkeypatch, caplog):
-    import urllib3  # noqa: F401
-    import urllib3_future  # noqa: F401
+    import urllib3.connectionpool
+    import urllib3_future.connectionpool
+
+    assert urllib3.connectionpool is not urllib3_future.connectionpool  # two trees, two hooks
 
     from poolscope import _package
 
