@@ -1,10 +1,11 @@
 """The version matrix: poolscope's library tests on the oldest supported versions of every
 library (with wrapt 1.x and the oldest OpenTelemetry), on the newest libraries with wrapt 1.x,
 and the httpx2 tests on the oldest httpx2. The main test run covers the newest of everything
-with wrapt 2.x. A last session installs urllib3-future over urllib3, as it can be, for the
-tests of a client poolscope must leave alone (``tests/test_uncovered.py``).
+with wrapt 2.x. The ``urllib3-future`` sessions install urllib3-future (its oldest supported
+and its newest) over urllib3, as niquests installs it, for its own tests
+(``tests/test_urllib3_future.py``) and the shared scenarios on niquests and urllib3-future.
 
-Run: ``nox -s matrix`` (``scripts/test.sh`` does, after the main run). Pins are read from the
+Run: ``nox -s matrix urllib3-future`` (``scripts/test.sh`` does, after the main run). Pins are read from the
 oldest/newest lines below; the supported ranges are in ``src/poolscope/_package.py``.
 """
 
