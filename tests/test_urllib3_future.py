@@ -217,3 +217,27 @@ def test_a_version_outside_the_range_is_one_line_for_both_trees(monkeypatch, cap
     lines = [r.getMessage() for r in caplog.records if r.name == "poolscope"]
     assert len(lines) == 1 and "urllib3-future" in lines[0] and "not supported" in lines[0], lines
     assert not patched
+
+
+def test_an_async_session_is_one_line(server, caplog):
+    """niquests' AsyncSession runs on urllib3-future's async pools, not observed yet: its
+    requests are answered as ever, and one line says so however many pools are made."""
+    import asyncio
+
+    import niquests
+
+    async def run():
+        statuses = []
+        for _ in range(2):
+            async with niquests.AsyncSession() as session:
+                statuses.append((await session.get(server.url + "/")).status_code)
+        return statuses
+    with caplog.at_level(logging.WARNING, logger="poolscope"):
+        poolscope.instrument(meter_provider=Metrics().provider)
+        try:
+            statuses = asyncio.run(run())
+        finally:
+            poolscope.uninstrument()
+    assert statuses == [200, 200] and server.answered == 2
+    lines = [r.getMessage() for r in caplog.records if r.name == "poolscope"]
+    assert len(lines) == 1 and "AsyncSession" in lines[0], lines

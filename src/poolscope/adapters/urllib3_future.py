@@ -30,11 +30,12 @@ itself as ``urllib3``, that copy.
 """
 
 import importlib
+import sys
 import threading
 import time
 
 from .. import _semconv as sc
-from .._config import internal_error
+from .._config import internal_error, logger
 from .._recorder import ABANDONED, GRANTED, TIMED_OUT
 from ._base import calling
 from .urllib3 import _DEFAULT_PORTS, Urllib3Adapter
@@ -89,6 +90,11 @@ class Urllib3FutureAdapter(Urllib3Adapter):
         self._get_code, self._sacrifice_code, self._get_conn_code = (
             _code(police_cls.get), _code(police_cls._sacrifice_first_idle), _code(pool_cls._get_conn))
         self.patch_pools(pool_cls, connection)
+        self._async_told = False
+        async_pools = getattr(sys.modules.get(f"{self.root}._async.connectionpool"),
+                              "AsyncHTTPConnectionPool", None)
+        if async_pools is not None:
+            self.wrap(async_pools, "__init__", after=self._async_pool_made)
         self.wrap(police_cls, "_register_signal", after=self._signalled)
         self.replace(police_cls, "get", self._observed_get(police_cls.get))
         self.replace(police_cls, "_next_signal_or_container_insert",
@@ -174,6 +180,13 @@ class Urllib3FutureAdapter(Urllib3Adapter):
             pending.recorder, pending.rec, pending.lock = self.recorder, rec, police._lock
             pending.returned = False
             conn._pending_responses = pending
+
+    def _async_pool_made(self, token, pool_obj, result, exc):
+        """An async pool (niquests' ``AsyncSession``): not observed yet, said once."""
+        if not self._async_told:
+            self._async_told = True
+            logger.warning("poolscope: urllib3-future's async pools (niquests' AsyncSession) "
+                           "are not observed yet: they report nothing")
 
     def _signalled(self, token, police, signal, exc):
         """A thread registered to be woken: from ``get``, a wait for a connection begins
