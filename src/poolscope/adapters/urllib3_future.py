@@ -23,8 +23,9 @@ poolscope reads those books where the police changes them:
   connection) and close with ``close``; a pool the ``PoolManager``'s police sacrifices for a
   new one is ``evicted``.
 
-Only HTTP/1.1 is covered: a multiplexed (HTTP/2 or HTTP/3) connection serves several threads
-through ``locate``/``borrow``, which poolscope does not observe yet. The module tree is data
+Only HTTP/1.1 and sync pools are covered: a multiplexed (HTTP/2 or HTTP/3) connection serves
+several threads through ``locate``/``borrow``, and the async pools (niquests'
+``AsyncSession``) keep other books; neither is observed yet (an async pool is one log line). The module tree is data
 (``root``): the same adapter observes ``urllib3_future`` and, where urllib3-future installed
 itself as ``urllib3``, that copy.
 """
@@ -100,7 +101,7 @@ class Urllib3FutureAdapter(Urllib3Adapter):
         self.replace(police_cls, "_next_signal_or_container_insert",
                      self._observed_insert(police_cls._next_signal_or_container_insert))
 
-    def unpatch(self):
+    def unpatch(self):  # urllib3's, but no queue to give its class back
         super(Urllib3Adapter, self).unpatch()
 
     def limits(self, pool_obj):
@@ -128,8 +129,11 @@ class Urllib3FutureAdapter(Urllib3Adapter):
                 conn = get(police, *args, **kwargs)
             except BaseException as exc:
                 if observed[2]:
-                    self._wait_over(observed, TIMED_OUT if isinstance(exc, self._unavailable)
-                                    else ABANDONED, exc)
+                    try:
+                        self._wait_over(observed, TIMED_OUT if isinstance(exc, self._unavailable)
+                                        else ABANDONED, exc)
+                    except Exception:
+                        internal_error("urllib3-future:police get")
                 raise
             try:
                 if observed[2]:
@@ -175,7 +179,8 @@ class Urllib3FutureAdapter(Urllib3Adapter):
         super()._connected(token, conn, result, exc)
         rec = token[0]
         police = getattr(rec.pool.ref(), "pool", None)
-        if exc is None and police is not None and type(conn._pending_responses) is dict:
+        if (exc is None and police is not None
+                and type(getattr(conn, "_pending_responses", None)) is dict):
             pending = _PendingResponses(conn._pending_responses)
             pending.recorder, pending.rec, pending.lock = self.recorder, rec, police._lock
             pending.returned = False
