@@ -153,13 +153,15 @@ class Urllib3FutureAdapter(Urllib3Adapter):
         """The police's ``_next_signal_or_container_insert``: a thread's connection is back."""
 
         def observed_insert(police, *args, **kwargs):
+            observed = police.__dict__.get("_poolscope")
+            if observed is None:  # a PoolManager's police of pools, on every request
+                return insert(police, *args, **kwargs)
             try:  # the thread's key: an argument from urllib3-future 2.24 on
                 cursor = police._cursor.get(args[0] if args else get_ident())
             except Exception:
                 cursor = None
             insert(police, *args, **kwargs)
-            observed = police.__dict__.get("_poolscope")
-            if observed is not None and cursor is not None:
+            if cursor is not None:
                 try:
                     attrs = getattr(cursor.conn_or_pool, "__dict__", {})
                     rec = attrs.get("_poolscope")
