@@ -4,8 +4,10 @@ and the httpx2 tests on the oldest httpx2. The main test run covers the newest o
 with wrapt 2.x. The ``urllib3-future`` sessions install urllib3-future (its oldest supported
 and its newest) over urllib3, as niquests installs it, for its own tests
 (``tests/test_urllib3_future.py``) and the shared scenarios on niquests and urllib3-future.
+The ``curl_cffi`` session runs curl_cffi's tests and the shared scenarios on its oldest
+supported version (the main run has the newest).
 
-Run: ``nox -s matrix urllib3-future`` (``scripts/test.sh`` does, after the main run). Pins are read from the
+Run: ``nox -s matrix urllib3-future curl_cffi`` (``scripts/test.sh`` does, after the main run). Pins are read from the
 oldest/newest lines below; the supported ranges are in ``src/poolscope/_package.py``.
 """
 
@@ -78,3 +80,12 @@ def urllib3_future(session, future):
                 "urllib3.__version__, 'niquests', niquests.__version__)")
     session.run("python", "-m", "pytest", "-q", *FUTURE_TESTS, "-k", "future or niquests",
                 *(UNSOUND_BEFORE_2_25_904 if "==" in future else []), *session.posargs)
+
+
+@nox.session(python="3.11", name="curl_cffi")
+def curl_cffi(session):
+    session.install("--upgrade", "-e", ".[test]", "curl_cffi==0.13.0")
+    session.run("python", "-c", "import curl_cffi; print('curl_cffi', curl_cffi.__version__, "
+                "curl_cffi.__curl_version__)")
+    session.run("python", "-m", "pytest", "-q", "tests/test_curl_cffi.py", *FUTURE_TESTS[1:],
+                "-k", "curl_cffi", *session.posargs)

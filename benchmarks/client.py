@@ -2,8 +2,9 @@
 
     python benchmarks/client.py LIBRARY CASE SETUP REQUESTS URL
 
-LIBRARY: urllib3, requests, httpx, httpx-async, aiohttp, pycurl, and niquests where it is
-installed (its urllib3-future replaces urllib3: the version matrix's urllib3-future venv).
+LIBRARY: urllib3, requests, httpx, httpx-async, aiohttp, pycurl, curl_cffi (its AsyncSession),
+and niquests where it is installed (its urllib3-future replaces urllib3: the version matrix's
+urllib3-future venv).
 CASE: sequential (one client, keep-alive, one request at a time) or saturated
 (CONCURRENCY requests at once through a pool of LIMIT).
 SETUP: plain, poolscope, detailed, traced, traced+poolscope, official.
@@ -139,6 +140,13 @@ async def async_workload(library, case, url):
         async def get():
             return (await client.get(url)).content
         return get
+    if library == "curl_cffi":
+        from curl_cffi.requests import AsyncSession
+        session = AsyncSession(max_clients=LIMIT if case == "saturated" else 10)
+
+        async def get():
+            return (await session.get(url)).content
+        return get
     import aiohttp
     session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(
         limit=LIMIT if case == "saturated" else 100))
@@ -252,7 +260,7 @@ def run(library, case, requests, url, tracer=None):
     """One run of the workload with a fresh client; returns the seconds of the timed part."""
     if library == "pycurl":
         return run_pycurl(case, requests, url, tracer)
-    if library in ("httpx-async", "aiohttp"):
+    if library in ("httpx-async", "aiohttp", "curl_cffi"):
         async def go():
             call = aspanned(tracer, await async_workload(library, case, url))
             return await run_async(call, case, requests)

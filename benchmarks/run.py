@@ -24,8 +24,9 @@ from nginx import nginx, server_cpu
 HERE = os.path.dirname(os.path.abspath(__file__))
 LIBRARIES = ["urllib3", "requests", "httpx", "httpx-async", "aiohttp", "pycurl"]
 # not in the default run: niquests' urllib3-future replaces urllib3 where it is installed, so it
-# runs from its own venv (the version matrix's: .nox/urllib3-future-newest/bin/python)
-OPTIONAL = ["niquests"]
+# runs from its own venv (the version matrix's: .nox/urllib3-future-newest/bin/python);
+# curl_cffi runs on its own (--libraries curl_cffi)
+OPTIONAL = ["niquests", "curl_cffi"]
 CASES = ["sequential", "saturated"]
 # mode -> (baseline setup, instrumented setup)
 # "sdk" is the OpenTelemetry SDK set up and nothing instrumented, as in a service that already
@@ -39,7 +40,8 @@ MODES = {
 }
 # requests per run: about half a second of work on a slow machine
 REQUESTS = {"urllib3": 4000, "requests": 2000, "httpx": 3000, "httpx-async": 1500,
-            "aiohttp": 4000, "pycurl": 8000, "niquests": 1500}
+            "aiohttp": 4000, "pycurl": 8000, "niquests": 1500,
+            "curl_cffi": 1500}
 
 
 def _fixed_layout():
@@ -111,7 +113,7 @@ def machine():
         pass
     versions = []
     for dist in ("poolscope", "opentelemetry-sdk", "wrapt", "urllib3", "requests", "httpx",
-                 "httpcore", "aiohttp", "pycurl", "urllib3-future", "niquests"):
+                 "httpcore", "aiohttp", "pycurl", "urllib3-future", "niquests", "curl_cffi"):
         try:
             versions.append(f"{dist} {importlib.metadata.version(dist)}")
         except importlib.metadata.PackageNotFoundError:

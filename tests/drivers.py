@@ -22,6 +22,10 @@ try:  # only in the version matrix's urllib3-future session: its urllib3-future 
     import niquests
 except ImportError:
     niquests = None
+try:  # Python 3.10+
+    from curl_cffi import requests as curl_cffi_requests
+except ImportError:
+    curl_cffi_requests = None
 
 # where urllib3-future installed itself as urllib3, `import urllib3` gives it
 URLLIB3_FUTURE = _urllib3_is_future()
@@ -234,6 +238,31 @@ class AiohttpDriver(_AsyncDriver):
         await self.client.close()
 
 
+class CurlCffiDriver(_AsyncDriver):
+    """A curl_cffi ``AsyncSession`` with ``limit`` curl handles. curl_cffi sets no timeout on
+    the wait for a handle."""
+
+    library = "curl_cffi"
+    has_pool_timeout = False
+
+    def __init__(self, server, tracer=None, **kw):
+        if kw.get("pool_timeout") is not None:
+            import pytest
+            pytest.skip("curl_cffi has no timeout on the wait for a curl handle")
+        self.tracer = tracer
+        super().__init__(server, **kw)
+
+    async def _make(self, limit=10, pool_timeout=None):
+        return curl_cffi_requests.AsyncSession(max_clients=limit, timeout=5)
+
+    async def _get(self, path):
+        with _client_span(self.tracer):
+            return (await self.client.get(self.server.url + path)).status_code
+
+    async def _aclose(self):
+        await self.client.close()
+
+
 class PycurlDriver(_Driver):
     """A CurlMulti run by its own thread; requests from any thread join it as transfers."""
 
@@ -298,4 +327,5 @@ class PycurlDriver(_Driver):
 DRIVERS = {"urllib3-future" if URLLIB3_FUTURE else "urllib3": Urllib3Driver,
            **({"niquests": NiquestsDriver} if niquests else {}), "httpx-sync": HttpxDriver, "httpx-async": AsyncHttpxDriver,
            "aiohttp": AiohttpDriver, "pycurl": PycurlDriver,
+           **({"curl_cffi": CurlCffiDriver} if curl_cffi_requests else {}),
            **({"httpx2-sync": Httpx2Driver, "httpx2-async": AsyncHttpx2Driver} if httpx2 else {})}

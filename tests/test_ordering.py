@@ -10,7 +10,7 @@ import textwrap
 
 import pytest
 
-from drivers import httpx2, niquests
+from drivers import curl_cffi_requests, httpx2, niquests
 
 # Per library: imports, a client, one request (returns the status), and closing the client.
 CLIENTS = {
@@ -37,6 +37,10 @@ CLIENTS = {
     **({} if niquests is None else {"niquests": dict(
         modules=["urllib3.connectionpool", "urllib3.connection", "urllib3.util.traffic_police"],
         library="urllib3-future", make="import niquests\nclient = niquests.Session()",
+        get="client.get(URL + path).status_code", close="client.close()")}),
+    **({} if curl_cffi_requests is None else {"curl_cffi": dict(
+        modules=["curl_cffi.curl", "curl_cffi.aio", "curl_cffi.requests.session"],
+        make="import curl_cffi.requests\nclient = curl_cffi.requests.Session()",
         get="client.get(URL + path).status_code", close="client.close()")}),
     "aiohttp": dict(modules=["aiohttp.connector", "aiohttp.client_proto"],
                     make=textwrap.dedent("""\
@@ -182,7 +186,7 @@ def test_instrument_uninstrument_and_again(library, order):
 # What a client made before instrument() reports (docs/libraries.md): pools and handles are
 # picked up at their next new connection, except a pycurl handle, whose class was the original.
 BEFORE = {"urllib3": 1, "requests": 1, "httpx": 1, "httpx2": 1, "aiohttp": 1, "pycurl": 0,
-          "niquests": 1}
+          "niquests": 1, "curl_cffi": 1}
 
 
 @pytest.mark.parametrize("library", sorted(CLIENTS))

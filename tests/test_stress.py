@@ -36,7 +36,7 @@ import pytest
 import urllib3
 from urllib3.util import Retry
 
-from drivers import URLLIB3_FUTURE, httpx2, niquests
+from drivers import URLLIB3_FUTURE, curl_cffi_requests, httpx2, niquests
 from poolscope.demo.server import DemoServer
 
 JOBS = int(os.environ.get("POOLSCOPE_STRESS_JOBS", "600"))
@@ -351,6 +351,39 @@ class AiohttpClient:
         await self.session.close()
 
 
+class CurlCffiClient:
+    """An ``AsyncSession`` of LIMIT curl handles. curl_cffi has no timeout on the wait for a
+    handle: a hurried request is the application's own ``asyncio.wait_for``, which cancels it
+    (an abandoned wait, no pool timeout). An abandon closes a streamed response half read."""
+
+    library = "curl_cffi"
+    timeout_error = PoolTimedOut
+
+    def __init__(self, server):
+        self.url = server.url
+        self.session = curl_cffi_requests.AsyncSession(max_clients=LIMIT, timeout=10)
+
+    async def request(self, job):
+        if job.kind == "abandon":
+            async with self.session.stream("GET", self.url + job.path) as r:
+                async for _ in r.aiter_content():
+                    break
+                return r.status_code
+        get = self.session.get(self.url + job.path)
+        if job.kind == "hurry":
+            return (await asyncio.wait_for(get, job.pool_timeout)).status_code
+        return (await get).status_code
+
+    def describe(self):
+        return {"handles free": self.session.pool.qsize()}
+
+    def own(self):
+        return None  # libcurl does not tell; the sockets open are the truth
+
+    async def aclose(self):
+        await self.session.close()
+
+
 class PycurlClient:
     """A CurlMulti with ``M_MAX_TOTAL_CONNECTIONS``; a cancel removes the transfer, an abandon
     aborts it from its write callback. A timeout is a pool timeout when the transfer never got
@@ -468,6 +501,7 @@ async def run_async(client, jobs):
 CLIENTS = {**({"urllib3-future": Urllib3FutureClient} if URLLIB3_FUTURE else
               {"urllib3": Urllib3Client}), **({"niquests": NiquestsClient} if niquests else {}), "httpx-sync": HttpxClient, "httpx-async": AsyncHttpxClient,
            "aiohttp": AiohttpClient, "pycurl": PycurlClient,
+           **({"curl_cffi": CurlCffiClient} if curl_cffi_requests else {}),
            **({"httpx2-sync": Httpx2Client, "httpx2-async": AsyncHttpx2Client} if httpx2 else {})}
 
 
@@ -489,7 +523,7 @@ def figures(metrics, library, port):
 def test_figures_stay_exact_under_chaos(flavor, metrics):
     seed = int(os.environ.get("POOLSCOPE_STRESS_SEED", random.randrange(10**6)))
     jobs = make_jobs(random.Random(seed), JOBS)
-    is_async = flavor.endswith("-async") or flavor == "aiohttp"
+    is_async = flavor.endswith("-async") or flavor in ("aiohttp", "curl_cffi")
     loop = asyncio.new_event_loop() if is_async else None
     with DemoServer(idle_timeout=SERVER_IDLE) as server, Sampler(metrics) as sampler:
         client = (loop.run_until_complete(_make(CLIENTS[flavor], server)) if is_async

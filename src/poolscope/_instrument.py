@@ -21,6 +21,7 @@ ADAPTERS = {
     "aiohttp": "poolscope.adapters.aiohttp:AiohttpAdapter",
     "pycurl": "poolscope.adapters.pycurl:PycurlAdapter",
     "urllib3-future": "poolscope.adapters.urllib3_future:Urllib3FutureAdapter",
+    "curl_cffi": "poolscope.adapters.curl_cffi:CurlCffiAdapter",
 }
 # urllib3-future can install itself as ``urllib3`` (niquests then uses that copy): the
 # ``urllib3`` modules are then observed as urllib3-future's

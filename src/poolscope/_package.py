@@ -17,8 +17,10 @@ SUPPORTED = {
                "minimum": "7.46", "below": "8"},
     "urllib3-future": {"distribution": "urllib3-future", "module": "urllib3_future.connectionpool",
                        "minimum": "2.20", "below": "3"},
+    "curl_cffi": {"distribution": "curl_cffi", "module": "curl_cffi",
+                  "minimum": "0.13", "below": "0.18"},
 }
 
 # Client libraries with connection pools poolscope does not observe (yet): when one is installed,
 # instrument() says so in one line, so that nobody wonders why its pools report nothing.
-UNCOVERED = ("curl_cffi", "requestx")
+UNCOVERED = ("requestx",)

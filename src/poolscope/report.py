@@ -12,16 +12,19 @@ LIMIT_SETTING = {"urllib3": "maxsize (requests: HTTPAdapter pool_maxsize; botoco
                  "aiohttp": "TCPConnector(limit=..., limit_per_host=...)",
                  "pycurl": "the multi's M_MAX_TOTAL_CONNECTIONS / M_MAX_HOST_CONNECTIONS",
                  "urllib3-future": "HTTPAdapter(pool_maxsize=...) (niquests: Session(pool_maxsize="
-                                   "...); urllib3-future: maxsize)"}
+                                   "...); urllib3-future: maxsize)",
+                 "curl_cffi": "AsyncSession(max_clients=...)"}
 KEEPALIVE_SETTING = {"httpx": "httpx.Limits(keepalive_expiry=...)",
                      "httpx2": "httpx2.Limits(keepalive_expiry=...)",
                      "aiohttp": "TCPConnector(keepalive_timeout=...)",
                      "pycurl": "MAXAGE_CONN",
-                     "urllib3-future": "keepalive_delay (niquests: Session(keepalive_delay=...))"}
+                     "urllib3-future": "keepalive_delay (niquests: Session(keepalive_delay=...))",
+                     "curl_cffi": "curl_options={CurlOpt.MAXAGE_CONN: ...}"}
 IDLE_SETTING = {"httpx": "httpx.Limits(max_keepalive_connections=...)",
                 "httpx2": "httpx2.Limits(max_keepalive_connections=...)",
                 "aiohttp": "TCPConnector(force_close=False)",
-                "pycurl": "MAXCONNECTS / M_MAXCONNECTS, or drop FORBID_REUSE"}
+                "pycurl": "MAXCONNECTS / M_MAXCONNECTS, or drop FORBID_REUSE",
+                "curl_cffi": "curl_options={CurlOpt.MAXCONNECTS: ...}"}
 
 
 def _key(attrs):

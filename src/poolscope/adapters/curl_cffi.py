@@ -1,0 +1,313 @@
+"""curl_cffi 0.13 to 0.17, through its ``Curl``, ``AsyncCurl`` and ``AsyncSession`` and two
+libcurl callbacks set on each transfer through curl_cffi's own ``curl_easy_setopt``.
+
+A pool is a libcurl connection cache and the requests that share it: an ``AsyncSession``'s
+(its ``AsyncCurl`` multi's cache, its limit the session's ``max_clients`` curl handles), an
+``AsyncCurl`` used without a session, or, for ``Curl.perform`` (``Session``), the easy handle's
+own cache (a ``CurlShare``'s when the handle has one).
+
+- Wait: ``AsyncSession.pop_curl`` when the session's queue of curl handles is empty, until it
+  hands the request a handle (granted) or the request gives up (cancelled: abandoned).
+- Acquire: libcurl's ``PREREQFUNCTION``, called once a transfer has its connection, new or
+  reused, names it by its addresses and ports (one connection: no two open ones share them).
+  A name poolscope has not seen open is a new connection: created and established then, its
+  set-up libcurl's connect (plus TLS) time.
+- Release: when the transfer ends: ``perform`` returns, the multi reports it done
+  (``AsyncCurl.set_result`` / ``set_exception``), or it is removed unfinished
+  (``remove_handle``, the multi's ``close``).
+- Close: libcurl's ``CLOSESOCKETFUNCTION``, which libcurl keeps with each connection it opened
+  while the callback was set and calls whenever it closes it (the callback closes the socket,
+  as libcurl would); the socket's own addresses name the connection. Closed during a transfer: ``server_closed`` (``Connection: close``) or
+  ``error`` when the transfer failed. Closed idle: ``server_closed`` when the server had
+  closed it first (libcurl found it dead), ``keepalive_expired`` past ``MAXAGE_CONN`` (118 s
+  unless the session's ``curl_options`` say otherwise), else ``pool_full`` (libcurl makes room
+  in a full cache); with its pool, ``pool_closed``.
+
+poolscope sets ``PREREQFUNCTION``, ``PREREQDATA`` and ``CLOSESOCKETFUNCTION`` at the start of
+each transfer; curl_cffi's API sets none of them. The close callback outlives
+``uninstrument()`` on the connections opened before it (it then only closes their sockets).
+"""
+
+import os
+import socket
+import time
+import weakref
+from urllib.parse import urljoin, urlsplit
+
+from curl_cffi import aio, curl
+from curl_cffi.const import CurlInfo, CurlOpt
+from curl_cffi.requests import session as sessions
+
+from .. import _semconv as sc
+from .._config import internal_error
+from .._recorder import ABANDONED
+from ._base import Adapter, calling
+
+ffi, lib = curl.ffi, curl.lib
+setopt = lib._curl_easy_setopt
+_DEFAULT_PORTS = {"http": 80, "https": 443}
+_DEFAULT_MAXAGE = 118.0  # libcurl's MAXAGE_CONN default, seconds
+_OK = 0
+# the method that calls pop_curl with the request's URL (before 0.15: request itself)
+_REQUEST_ONCE = getattr(sessions.AsyncSession, "_request_once",
+                        sessions.AsyncSession.request).__code__
+
+_adapter = None  # the active CurlCffiAdapter
+_by_key = {}  # (local ip, local port, peer ip, peer port) of each open connection -> its Conn
+_lost = set()  # Conns closed while a transfer held them: released when the transfer ends
+
+
+class _Transfer:
+    """poolscope's state of one curl handle's transfer; the libcurl callbacks find it through
+    ``PREREQDATA``."""
+
+    __slots__ = ("curl", "owner", "context", "conn", "__weakref__")
+
+    def __init__(self, handle):
+        self.curl = weakref.ref(handle)
+        self.owner = self.context = self.conn = None
+
+
+def _transfer(handle):
+    """The handle's transfer state, made (with the handle's ``PREREQDATA``) on first use."""
+    try:
+        return handle._poolscope_transfer
+    except AttributeError:
+        state = handle._poolscope_transfer = _Transfer(handle)
+        handle._poolscope_data = ffi.new_handle(state)
+        return state
+
+
+@ffi.callback("int(void *, char *, char *, int, int)", onerror=lambda *exc: _OK)
+def _prereq(data, peer_ip, local_ip, peer_port, local_port):
+    adapter = _adapter
+    if adapter is not None:
+        try:
+            state = ffi.from_handle(data)
+            key = ffi.string(local_ip), local_port, ffi.string(peer_ip), peer_port
+            rec = _by_key.get(key)
+            if rec is None or state.conn is not None:
+                adapter.granted(state, key, rec)
+            else:  # the healthy request: a cached connection
+                state.conn = rec
+                adapter.recorder.acquired(rec, context=state.context)
+        except Exception:
+            internal_error("curl_cffi:PREREQFUNCTION")
+    return _OK
+
+
+@ffi.callback("int(void *, int)", onerror=lambda *exc: 1)
+def _closesocket(data, fd):
+    adapter = _adapter
+    if adapter is not None and _by_key:
+        try:
+            adapter.socket_closing(fd)
+        except Exception:
+            internal_error("curl_cffi:CLOSESOCKETFUNCTION")
+    os.close(fd)
+    return _OK
+
+
+def _key(sock):
+    """The key of the connection on ``sock``, from the socket's own addresses. A socket the
+    peer reset has none: the one open connection from its local address, if any."""
+    local = sock.getsockname()
+    try:
+        peer = sock.getpeername()
+    except OSError:
+        ip, port = local[0].encode(), local[1]
+        return next((key for key in _by_key if key[0] == ip and key[1] == port), None)
+    return local[0].encode(), local[1], peer[0].encode(), peer[1]
+
+
+def _peer_closed(sock):
+    """Whether the peer has closed (or reset) the idle connection on ``sock``."""
+    try:
+        return sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b""
+    except BlockingIOError:
+        return False
+    except OSError:
+        return True
+
+
+def _origin(url):
+    parts = urlsplit(url)
+    scheme = parts.scheme.lower()
+    try:
+        port = parts.port
+    except ValueError:
+        port = None
+    return scheme, parts.hostname or "", port or _DEFAULT_PORTS.get(scheme)
+
+
+class CurlCffiAdapter(Adapter):
+    library = "curl_cffi"
+
+    def patch(self):
+        global _adapter
+        self.wrap(sessions.AsyncSession, "pop_curl", self._wait_for_handle, self._handed)
+        self.wrap(sessions.AsyncSession, "close", self._pool_close)
+        self.wrap(aio.AsyncCurl, "add_handle", self._added)
+        self.wrap(aio.AsyncCurl, "set_result", self._done)
+        self.wrap(aio.AsyncCurl, "set_exception", self._failed)
+        # after: libcurl closes the connection of a transfer removed unfinished as it removes it
+        self.wrap(aio.AsyncCurl, "remove_handle", lambda multi, args, kwargs: args[0],
+                  self._removed)
+        self.wrap(aio.AsyncCurl, "close", self._multi_close)
+        self.wrap(curl.Curl, "perform", self._perform, self._performed)
+        self.wrap(curl.Curl, "close", self._pool_close)
+        _adapter = self
+
+    def unpatch(self):
+        global _adapter
+        if _adapter is self:
+            _adapter = None
+            _by_key.clear()
+            _lost.clear()
+        super().unpatch()
+
+    def limits(self, owner):
+        # a session's or a multi's events come from its event loop; a handle serves one
+        # thread at a time
+        if isinstance(owner, sessions.AsyncSession):
+            return {"max_connections": owner.max_clients, "serialized": True}
+        return {"serialized": isinstance(owner, (aio.AsyncCurl, curl.Curl))}
+
+    # -- waits --------------------------------------------------------------
+
+    def _wait_for_handle(self, session, args, kwargs):
+        if session.pool.empty():
+            return self.recorder.wait_started(self.pool_state(session), self._series(session))
+        return False
+
+    def _series(self, session):
+        """The series of the URL the waiting request is for (read from the request's frame:
+        ``pop_curl`` is not told), or None."""
+        frame = calling(_REQUEST_ONCE)
+        url = frame.f_locals.get("url") if frame is not None else None
+        if not isinstance(url, str):
+            return None
+        base = getattr(session, "base_url", None)
+        if base and "://" not in url:
+            url = urljoin(base, url)
+        return self.recorder.series(self.library, _origin(url))
+
+    def _handed(self, wait, session, handle, exc):
+        if wait:
+            if exc is None:
+                self.recorder.wait_ended(wait)
+            else:
+                self.recorder.wait_ended(wait, ABANDONED, exc)
+        if exc is None:
+            _transfer(handle).owner = session
+
+    # -- transfers ----------------------------------------------------------
+
+    def _start(self, handle, owner):
+        """A transfer starts on ``handle`` for the pool ``owner``: poolscope's callbacks are
+        set (a reset or a duplicated handle may have dropped or copied them)."""
+        state = _transfer(handle)
+        state.owner = owner
+        state.context = self.recorder.context()
+        c = handle._curl
+        setopt(c, CurlOpt.PREREQFUNCTION, _prereq)
+        setopt(c, CurlOpt.PREREQDATA, handle._poolscope_data)
+        setopt(c, CurlOpt.CLOSESOCKETFUNCTION, _closesocket)
+        return state
+
+    def _added(self, multi, args, kwargs):
+        handle = args[0]
+        state = getattr(handle, "_poolscope_transfer", None)
+        owner = state.owner if state is not None else None
+        if not isinstance(owner, sessions.AsyncSession) or owner._acurl is not multi:
+            owner = multi
+        self._start(handle, owner)
+
+    def _perform(self, handle, args, kwargs):
+        share = getattr(handle, "_share", None)  # curl_cffi 0.16+
+        return self._start(handle, share if share is not None else handle)
+
+    def _performed(self, state, handle, result, exc):
+        self.finished(state, 0 if exc is None else getattr(exc, "code", -1) or -1)
+
+    def _done(self, multi, args, kwargs):
+        self._ended(args[0], 0)
+
+    def _failed(self, multi, args, kwargs):
+        self._ended(args[0], -1)
+
+    def _removed(self, handle, multi, result, exc):
+        self._ended(handle, -1)
+
+    def _ended(self, handle, errno):
+        state = getattr(handle, "_poolscope_transfer", None)
+        if state is not None and state.conn is not None:
+            self.finished(state, errno)
+
+    def _multi_close(self, multi, args, kwargs):
+        for handle in list(multi._curl2future):
+            state = getattr(handle, "_poolscope_transfer", None)
+            if state is not None and state.conn is not None:
+                self.finished(state, -1)
+        self._pool_close(multi, args, kwargs)
+
+    def granted(self, state, key, rec):
+        """The transfer has a connection poolscope had not seen open (``rec`` None), or moved
+        to another (libcurl retried on a new connection, or followed a redirect)."""
+        if state.conn is not None:
+            self.finished(state, 0)
+        if rec is None:
+            handle = state.curl()
+            if not handle.getinfo(CurlInfo.NUM_CONNECTS):
+                return  # a connection opened before poolscope was instrumented: not observed
+            pool = self.pool_state(state.owner)
+            url = handle.getinfo(CurlInfo.EFFECTIVE_URL).decode("utf-8", "replace")
+            rec = self.recorder.conn_created(pool, self.recorder.series(self.library,
+                                                                         _origin(url)))
+            times = [handle.getinfo(info) for info in (
+                CurlInfo.NAMELOOKUP_TIME_T, CurlInfo.CONNECT_TIME_T, CurlInfo.APPCONNECT_TIME_T)]
+            setup = max(0, max(times[1], times[2]) - times[0]) / 1e6
+            self.recorder.conn_opened(rec, setup)
+            _by_key[key] = rec
+            span = self.recorder.setup_started(rec.series, state.context,
+                                               time.time_ns() - int(setup * 1e9))
+            self.recorder.setup_ended(span, peer=key[2].decode() if span else None)
+        state.conn = rec
+        self.recorder.acquired(rec, context=state.context)
+
+    def finished(self, state, errno):
+        """The transfer ended: ``errno`` 0 when it succeeded."""
+        rec, state.conn = state.conn, None
+        if rec is None:
+            return
+        if rec in _lost:
+            _lost.discard(rec)
+            self.recorder.released(rec, sc.SERVER_CLOSED if errno == 0 else sc.ERROR)
+        else:
+            self.recorder.released(rec)
+
+    def socket_closing(self, fd):
+        """libcurl is closing socket ``fd``: a connection's, if poolscope saw it open."""
+        sock = socket.socket(fileno=fd)
+        try:
+            rec = _by_key.pop(_key(sock), None)
+            if rec is None:
+                return
+            if rec.in_use:
+                _lost.add(rec)
+                return
+            if _peer_closed(sock):
+                reason = sc.SERVER_CLOSED
+            elif rec.released_at and time.monotonic() - rec.released_at >= _maxage(rec) - 0.01:
+                reason = sc.KEEPALIVE_EXPIRED
+            else:
+                reason = sc.POOL_FULL
+        finally:
+            sock.detach()
+        self.recorder.closed(rec, reason)
+
+
+def _maxage(rec):
+    owner = rec.pool.ref()
+    options = getattr(owner, "curl_options", None) or {}
+    return float(options.get(CurlOpt.MAXAGE_CONN, _DEFAULT_MAXAGE))

@@ -1,0 +1,234 @@
+"""curl_cffi: the shared scenarios run on its ``AsyncSession`` (flavor ``curl_cffi`` in
+drivers.py); these are its own: issue 21's scenario under the launcher, what libcurl closes and
+why, a cancelled wait, a held stream, the sync ``Session``, and the version gate."""
+
+import asyncio
+import logging
+import os
+import socket
+import subprocess
+import threading
+import time
+
+import pytest
+
+import poolscope
+from conftest import Metrics
+from drivers import curl_cffi_requests
+from poolscope.demo.server import DemoServer
+from test_launcher import LAUNCHER, PY, clean_env, free_port, scrape, series
+
+pytestmark = pytest.mark.skipif(curl_cffi_requests is None, reason="curl_cffi is not installed")
+
+EXAMPLE = os.path.join(os.path.dirname(__file__), "..", "examples", "curl_cffi_session.py")
+WAIT = "poolscope.connection.wait_time"
+
+
+def closes(metrics):
+    return {a["poolscope.close.reason"]: p.value
+            for a, p in metrics.read().get("poolscope.connection.closed", []) if p.value}
+
+
+def test_six_requests_two_handles_in_the_report_and_on_the_prometheus_endpoint(server):
+    """Issue 21's scenario, with no code change: ``AsyncSession(max_clients=2)``, 6 requests at
+    once to a 300 ms endpoint. 4 wait for a handle: 2 for one service time, 2 for two, so at
+    least 1.8 s in all; 2 connections created, the ones the server accepted."""
+    port = free_port()
+    proc = subprocess.Popen(
+        [LAUNCHER, "--metrics-exporter", "prometheus,report", PY, "-c",
+         f"import runpy, sys; runpy.run_path({EXAMPLE!r}, run_name='__main__'); "
+         "sys.stdin.readline()"],
+        env=clean_env(OTEL_EXPORTER_PROMETHEUS_PORT=str(port)), stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        line = proc.stdout.readline()
+        assert line == "the server accepted 2 connections\n", proc.stderr.read()
+        samples = scrape(port)
+        labels = {"poolscope_library": "curl_cffi"}
+        [waits] = series(samples, "poolscope_connection_wait_time_seconds_count", **labels)
+        [waited] = series(samples, "poolscope_connection_wait_time_seconds_sum", **labels)
+        assert waits == 4 and 1.8 <= waited <= 2.4
+        assert series(samples, "poolscope_connection_created_total", **labels) == [2.0]
+        assert series(samples, "http_client_open_connections", http_connection_state="idle",
+                      **labels) == [2.0]  # the example leaves its session open
+        assert series(samples, "http_client_open_connections", http_connection_state="active",
+                      **labels) == [0.0]
+        assert series(samples, "poolscope_connection_pending_requests", **labels) == [0.0]
+    finally:
+        out, err = proc.communicate("\n", timeout=60)
+    assert proc.returncode == 0, err
+    assert "curl_cffi http://127.0.0.1:" in err
+    assert "limit 2, peak 2 in use" in err
+    assert "requests: 6 acquisitions, 4 waited" in err
+    assert "connections: 2 created, reuse 67%" in err
+    assert "raise AsyncSession(max_clients=...)" in err
+    assert "not observed" not in err
+
+
+def test_six_requests_two_handles_against_the_applications_own_figures(metrics, server):
+    """The same in process: each wait is no longer than what its request took beyond the
+    300 ms the server spent on it; the session has both handles back at the end."""
+    took = []
+
+    async def run():
+        session = curl_cffi_requests.AsyncSession(max_clients=2)
+
+        async def get():
+            start = time.monotonic()
+            assert (await session.get(server.url + "/delay/0.3")).status_code == 200
+            took.append(time.monotonic() - start)
+        await asyncio.gather(*(get() for _ in range(6)))
+        return session
+    session = asyncio.new_event_loop().run_until_complete(run())
+    data = metrics.read()
+    count, total = metrics.histogram(data, WAIT)
+    assert count == 4
+    assert 1.8 <= total <= sum(sorted(took)[2:]) - 4 * 0.3
+    assert metrics.value(data, "poolscope.connection.created") == server.accepted == 2
+    assert metrics.value(data, "poolscope.connection.acquisitions") == server.answered == 6
+    assert session.pool.qsize() == 2  # both handles back in the session's queue
+    assert metrics.value(data, "http.client.open_connections",
+                         http__connection__state="idle") == 2
+    assert metrics.value(data, "http.client.open_connections",
+                         http__connection__state="active") == 0
+    assert metrics.value(data, "poolscope.connection.pending_requests") == 0
+
+
+def _run(coro):
+    loop = asyncio.new_event_loop()
+    try:
+        return loop.run_until_complete(coro)
+    finally:
+        loop.close()
+
+
+def test_maxage_expiry(metrics, server):
+    """libcurl closes a connection idle longer than ``MAXAGE_CONN`` and opens another."""
+    from curl_cffi.const import CurlOpt
+
+    async def run():
+        async with curl_cffi_requests.AsyncSession(curl_options={CurlOpt.MAXAGE_CONN: 1}) as s:
+            assert (await s.get(server.url + "/")).status_code == 200
+            await asyncio.sleep(1.3)
+            assert (await s.get(server.url + "/")).status_code == 200
+            return closes(metrics)
+    assert _run(run()) == {"keepalive_expired": 1}
+    assert metrics.value(metrics.read(), "poolscope.connection.created") == server.accepted == 2
+
+
+def test_a_full_cache_makes_room(metrics, server):
+    """``MAXCONNECTS`` 1, two origins: libcurl closes the first origin's idle connection to
+    keep the second's."""
+    from curl_cffi.const import CurlOpt
+
+    with DemoServer() as other:
+        session = curl_cffi_requests.Session(curl_options={CurlOpt.MAXCONNECTS: 1})
+        assert session.get(server.url + "/").status_code == 200
+        assert session.get(other.url + "/").status_code == 200
+        assert closes(metrics) == {"pool_full": 1}
+        data = metrics.read()
+        assert metrics.value(data, "poolscope.connection.created") == 2 == \
+            server.accepted + other.accepted
+        assert metrics.value(data, "http.client.open_connections") == 1
+        session.close()
+    assert closes(metrics) == {"pool_full": 1, "pool_closed": 1}
+
+
+def test_a_cancelled_wait_is_neither_a_wait_nor_a_timeout(metrics, server):
+    """One handle, held 0.6 s; a second request the application gives up on after 0.2 s while
+    it waits for the handle (curl_cffi has no timeout of its own there)."""
+    async def run():
+        async with curl_cffi_requests.AsyncSession(max_clients=1) as s:
+            held = asyncio.ensure_future(s.get(server.url + "/delay/0.6"))
+            await asyncio.sleep(0.1)
+            with pytest.raises(asyncio.TimeoutError):
+                await asyncio.wait_for(s.get(server.url + "/"), 0.2)
+            data = metrics.read()
+            assert (await held).status_code == 200
+            return data
+    data = _run(run())
+    assert metrics.histogram(data, WAIT) == (0, 0)
+    assert metrics.value(data, "poolscope.connection.timeouts") == 0
+    assert metrics.value(data, "poolscope.connection.pending_requests") == 0
+    assert server.answered == 1
+
+
+def _slow_body_server():
+    """A server answering one request with half its body, the rest 1 s later."""
+    listener = socket.create_server(("127.0.0.1", 0))
+
+    def serve():
+        conn, _ = listener.accept()
+        with conn:
+            conn.recv(65536)
+            conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 4\r\n\r\nab")
+            time.sleep(1.0)
+            conn.sendall(b"cd")
+            conn.recv(1)  # until the client closes
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    return listener
+
+
+def test_a_stream_being_received_holds_its_connection(metrics):
+    """A streamed response holds its connection until libcurl has received the whole body
+    (curl_cffi queues what arrives whether or not the application reads it)."""
+    listener = _slow_body_server()
+    url = "http://127.0.0.1:%d/" % listener.getsockname()[1]
+
+    async def run():
+        async with curl_cffi_requests.AsyncSession() as s:
+            async with s.stream("GET", url) as response:
+                await asyncio.sleep(0.5)
+                during = metrics.read()
+                body = b"".join([chunk async for chunk in response.aiter_content()])
+            return during, body
+    try:
+        during, body = _run(run())
+    finally:
+        listener.close()
+    assert body == b"abcd"
+    assert metrics.value(during, "http.client.open_connections",
+                         http__connection__state="active") == 1
+    assert 0.4 <= metrics.value(during, "poolscope.connection.oldest_active_age") <= 0.9
+    assert metrics.value(metrics.read(), "poolscope.connection.oldest_active_age") == 0
+
+
+def test_a_sync_session_per_thread(metrics, server):
+    """A ``Session`` gives each thread a curl handle of its own, with its own connection
+    cache: two threads, two pools, a connection each, reused."""
+    session = curl_cffi_requests.Session()
+
+    def get():
+        for _ in range(3):
+            assert session.get(server.url + "/").status_code == 200
+    threads = [threading.Thread(target=get) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    data = metrics.read()
+    assert metrics.value(data, "poolscope.connection.created") == server.accepted == 2
+    assert metrics.value(data, "poolscope.connection.acquisitions",
+                         poolscope__connection__reused=True) == 4
+    assert metrics.value(data, "poolscope.pool.count") == 2
+    session.close()
+
+
+def test_a_version_outside_the_range_is_one_line(monkeypatch, caplog):
+    from curl_cffi import aio
+
+    from poolscope import _package
+
+    monkeypatch.setitem(_package.SUPPORTED, "curl_cffi",
+                        {**_package.SUPPORTED["curl_cffi"], "minimum": "9"})
+    before = dict(vars(aio.AsyncCurl))
+    with caplog.at_level(logging.WARNING, logger="poolscope"):
+        poolscope.instrument(meter_provider=Metrics().provider)
+        try:
+            patched = dict(vars(aio.AsyncCurl)) != before
+        finally:
+            poolscope.uninstrument()
+    lines = [r.getMessage() for r in caplog.records if r.name == "poolscope"]
+    assert len(lines) == 1 and "curl_cffi" in lines[0] and "not supported" in lines[0], lines
+    assert not patched
