@@ -7,8 +7,8 @@ and its newest) over urllib3, as niquests installs it, for its own tests
 The ``curl_cffi`` session runs curl_cffi's tests and the shared scenarios on its oldest
 supported version (the main run has the newest).
 
-Run: ``nox -s matrix urllib3-future curl_cffi`` (``scripts/test.sh`` does, after the main run). Pins are read from the
-oldest/newest lines below; the supported ranges are in ``src/poolscope/_package.py``.
+Run: ``nox -s matrix urllib3-future curl_cffi`` (``scripts/test.sh`` does, after the main run).
+Pins are read from the oldest/newest lines below; the supported ranges are in ``src/poolscope/_package.py``.
 """
 
 import nox

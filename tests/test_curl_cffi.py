@@ -3,6 +3,7 @@ drivers.py); these are its own: issue 21's scenario under the launcher, what lib
 why, a cancelled wait, a held stream, the sync ``Session``, and the version gate."""
 
 import asyncio
+import gc
 import logging
 import os
 import socket
@@ -196,22 +197,35 @@ def test_a_stream_being_received_holds_its_connection(metrics):
 
 def test_a_sync_session_per_thread(metrics, server):
     """A ``Session`` gives each thread a curl handle of its own, with its own connection
-    cache: two threads, two pools, a connection each, reused."""
+    cache: two threads, two pools, a connection each, reused. A thread's handle goes with the
+    thread, and its pool with it."""
     session = curl_cffi_requests.Session()
+    done, leave = threading.Barrier(3), threading.Event()
 
     def get():
         for _ in range(3):
             assert session.get(server.url + "/").status_code == 200
+        done.wait()
+        leave.wait()
     threads = [threading.Thread(target=get) for _ in range(2)]
     for t in threads:
         t.start()
+    done.wait()
+    data = metrics.read()
+    leave.set()
     for t in threads:
         t.join()
-    data = metrics.read()
     assert metrics.value(data, "poolscope.connection.created") == server.accepted == 2
     assert metrics.value(data, "poolscope.connection.acquisitions",
                          poolscope__connection__reused=True) == 4
     assert metrics.value(data, "poolscope.pool.count") == 2
+    assert metrics.value(data, "http.client.open_connections",
+                         http__connection__state="idle") == 2
+    gc.collect()
+    data = metrics.read()
+    assert metrics.value(data, "poolscope.pool.count") == 0
+    assert metrics.value(data, "poolscope.connection.closed",
+                         poolscope__close__reason="pool_closed") == 2
     session.close()
 
 

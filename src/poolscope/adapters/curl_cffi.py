@@ -17,8 +17,8 @@ own cache (a ``CurlShare``'s when the handle has one).
   (``remove_handle``, the multi's ``close``).
 - Close: libcurl's ``CLOSESOCKETFUNCTION``, which libcurl keeps with each connection it opened
   while the callback was set and calls whenever it closes it (the callback closes the socket,
-  as libcurl would); the socket's own addresses name the connection. Closed during a transfer: ``server_closed`` (``Connection: close``) or
-  ``error`` when the transfer failed. Closed idle: ``server_closed`` when the server had
+  as libcurl would); the socket's own addresses name the connection. Closed during a
+  transfer: ``server_closed`` (``Connection: close``) or ``error`` when the transfer failed. Closed idle: ``server_closed`` when the server had
   closed it first (libcurl found it dead), ``keepalive_expired`` past ``MAXAGE_CONN`` (118 s
   unless the session's ``curl_options`` say otherwise), else ``pool_full`` (libcurl makes room
   in a full cache); with its pool, ``pool_closed``.
