@@ -32,11 +32,13 @@ is in ``SUITES`` below and in docs/libraries.md.
 import argparse
 import importlib.metadata
 import os
+import re
 import shutil
 import subprocess
 import sys
 import tarfile
 import time
+import urllib.request
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
@@ -104,6 +106,20 @@ SUITES = {
                "test/with_dummyserver/test_poolmanager.py",
                "test/with_dummyserver/test_socketlevel.py"],
         args=["-p", "no:randomly", "-o", "asyncio_default_fixture_loop_scope=function"]),
+    # its sdist builds libcurl when pip asks it for metadata (it downloads curl-impersonate):
+    # the archive is fetched as a file; its test extra, listed; its uncompiled package in the
+    # source tree is moved aside, so the tests import the installed one
+    "curl_cffi": dict(
+        dist="curl_cffi", tests="tests", sdist="direct", shadows="curl_cffi",
+        install=["jsonpath-ng>=1.7,<2", "charset_normalizer>=3.3.2,<4", "cryptography",
+                 "litestar>=2.19,<3", "httpx<1", "proxy.py>=2.4.3,<3", "pytest<9",
+                 "pytest-asyncio>=0.23.6,<1", "pytest-trio>=0.8,<1", "python-multipart<1",
+                 "trio<1", "trustme>=1.1,<2", "uvicorn<1", "websockets>=14",
+                 "typing_extensions"],
+        files=["tests/unittest/test_async_session.py", "tests/unittest/test_async.py",
+               "tests/unittest/test_curl.py", "tests/unittest/test_requests.py",
+               "tests/unittest/test_share.py"],
+        args=["-p", "no:randomly"]),
 }
 RUNS = {
     "bare": ({}, False),
@@ -133,13 +149,18 @@ def prepare(name, spec):
         return src, python, version
     shutil.rmtree(base, ignore_errors=True)
     base.mkdir(parents=True)
-    sh(sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--no-binary", ":all:",
-       "-d", str(base), f"{spec['dist']}=={version}")
+    if spec.get("sdist") == "direct":
+        _fetch_sdist(spec["dist"], version, base)
+    else:
+        sh(sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--no-binary", ":all:",
+           "-d", str(base), f"{spec['dist']}=={version}")
     archive = next(p for p in base.iterdir() if p.name.endswith((".tar.gz", ".zip")))
     with tarfile.open(archive) as tar:
         tar.extractall(base, filter="data") if hasattr(tarfile, "data_filter") else \
             tar.extractall(base)
     next(p for p in base.iterdir() if p.is_dir()).rename(src)
+    if spec.get("shadows"):
+        (src / spec["shadows"]).rename(src / f"{spec['shadows']}.source")
     sh(sys.executable, "-m", "venv", str(venv))
     sh(str(python), "-m", "pip", "install", "-q", "--upgrade", "pip")
     groups = [f"--group={src / 'pyproject.toml'}:{i[6:]}" for i in spec["install"]
@@ -150,6 +171,18 @@ def prepare(name, spec):
     sh(str(python), "-m", "pip", "install", "-q", "-e", str(ROOT), f"{spec['dist']}=={version}")
     ready.write_text(repr(spec["install"]))
     return src, python, version
+
+
+def _fetch_sdist(dist, version, into):
+    """The source archive of ``dist`` ``version`` from PyPI's simple index, as a file (nothing
+    built)."""
+    project = re.sub(r"[-_.]+", "-", dist).lower()
+    with urllib.request.urlopen(f"https://pypi.org/simple/{project}/", timeout=60) as r:
+        page = r.read().decode()
+    name = f"{dist}-{version}.tar.gz"
+    [url] = {u for u in re.findall(r'href="([^"#]+)', page) if u.endswith("/" + name)}
+    with urllib.request.urlopen(url, timeout=300) as r:
+        (into / name).write_bytes(r.read())
 
 
 def run(name, spec, src, python, run_name, selection, report):

@@ -103,17 +103,29 @@ def _run(coro):
         loop.close()
 
 
-def test_maxage_expiry(metrics, server):
-    """libcurl closes a connection idle longer than ``MAXAGE_CONN`` and opens another."""
+@pytest.mark.parametrize("flavor", ["AsyncSession", "Session"])
+def test_maxage_expiry(metrics, server, flavor):
+    """libcurl closes a connection idle longer than the session's ``MAXAGE_CONN`` and opens
+    another."""
     from curl_cffi.const import CurlOpt
 
+    options = {CurlOpt.MAXAGE_CONN: 1}
+
     async def run():
-        async with curl_cffi_requests.AsyncSession(curl_options={CurlOpt.MAXAGE_CONN: 1}) as s:
+        async with curl_cffi_requests.AsyncSession(curl_options=options) as s:
             assert (await s.get(server.url + "/")).status_code == 200
             await asyncio.sleep(1.3)
             assert (await s.get(server.url + "/")).status_code == 200
             return closes(metrics)
-    assert _run(run()) == {"keepalive_expired": 1}
+    if flavor == "AsyncSession":
+        closed = _run(run())
+    else:
+        with curl_cffi_requests.Session(curl_options=options) as s:
+            assert s.get(server.url + "/").status_code == 200
+            time.sleep(1.3)
+            assert s.get(server.url + "/").status_code == 200
+            closed = closes(metrics)
+    assert closed == {"keepalive_expired": 1}
     assert metrics.value(metrics.read(), "poolscope.connection.created") == server.accepted == 2
 
 

@@ -28,8 +28,10 @@ each transfer; curl_cffi's API sets none of them. The close callback outlives
 ``uninstrument()`` on the connections opened before it (it then only closes their sockets).
 """
 
+import functools
 import os
 import socket
+import sys
 import time
 import weakref
 from urllib.parse import urljoin, urlsplit
@@ -148,11 +150,10 @@ class CurlCffiAdapter(Adapter):
         self.wrap(sessions.AsyncSession, "pop_curl", self._wait_for_handle, self._handed)
         self.wrap(sessions.AsyncSession, "close", self._pool_close)
         self.wrap(aio.AsyncCurl, "add_handle", self._added)
-        self.wrap(aio.AsyncCurl, "set_result", self._done)
-        self.wrap(aio.AsyncCurl, "set_exception", self._failed)
+        self.wrap(aio.AsyncCurl, "set_result", functools.partial(self._ended, False))
+        self.wrap(aio.AsyncCurl, "set_exception", functools.partial(self._ended, True))
         # after: libcurl closes the connection of a transfer removed unfinished as it removes it
-        self.wrap(aio.AsyncCurl, "remove_handle", lambda multi, args, kwargs: args[0],
-                  self._removed)
+        self.wrap(aio.AsyncCurl, "remove_handle", self._removing, self._removed)
         self.wrap(aio.AsyncCurl, "close", self._multi_close)
         self.wrap(curl.Curl, "perform", self._perform, self._performed)
         self.wrap(curl.Curl, "close", self._pool_close)
@@ -172,6 +173,20 @@ class CurlCffiAdapter(Adapter):
         if isinstance(owner, sessions.AsyncSession):
             return {"max_connections": owner.max_clients, "serialized": True}
         return {"serialized": isinstance(owner, (aio.AsyncCurl, curl.Curl))}
+
+    def registered(self, owner, pool):
+        """A sync ``Session``'s handle: the session's ``curl_options`` (its ``MAXAGE_CONN``)
+        are found in the frames that called ``perform``, once."""
+        if isinstance(owner, curl.Curl):
+            frame = sys._getframe(1)
+            for _ in range(16):
+                if frame is None:
+                    break
+                session = frame.f_locals.get("self")
+                if isinstance(session, sessions.BaseSession):
+                    owner._poolscope_options = session.curl_options
+                    break
+                frame = frame.f_back
 
     # -- waits --------------------------------------------------------------
 
@@ -228,34 +243,33 @@ class CurlCffiAdapter(Adapter):
         return self._start(handle, share if share is not None else handle)
 
     def _performed(self, state, handle, result, exc):
-        self.finished(state, 0 if exc is None else getattr(exc, "code", -1) or -1)
+        self.finished(state, exc is not None)
 
-    def _done(self, multi, args, kwargs):
-        self._ended(args[0], 0)
-
-    def _failed(self, multi, args, kwargs):
-        self._ended(args[0], -1)
-
-    def _removed(self, handle, multi, result, exc):
-        self._ended(handle, -1)
-
-    def _ended(self, handle, errno):
-        state = getattr(handle, "_poolscope_transfer", None)
+    def _ended(self, failed, multi, args, kwargs):
+        state = getattr(args[0], "_poolscope_transfer", None)
         if state is not None and state.conn is not None:
-            self.finished(state, errno)
+            self.finished(state, failed)
+
+    def _removing(self, multi, args, kwargs):
+        """The transfer's state if it had not ended (else None: nothing to do after)."""
+        state = getattr(args[0], "_poolscope_transfer", None)
+        return state if state is not None and state.conn is not None else None
+
+    def _removed(self, state, multi, result, exc):
+        self.finished(state, True)
 
     def _multi_close(self, multi, args, kwargs):
         for handle in list(multi._curl2future):
             state = getattr(handle, "_poolscope_transfer", None)
             if state is not None and state.conn is not None:
-                self.finished(state, -1)
+                self.finished(state, True)
         self._pool_close(multi, args, kwargs)
 
     def granted(self, state, key, rec):
         """The transfer has a connection poolscope had not seen open (``rec`` None), or moved
         to another (libcurl retried on a new connection, or followed a redirect)."""
         if state.conn is not None:
-            self.finished(state, 0)
+            self.finished(state)
         if rec is None:
             handle = state.curl()
             if not handle.getinfo(CurlInfo.NUM_CONNECTS):
@@ -275,14 +289,14 @@ class CurlCffiAdapter(Adapter):
         state.conn = rec
         self.recorder.acquired(rec, context=state.context)
 
-    def finished(self, state, errno):
-        """The transfer ended: ``errno`` 0 when it succeeded."""
+    def finished(self, state, failed=False):
+        """The transfer ended (or moved off its connection)."""
         rec, state.conn = state.conn, None
         if rec is None:
             return
         if rec in _lost:
             _lost.discard(rec)
-            self.recorder.released(rec, sc.SERVER_CLOSED if errno == 0 else sc.ERROR)
+            self.recorder.released(rec, sc.ERROR if failed else sc.SERVER_CLOSED)
         else:
             self.recorder.released(rec)
 
@@ -308,6 +322,9 @@ class CurlCffiAdapter(Adapter):
 
 
 def _maxage(rec):
+    """The ``MAXAGE_CONN`` of the connection's pool: its session's ``curl_options``, else
+    libcurl's default."""
     owner = rec.pool.ref()
-    options = getattr(owner, "curl_options", None) or {}
+    options = (getattr(owner, "curl_options", None)
+               or getattr(owner, "_poolscope_options", None) or {})
     return float(options.get(CurlOpt.MAXAGE_CONN, _DEFAULT_MAXAGE))
