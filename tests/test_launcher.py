@@ -78,6 +78,45 @@ def series(samples, name, **labels):
             and all(f'{a}="{b}"' in k for a, b in labels.items())]
 
 
+def six_requests_limit_two(example, library):
+    """Issue 21's scenario, with no code change: ``example`` (in ``examples/``) sends 6
+    requests at once through a pool of 2 to a 300 ms endpoint, prints how many connections its
+    server accepted, and waits. 4 requests wait: 2 for one service time, 2 for two, so at least
+    1.8 s in all; 2 connections are created, the ones the server accepted, and stay idle. The
+    Prometheus endpoint is read while it waits; returns the pool report (the launcher's
+    stderr)."""
+    path = os.path.join(os.path.dirname(__file__), "..", "examples", example)
+    port = free_port()
+    proc = subprocess.Popen(
+        [LAUNCHER, "--metrics-exporter", "prometheus,report", PY, "-c",
+         f"import runpy, sys; runpy.run_path({path!r}, run_name='__main__'); "
+         "sys.stdin.readline()"],
+        env=clean_env(OTEL_EXPORTER_PROMETHEUS_PORT=str(port)), stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        line = proc.stdout.readline()
+        assert line == "the server accepted 2 connections\n", proc.stderr.read()
+        samples = scrape(port)
+        labels = {"poolscope_library": library}
+        [waits] = series(samples, "poolscope_connection_wait_time_seconds_count", **labels)
+        [waited] = series(samples, "poolscope_connection_wait_time_seconds_sum", **labels)
+        assert waits == 4 and 1.8 <= waited <= 2.4
+        assert series(samples, "poolscope_connection_created_total", **labels) == [2.0]
+        for state, count in (("idle", 2.0), ("active", 0.0)):
+            assert series(samples, "http_client_open_connections", http_connection_state=state,
+                          **labels) == [count]
+        assert series(samples, "poolscope_connection_pending_requests", **labels) == [0.0]
+    finally:
+        out, err = proc.communicate("\n", timeout=60)
+    assert proc.returncode == 0, err
+    assert f"{library} http://127.0.0.1:" in err
+    assert "limit 2, peak 2 in use" in err
+    assert "requests: 6 acquisitions, 4 waited" in err
+    assert "connections: 2 created, reuse 67%" in err
+    assert "not observed" not in err
+    return err
+
+
 def test_prometheus_endpoint_and_a_real_prometheus_server(app_file, server, tmp_path):
     require_tool("prometheus")
     port = free_port()

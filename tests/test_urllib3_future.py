@@ -6,8 +6,6 @@ tests, and the shared scenarios on the ``urllib3-future`` and ``niquests`` flavo
 """
 
 import logging
-import os
-import subprocess
 import threading
 import time
 
@@ -16,46 +14,19 @@ import pytest
 import poolscope
 from conftest import Metrics
 from drivers import URLLIB3_FUTURE
-from test_launcher import LAUNCHER, PY, clean_env, free_port, scrape, series
+from test_launcher import six_requests_limit_two
 
 pytestmark = pytest.mark.skipif(not URLLIB3_FUTURE, reason="`import urllib3` gives urllib3 here "
                                 "(the version matrix's urllib3-future session runs these tests)")
 
-EXAMPLE = os.path.join(os.path.dirname(__file__), "..", "examples", "niquests_session.py")
 
 
 def test_six_requests_limit_two_in_the_report_and_on_the_prometheus_endpoint(server):
     """Issue 21's scenario, with no code change: a niquests Session limited to 2 connections
     (blocking), 6 requests at once to a 300 ms endpoint. 4 wait: 2 for one service time, 2 for
     two, so at least 1.8 s in all; 2 connections created, the ones the server accepted."""
-    port = free_port()
-    proc = subprocess.Popen(
-        [LAUNCHER, "--metrics-exporter", "prometheus,report", PY, "-c",
-         f"import runpy, sys; runpy.run_path({EXAMPLE!r}, run_name='__main__'); "
-         "sys.stdin.readline()"],
-        env=clean_env(OTEL_EXPORTER_PROMETHEUS_PORT=str(port)), stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
-        line = proc.stdout.readline()
-        assert line == "the server accepted 2 connections\n", proc.stderr.read()
-        samples = scrape(port)
-        labels = {"poolscope_library": "urllib3-future"}
-        [waits] = series(samples, "poolscope_connection_wait_time_seconds_count", **labels)
-        [waited] = series(samples, "poolscope_connection_wait_time_seconds_sum", **labels)
-        assert waits == 4 and 1.8 <= waited <= 2.4
-        assert series(samples, "poolscope_connection_created_total", **labels) == [2.0]
-        assert series(samples, "http_client_open_connections", http_connection_state="idle",
-                      **labels) == [2.0]  # the example leaves its session open
-        assert series(samples, "poolscope_connection_pending_requests", **labels) == [0.0]
-    finally:
-        out, err = proc.communicate("\n", timeout=60)
-    assert proc.returncode == 0, err
-    assert "urllib3-future http://127.0.0.1:" in err
-    assert "pool: limit 2, peak 2 in use" in err
-    assert "requests: 6 acquisitions, 4 waited" in err
-    assert "connections: 2 created, reuse 67%" in err
-    assert "raise HTTPAdapter(pool_maxsize=...)" in err
-    assert "not observed" not in err
+    report = six_requests_limit_two("niquests_session.py", "urllib3-future")
+    assert "raise HTTPAdapter(pool_maxsize=...)" in report
 
 
 def test_six_requests_limit_two_against_the_applications_own_figures(metrics, server):

@@ -5,8 +5,11 @@ import functools
 import inspect
 import sys
 import types
+from urllib.parse import urlsplit
 
 from .._config import internal_error
+
+DEFAULT_PORTS = {"http": 80, "https": 443}
 
 _MISSING = object()
 _UNLOCKED = contextlib.nullcontext()
@@ -92,6 +95,17 @@ def peer_address(read):
     except Exception:
         return None
     return name[0] if isinstance(name, tuple) and name and isinstance(name[0], str) else None
+
+
+def url_origin(url):
+    """The origin ``(scheme, host, port)`` of a URL (``http://`` where it has no scheme)."""
+    parts = urlsplit(url if "://" in url else "http://" + url)
+    scheme = parts.scheme.lower()
+    try:
+        port = parts.port
+    except ValueError:
+        port = None
+    return scheme, parts.hostname or "", port or DEFAULT_PORTS.get(scheme)
 
 
 def arg(args, kwargs, index, name):

@@ -18,10 +18,11 @@ own cache (a ``CurlShare``'s when the handle has one).
 - Close: libcurl's ``CLOSESOCKETFUNCTION``, which libcurl keeps with each connection it opened
   while the callback was set and calls whenever it closes it (the callback closes the socket,
   as libcurl would); the socket's own addresses name the connection. Closed during a
-  transfer: ``server_closed`` (``Connection: close``) or ``error`` when the transfer failed. Closed idle: ``server_closed`` when the server had
-  closed it first (libcurl found it dead), ``keepalive_expired`` past ``MAXAGE_CONN`` (118 s
-  unless the session's ``curl_options`` say otherwise), else ``pool_full`` (libcurl makes room
-  in a full cache); with its pool, ``pool_closed``.
+  transfer: ``server_closed`` (``Connection: close``) or ``error`` when the transfer failed.
+  Closed idle: ``server_closed`` when the server had closed it first (libcurl found it dead),
+  ``keepalive_expired`` past ``MAXAGE_CONN`` (118 s unless the session's ``curl_options`` say
+  otherwise), else ``pool_full`` (libcurl makes room in a full cache); with its pool,
+  ``pool_closed``.
 
 poolscope sets ``PREREQFUNCTION``, ``PREREQDATA`` and ``CLOSESOCKETFUNCTION`` at the start of
 each transfer; curl_cffi's API sets none of them. The close callback outlives
@@ -34,7 +35,7 @@ import socket
 import sys
 import time
 import weakref
-from urllib.parse import urljoin, urlsplit
+from urllib.parse import urljoin
 
 from curl_cffi import aio, curl
 from curl_cffi.const import CurlInfo, CurlOpt
@@ -43,11 +44,10 @@ from curl_cffi.requests import session as sessions
 from .. import _semconv as sc
 from .._config import internal_error
 from .._recorder import ABANDONED
-from ._base import Adapter, calling
+from ._base import Adapter, calling, url_origin
 
 ffi, lib = curl.ffi, curl.lib
 setopt = lib._curl_easy_setopt
-_DEFAULT_PORTS = {"http": 80, "https": 443}
 _DEFAULT_MAXAGE = 118.0  # libcurl's MAXAGE_CONN default, seconds
 _OK = 0
 # the method that calls pop_curl with the request's URL (before 0.15: request itself)
@@ -132,16 +132,6 @@ def _peer_closed(sock):
         return True
 
 
-def _origin(url):
-    parts = urlsplit(url)
-    scheme = parts.scheme.lower()
-    try:
-        port = parts.port
-    except ValueError:
-        port = None
-    return scheme, parts.hostname or "", port or _DEFAULT_PORTS.get(scheme)
-
-
 class CurlCffiAdapter(Adapter):
     library = "curl_cffi"
 
@@ -205,7 +195,7 @@ class CurlCffiAdapter(Adapter):
         base = getattr(session, "base_url", None)
         if base and "://" not in url:
             url = urljoin(base, url)
-        return self.recorder.series(self.library, _origin(url))
+        return self.recorder.series(self.library, url_origin(url))
 
     def _handed(self, wait, session, handle, exc):
         if wait:
@@ -277,7 +267,7 @@ class CurlCffiAdapter(Adapter):
             pool = self.pool_state(state.owner)
             url = handle.getinfo(CurlInfo.EFFECTIVE_URL).decode("utf-8", "replace")
             rec = self.recorder.conn_created(pool, self.recorder.series(self.library,
-                                                                         _origin(url)))
+                                                                         url_origin(url)))
             times = [handle.getinfo(info) for info in (
                 CurlInfo.NAMELOOKUP_TIME_T, CurlInfo.CONNECT_TIME_T, CurlInfo.APPCONNECT_TIME_T)]
             setup = max(0, max(times[1], times[2]) - times[0]) / 1e6

@@ -45,15 +45,13 @@ import socket
 import sys
 import time
 import weakref
-from urllib.parse import urlsplit
 
 import pycurl
 
 from .. import _semconv as sc
 from .._config import internal_error
-from ._base import Adapter
+from ._base import Adapter, url_origin
 
-_DEFAULT_PORTS = {"http": 80, "https": 443}
 _QUEUED = 0.001
 _DEFAULT_MAXAGE = 118.0  # libcurl's MAXAGE_CONN default, seconds
 _ORIGINAL = {name: getattr(pycurl, name) for name in ("Curl", "CurlMulti")}
@@ -93,16 +91,6 @@ def _open(curl, sock):
         return curl.getinfo(pycurl.ACTIVESOCKET) == sock[0]
     except pycurl.error:  # inside one of the multi's callbacks
         return True
-
-
-def _origin(url):
-    parts = urlsplit(url if "://" in url else "http://" + url)
-    scheme = parts.scheme.lower()
-    try:
-        port = parts.port
-    except ValueError:
-        port = None
-    return scheme, parts.hostname or "", port or _DEFAULT_PORTS.get(scheme)
 
 
 class _Cache:
@@ -224,7 +212,7 @@ class _Handle:
     def series(self, recorder):
         """The series of the handle's origin (its URL parsed once)."""
         if self.origin is None:
-            self.origin = _origin(self.url)
+            self.origin = url_origin(self.url)
         return recorder.series(PycurlAdapter.library, self.origin)
 
     def owner(self):

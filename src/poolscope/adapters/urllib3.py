@@ -33,9 +33,8 @@ import weakref
 from .. import _semconv as sc
 from .._config import internal_error
 from .._recorder import ABANDONED, GRANTED, TIMED_OUT
-from ._base import Adapter, arg, calling, peer_address
+from ._base import DEFAULT_PORTS, Adapter, arg, calling, peer_address
 
-_DEFAULT_PORTS = {"http": 80, "https": 443}
 _EMPTY_POOL = None  # the EmptyPoolError urllib3 raises next, for the wait span (set at patch)
 _GET_CONN = _PUT_CONN = None  # code objects of urllib3's own methods (set at patch)
 monotonic = time.monotonic
@@ -282,7 +281,7 @@ class Urllib3Adapter(Adapter):
         scheme = pool_obj.scheme or "http"
         size = pool_obj.pool.maxsize if pool_obj.pool is not None else None
         return {"max_connections": size, "max_idle": size,
-                "origin": (scheme, pool_obj.host, pool_obj.port or _DEFAULT_PORTS.get(scheme)),
+                "origin": (scheme, pool_obj.host, pool_obj.port or DEFAULT_PORTS.get(scheme)),
                 "serialized": isinstance(getattr(pool_obj.pool, "mutex", None), _LOCK_TYPE)}
 
     def registered(self, pool_obj, state):

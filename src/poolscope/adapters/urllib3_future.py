@@ -38,8 +38,8 @@ import time
 from .. import _semconv as sc
 from .._config import internal_error, logger
 from .._recorder import ABANDONED, GRANTED, TIMED_OUT
-from ._base import calling
-from .urllib3 import _DEFAULT_PORTS, Urllib3Adapter
+from ._base import DEFAULT_PORTS, calling
+from .urllib3 import Urllib3Adapter
 
 get_ident = threading.get_ident
 
@@ -108,7 +108,7 @@ class Urllib3FutureAdapter(Urllib3Adapter):
         scheme = pool_obj.scheme or "http"
         size = getattr(pool_obj.pool, "maxsize", None)
         return {"max_connections": size, "max_idle": size,
-                "origin": (scheme, pool_obj.host, pool_obj.port or _DEFAULT_PORTS.get(scheme))}
+                "origin": (scheme, pool_obj.host, pool_obj.port or DEFAULT_PORTS.get(scheme))}
 
     def registered(self, pool_obj, state):
         if pool_obj.pool is not None:
