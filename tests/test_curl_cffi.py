@@ -116,6 +116,45 @@ def test_a_full_cache_makes_room(metrics, server):
     assert closes(metrics) == {"pool_full": 1, "pool_closed": 1}
 
 
+def test_an_https_server_closing_an_idle_connection(metrics, tmp_path):
+    """The server ends an idle TLS connection with a close alert, then its end of the stream
+    (a test certificate made here): libcurl finds it dead at the next request."""
+    import ssl
+
+    import trustme
+
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    trustme.CA().issue_cert("127.0.0.1").configure_cert(context)
+    listener = socket.create_server(("127.0.0.1", 0))
+    accepted = []
+
+    def serve():
+        for _ in range(2):
+            raw, _ = listener.accept()
+            accepted.append(raw)
+            with context.wrap_socket(raw, server_side=True) as conn:
+                conn.recv(65536)
+                conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+                time.sleep(0.2)
+                conn.settimeout(0.3)
+                try:
+                    conn.unwrap()  # the close alert; the client does not answer it
+                except OSError:
+                    pass
+    threading.Thread(target=serve, daemon=True).start()
+    url = "https://127.0.0.1:%d/" % listener.getsockname()[1]
+    try:
+        with curl_cffi_requests.Session(verify=False) as s:
+            assert s.get(url).status_code == 200
+            time.sleep(0.8)
+            assert s.get(url).status_code == 200
+            closed = closes(metrics)
+    finally:
+        listener.close()
+    assert closed == {"server_closed": 1}
+    assert metrics.value(metrics.read(), "poolscope.connection.created") == len(accepted) == 2
+
+
 def test_a_cancelled_wait_is_neither_a_wait_nor_a_timeout(metrics, server):
     """One handle, held 0.6 s; a second request the application gives up on after 0.2 s while
     it waits for the handle (curl_cffi has no timeout of its own there)."""

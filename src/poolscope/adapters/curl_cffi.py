@@ -80,7 +80,7 @@ def _transfer(handle):
         return state
 
 
-@ffi.callback("int(void *, char *, char *, int, int)", onerror=lambda *exc: _OK)
+@ffi.callback("int(void *, char *, char *, int, int)", onerror=lambda *exc: 0)
 def _prereq(data, peer_ip, local_ip, peer_port, local_port):
     adapter = _adapter
     if adapter is not None:
