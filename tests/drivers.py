@@ -58,6 +58,7 @@ class _Driver:
 
     closed = False
     has_pool_timeout = True
+    can_cancel = True  # a request from ``submit`` stops when its future is cancelled
 
     def __enter__(self):
         return self
@@ -73,6 +74,8 @@ class _Driver:
 
 class _SyncDriver(_Driver):
     """Requests from threads of the test's own."""
+
+    can_cancel = False
 
     def get_all(self, paths):
         return _in_threads(self.get, paths)
@@ -316,6 +319,11 @@ class PycurlDriver(_Driver):
                     self.multi.remove_handle(curl)
                     curl.close()
                     future.set_exception(error) if error else future.set_result(status)
+            for curl, future in list(running.items()):
+                if future.cancelled():
+                    del running[curl]
+                    self.multi.remove_handle(curl)
+                    curl.close()
             self.multi.select(0.01)
 
     def _close(self):

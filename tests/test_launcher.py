@@ -129,6 +129,8 @@ def test_prometheus_endpoint_and_a_real_prometheus_server(app_file, server, tmp_
         origin = {"server_port": str(server.port), "poolscope_library": "urllib3"}
         assert series(samples, "poolscope_connection_wait_time_seconds_count", **origin) == [4.0]
         assert series(samples, "poolscope_connection_created_total", **origin) == [2.0]
+        assert series(samples, "poolscope_connection_waits_total", poolscope_wait_outcome="granted",
+                      **origin) == [4.0]
 
         prom_port = free_port()
         (tmp_path / "prometheus.yml").write_text(textwrap.dedent(f"""
@@ -341,6 +343,8 @@ def test_otlp_http_export_reaches_a_receiver_that_decodes_the_protobuf(app_file,
     metric, [created] = origin_points("poolscope.connection.created")
     assert metric.unit == "{connection}" and created.as_int == 2
     assert metric.sum.is_monotonic
+    metric, [granted] = origin_points("poolscope.connection.waits")
+    assert metric.unit == "{wait}" and granted.as_int == 4
 
 
 TRACED_APP = textwrap.dedent("""
@@ -379,6 +383,11 @@ def test_spans_exported_over_otlp_arrive_intact(tmp_path, server, collector):
     assert attrs["poolscope.library"].string_value == "urllib3"
     assert attrs["server.port"].int_value == server.port
     assert attrs["poolscope.pool.max"].int_value == 1
+    assert attrs["poolscope.wait.outcome"].string_value == "granted"
+    # both requests link to the set-up of the one connection that served them
+    requests = [s for s in spans if s.name.startswith("request ")]
+    assert [[(link.trace_id, link.span_id) for link in r.links] for r in requests] == \
+        [[(setup.trace_id, setup.span_id)]] * 2
     assert len(spans) == 4  # two requests, one wait, one set-up: no root spans of poolscope's
 
 

@@ -12,6 +12,7 @@ from drivers import DRIVERS
 OPEN = "http.client.open_connections"
 WAIT = "poolscope.connection.wait_time"
 ACQ = "poolscope.connection.acquisitions"
+WAITS = "poolscope.connection.waits"
 
 
 @pytest.fixture(params=sorted(DRIVERS))
@@ -35,6 +36,12 @@ def figures(metrics, lib):
     return data, v
 
 
+def outcomes(data, library):
+    """{outcome: count} of the ended waits, none left out."""
+    return {a["poolscope.wait.outcome"]: p.value for a, p in data.get(WAITS, [])
+            if a["poolscope.library"] == library and p.value}
+
+
 def test_saturation_six_requests_limit_two(metrics, make, server):
     """6 at once, limit 2, 300 ms server: waves at 0, 0.3, 0.6 s; 4 waits of ~0.3, 0.3, 0.6, 0.6."""
     d = make(limit=2)
@@ -53,6 +60,7 @@ def test_saturation_six_requests_limit_two(metrics, make, server):
     assert v(OPEN, http__connection__state="active") == 0
     assert v("poolscope.connection.pending_requests") == 0
     assert v("poolscope.connection.timeouts") == 0
+    assert outcomes(data, d.library) == {"granted": 4}
     assert v("poolscope.connection.max") == 2
     assert v("poolscope.pool.count") == 1
     assert 0.85 <= v("poolscope.pool.saturation_time") <= 1.3
@@ -86,10 +94,50 @@ def test_pool_timeout(metrics, make):
     assert held.result(5) == 200
     data, v = figures(metrics, d.library)
     assert v("poolscope.connection.timeouts") == 1
+    assert outcomes(data, d.library) == {"timed_out": 1}
     assert metrics.histogram(data, WAIT, poolscope__library=d.library)[0] == 0
     assert v("poolscope.connection.pending_requests") == 0
     assert v(OPEN, http__connection__state="active") == 0
     assert v(OPEN, http__connection__state="idle") == 1
+
+
+def test_a_cancelled_wait_is_counted_as_cancelled(metrics, make, server):
+    """Limit 1 held for 0.5 s; B and C queue behind it, B is cancelled at 0.2 s: one wait
+    cancelled, one granted (C's), no timeout. The application saw B cancelled and the server
+    never saw it."""
+    d = make(limit=1)
+    if not d.can_cancel:
+        pytest.skip("a blocking request cannot be cancelled while it waits")
+    held = d.submit("/delay/0.5")
+    time.sleep(0.1)
+    cancelled, granted = d.submit("/"), d.submit("/")
+    time.sleep(0.1)
+    assert cancelled.cancel()
+    assert (held.result(5), granted.result(5)) == (200, 200)
+    data, v = figures(metrics, d.library)
+    assert outcomes(data, d.library) == {"cancelled": 1, "granted": 1}
+    assert metrics.histogram(data, WAIT, poolscope__library=d.library)[0] == 1
+    assert v("poolscope.connection.timeouts") == 0
+    assert v("poolscope.connection.pending_requests") == 0
+    assert server.answered == 2
+
+
+def test_requests_per_connection_are_recorded_at_its_close(metrics, make, server):
+    """Three requests then one answered ``Connection: close`` on one connection; two more on a
+    second, closed with the client: 4 and 2, as the server counted them."""
+    d = make()
+    for path in ["/", "/", "/", "/close", "/", "/"]:
+        assert d.get(path) == 200
+    d.close()
+    deadline = time.monotonic() + 5
+    while len(server.per_connection) < 2 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert sorted(server.per_connection) == [2, 4]
+    data = metrics.read()
+    [point] = [p for a, p in data["poolscope.connection.requests"]
+               if a["poolscope.library"] == d.library]
+    assert (point.count, point.sum) == (2, 6)
+    assert buckets(point) == {2: 1, 5: 1}
 
 
 def test_connection_close_response(metrics, make):

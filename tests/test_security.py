@@ -144,7 +144,7 @@ def test_error_messages_on_spans_lose_user_info_paths_and_queries():
     with tracers.get_tracer("app").start_as_current_span("app request"):
         wait = recorder.wait_started(pool)
         recorder.wait_ended(wait, _recorder.TIMED_OUT, error)
-        setup = recorder.setup_started(pool.scope)
+        setup = recorder.setup_started(recorder.conn_created(pool))
         recorder.setup_ended(setup, error)
     events = [dict(e.attributes) for span in spans.get_finished_spans() for e in span.events]
     assert events == [{"exception.type": "TimeoutError",

@@ -98,12 +98,22 @@ def test_the_requests_that_waited_have_a_wait_span_under_their_own_span(official
         assert wait.attributes["poolscope.library"] == driver.library
         assert parent.attributes["poolscope.connection.wait_time"] == \
             pytest.approx(seconds(wait), abs=0.02)
+    assert all(w.attributes["poolscope.wait.outcome"] == "granted" for w in waits)
     setups = official.finished(SETUP)
     assert len(setups) == 2
     assert all(parent_of(s, spans).kind == SpanKind.CLIENT for s in setups)
     assert all(s.attributes["network.peer.address"] == "127.0.0.1" for s in setups)
     reused = sorted(r.attributes["poolscope.connection.reused"] for r in requests)
     assert reused == [False, False, True, True, True, True]
+    # every request links to the set-up of the connection that served it: a new connection's
+    # request to its own child, a reuse to one of the two
+    setup_ids = {s.context.span_id: s for s in setups}
+    for request in requests:
+        [link] = request.links
+        setup = setup_ids[link.context.span_id]
+        assert link.context.trace_id == setup.context.trace_id
+        assert (setup.parent.span_id == request.context.span_id) == \
+            (not request.attributes["poolscope.connection.reused"])
 
 
 @pytest.mark.parametrize("flavor", [f for f in ("urllib3", "urllib3-future", "httpx-sync",

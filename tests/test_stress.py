@@ -13,8 +13,10 @@ poolscope: no request pending; active and idle connections equal to the library'
 (active is 0 but where the library itself keeps a slot: httpcore#1093), or for pycurl, which
 keeps no count, 0 active and idle equal to the sockets open; created minus closed equal to
 the sockets this process really has open to the server; created equal to the connections the server
-accepted (less those that never carried a request: a connect cancelled mid-way); timeouts
-equal to the pool timeouts the application saw. After closing the pool nothing is open. All
+accepted (less those that never carried a request: a connect cancelled mid-way); timeouts,
+and waits ended ``timed_out``, equal to the pool timeouts the application saw; waits ended
+``granted`` as many as the wait times recorded, and ``cancelled`` no more than the requests the
+application cancelled. After closing the pool nothing is open. All
 along, a collection every few milliseconds checks that no up-down counter is ever exported
 below zero and that no counter ever goes backwards.
 """
@@ -50,6 +52,7 @@ UPDOWN = ("http.client.open_connections", "poolscope.connection.pending_requests
           "poolscope.connection.max", "poolscope.connection.idle.max", "poolscope.pool.count")
 COUNTERS = ("poolscope.connection.acquisitions", "poolscope.connection.created",
             "poolscope.connection.closed", "poolscope.connection.timeouts",
+            "poolscope.connection.waits",
             "poolscope.pool.saturation_time")
 
 
@@ -516,7 +519,11 @@ def figures(metrics, library, port):
             "pending": value("poolscope.connection.pending_requests"),
             "created": value("poolscope.connection.created"),
             "closed": value("poolscope.connection.closed"),
-            "timeouts": value("poolscope.connection.timeouts")}
+            "timeouts": value("poolscope.connection.timeouts"),
+            "waited": metrics.histogram(data, "poolscope.connection.wait_time",
+                                        poolscope__library=library, server__port=port)[0],
+            **{outcome: value("poolscope.connection.waits", poolscope__wait__outcome=outcome)
+               for outcome in ("granted", "timed_out", "cancelled")}}
 
 
 @pytest.mark.parametrize("flavor", list(CLIENTS))
@@ -552,7 +559,10 @@ def test_figures_stay_exact_under_chaos(flavor, metrics):
         assert (got["active"], got["idle"]) == (own or (0, sockets)), (got, context)
         assert got["created"] - got["closed"] == sockets, (got, context)
         assert server.accepted - server.empty <= got["created"] <= server.accepted, (got, context)
-        assert got["timeouts"] == seen["pool_timeout"], (got, context)
+        assert got["timeouts"] == got["timed_out"] == seen["pool_timeout"], (got, context)
+        assert got["granted"] == got["waited"], (got, context)
+        # a request cancelled while it waited is a cancelled wait; one cancelled later is not
+        assert got["cancelled"] <= seen["cancelled"], (got, context)
 
         if is_async:
             loop.run_until_complete(client.aclose())

@@ -59,11 +59,15 @@ def _span_reader():
 
 recording_span = _span_reader()
 
-GRANTED, TIMED_OUT, ABANDONED = "granted", "timed_out", "abandoned"
+GRANTED, TIMED_OUT, CANCELLED = sc.GRANTED, sc.TIMED_OUT, sc.CANCELLED
 _CURRENT = object()
 
 _URL = re.compile(r"""(\b[a-zA-Z][\w+.-]*://)(?:[^/@\s'"]*@)?([^/?#\s'"]*)[^\s'"]*""")
 _PATH = re.compile(r"""(?<![\w.:/])/[^\s'"]*""")
+
+
+def _count(counts, key):
+    counts[key] = counts.get(key, 0) + 1
 
 
 def _record_error(span, error):
@@ -78,7 +82,7 @@ class Series:
     """One attribute set (a library, or a library and an origin) for the life of the process."""
 
     __slots__ = ("key", "attrs", "pending", "acquired", "acquired_seen", "created", "closed",
-                 "timeouts", "saturated", "peak", "pools_opened", "_derived")
+                 "waits", "saturated", "peak", "pools_opened", "_derived")
 
     def __init__(self, key, attrs):
         self.key = key
@@ -86,8 +90,9 @@ class Series:
         self.pending = 0
         self.acquired = [0, 0]  # [new, reused on connections since closed]
         self.acquired_seen = [0, 0]
-        self.created = self.timeouts = self.peak = self.pools_opened = 0
+        self.created = self.peak = self.pools_opened = 0
         self.closed = {}
+        self.waits = {}  # outcome -> waits ended so
         self.saturated = 0.0
         self._derived = {}
 
@@ -105,8 +110,9 @@ class Series:
     def reset_counts(self):
         self.acquired = [0, 0]
         self.acquired_seen = [0, 0]
-        self.created = self.timeouts = self.peak = self.pools_opened = 0
+        self.created = self.peak = self.pools_opened = 0
         self.closed = {}
+        self.waits = {}
         self.saturated = 0.0
 
 
@@ -149,7 +155,7 @@ class Conn:
     """One connection, from the slot it takes to its close (a socket's lifetime)."""
 
     __slots__ = ("pool", "series", "in_use", "uses", "opened", "born", "acquired_at",
-                 "released_at", "closed", "site", "warned")
+                 "released_at", "closed", "site", "warned", "setup", "setup_by")
 
     def __init__(self, pool, series):
         self.pool = pool
@@ -157,7 +163,8 @@ class Conn:
         self.in_use = self.uses = 0
         self.opened = self.closed = self.warned = False
         self.born = self.acquired_at = self.released_at = 0.0
-        self.site = None
+        # its connection_setup span's context, and the span id of the request it was set up for
+        self.site = self.setup = self.setup_by = None
 
     @property
     def active(self):
@@ -399,7 +406,7 @@ class Recorder:
             for conn in list(pool.conns):
                 self.closed(conn, pool.close_reason)
             for wait in list(pool.waits):
-                self.wait_ended(wait, ABANDONED)
+                self.wait_ended(wait, CANCELLED)
         except Exception:
             internal_error("a pool's garbage collection")
 
@@ -453,12 +460,14 @@ class Recorder:
         if seconds is not None:
             self._create_time.record(seconds, conn.series.attrs)
 
-    def acquired(self, conn, wait=None, context=None, span=_CURRENT):
+    def acquired(self, conn, wait=None, context=None, span=_CURRENT, link=True):
         """A request got ``conn``; returns whether it was reused. Ends ``wait`` if given.
 
         ``context``: the request's, where it is not the current one (see :meth:`context`); or
         ``span``: the request's span (None: none), where the library hands the connection to
-        the request from another thread or task.
+        the request from another thread or task. The connection's set-up span is linked from
+        the request's span, unless ``link`` is False: the library may yet take the connection
+        back, and the adapter calls :meth:`link` once it is sure.
         The healthy request (a reuse, no wait) changes only the connection and its pool, under
         the pool's lock.
         """
@@ -492,9 +501,18 @@ class Recorder:
             span.set_attribute(sc.SPAN_REUSED, uses > 0)
             if uses and conn.released_at:
                 span.set_attribute(sc.SPAN_IDLE_TIME, now - conn.released_at)
+            if link:
+                self.link(span, conn)
         if self.leak_after is not None:
             conn.site = _caller()
         return uses > 0
+
+    @staticmethod
+    def link(span, conn):
+        """Link a request's span to the set-up span of the connection that served it (the
+        request that set it up was linked at :meth:`setup_started`)."""
+        if conn.setup is not None and conn.setup_by != span.get_span_context().span_id:
+            span.add_link(conn.setup)
 
     def unacquired(self, conn, wait=None):
         """Undo :meth:`acquired`: the connection turned out not to be available after all."""
@@ -560,9 +578,10 @@ class Recorder:
             self._forget(pool)
             if not conn.opened:
                 return
-            conn.series.closed[reason] = conn.series.closed.get(reason, 0) + 1
+            _count(conn.series.closed, reason)
             lifetime = monotonic() - conn.born
         self._duration.record(lifetime, conn.series.attrs)
+        self._requests.record(conn.uses, conn.series.attrs)
         span = recording_span()
         if span is not None:
             span.add_event(sc.EVENT_CLOSED, {sc.CLOSE_REASON: reason})
@@ -595,7 +614,8 @@ class Recorder:
 
     def wait_ended(self, wait, outcome=GRANTED, error=None):
         """The wait is over: a connection (or a slot) was granted, it timed out (``error`` the
-        library's exception, if known), or it was abandoned."""
+        library's exception, if known), or it was cancelled (the request gave up, or its pool
+        went)."""
         with self._lock:
             if wait.done:
                 return
@@ -604,8 +624,7 @@ class Recorder:
                 self._unwait(wait)
                 wait.end = monotonic()
                 wait.end_ns = time.time_ns()
-            if outcome == TIMED_OUT:
-                wait.series.timeouts += 1
+            _count(wait.series.waits, outcome)
             span, wait.span = wait.span, None
         seconds = wait.end - wait.start
         if outcome == GRANTED:
@@ -632,29 +651,28 @@ class Recorder:
             parent.set_attribute(sc.SPAN_WAIT_TIME, seconds)
         if span is None:
             return
+        span.set_attribute(sc.WAIT_OUTCOME, outcome)
         if outcome == TIMED_OUT:
             span.set_status(StatusCode.ERROR, "pool timeout: no connection within the timeout")
             if error is not None:
                 _record_error(span, error)
         span.end(end_time=end_ns)
 
-    def waited(self, series, seconds, context=None, end_ns=None, error=None):
+    def waited(self, series, seconds, context=None, end_ns=None, outcome=GRANTED, error=None):
         """A wait known only after it ended (pycurl): ``seconds`` long, ending at ``end_ns``
-        (now if None), traced under ``context`` (see :meth:`context`). With ``error`` it timed
-        out: counted as a timeout and traced, its time not recorded."""
-        if error is None:
+        (now if None), traced under ``context`` (see :meth:`context`). Only a granted wait's
+        time is recorded; a timed-out one has the library's ``error``."""
+        with self._lock:
+            _count(series.waits, outcome)
+        if outcome == GRANTED:
             self._wait_time.record(seconds, series.attrs)
-        else:
-            with self._lock:
-                series.timeouts += 1
         parent = recording_span(context)
         if parent is not None:
             end_ns = end_ns or time.time_ns()
             span = self._tracer.start_span(sc.SPAN_WAIT, context=context, kind=SpanKind.INTERNAL,
                                            attributes=self._span_attrs(series),
                                            start_time=end_ns - int(seconds * 1e9))
-            self._end_wait_span(span, parent, GRANTED if error is None else TIMED_OUT, seconds,
-                                error, end_ns)
+            self._end_wait_span(span, parent, outcome, seconds, error, end_ns)
 
     # -- spans ------------------------------------------------------------
 
@@ -668,12 +686,19 @@ class Recorder:
     def _span_attrs(series):
         return {k: v for k, v in series.attrs.items() if k in sc.SPAN_ATTRIBUTES}
 
-    def setup_started(self, series, context=None, start_ns=None):
-        """An ``HTTP connection_setup`` span if a recording span is current (or in ``context``)."""
-        if recording_span(context) is None:
+    def setup_started(self, conn, context=None, start_ns=None):
+        """An ``HTTP connection_setup`` span for ``conn`` if a recording span is current (or in
+        ``context``); that span, and each later request's on the connection, links to it."""
+        parent = recording_span(context)
+        if parent is None:
             return None
-        return self._tracer.start_span(sc.SPAN_SETUP, context=context, kind=SpanKind.INTERNAL,
-                                       attributes=self._span_attrs(series), start_time=start_ns)
+        span = self._tracer.start_span(sc.SPAN_SETUP, context=context, kind=SpanKind.INTERNAL,
+                                       attributes=self._span_attrs(conn.series),
+                                       start_time=start_ns)
+        conn.setup = span.get_span_context()
+        conn.setup_by = parent.get_span_context().span_id
+        parent.add_link(conn.setup)
+        return span
 
     @staticmethod
     def setup_ended(span, error=None, peer=None, end_ns=None):
@@ -753,14 +778,16 @@ class Recorder:
         self._use_time = histogram(sc.USE_TIME)
         self._idle_time = histogram(sc.IDLE_TIME)
         self._duration = histogram(sc.CONNECTION_DURATION, sc.LIFETIME_BUCKETS)
+        self._requests = histogram(sc.REQUESTS_PER_CONNECTION, sc.REQUEST_BUCKETS)
         updown, counter, gauge = (meter.create_observable_up_down_counter,
                                   meter.create_observable_counter, meter.create_observable_gauge)
         observe(updown, sc.OPEN_CONNECTIONS, self._observe_open)
         observe(updown, sc.PENDING_REQUESTS, self._observe_pending)
         observe(counter, sc.ACQUISITIONS, self._observe_acquisitions)
         observe(counter, sc.CREATED, self._origin_values(lambda s: s.created))
-        observe(counter, sc.TIMEOUTS, self._origin_values(lambda s: s.timeouts))
-        observe(counter, sc.CLOSED, self._observe_closed)
+        observe(counter, sc.TIMEOUTS, self._origin_values(lambda s: s.waits.get(TIMED_OUT, 0)))
+        observe(counter, sc.WAITS, self._observe_by(lambda s: s.waits, sc.WAIT_OUTCOME))
+        observe(counter, sc.CLOSED, self._observe_by(lambda s: s.closed, sc.CLOSE_REASON))
         observe(updown, sc.MAX, self._pool_sums(lambda p: p.max))
         observe(updown, sc.IDLE_MAX, self._pool_sums(lambda p: p.idle_max))
         observe(updown, sc.POOL_COUNT, self._pool_sums(lambda p: 1))
@@ -823,12 +850,14 @@ class Recorder:
             yield Observation(new, s.attr(sc.REUSED, False))
             yield Observation(reused, s.attr(sc.REUSED, True))
 
-    def _observe_closed(self, options):
-        with self._lock:
-            values = [(s, dict(s.closed)) for s in self._series.values() if s.is_origin]
-        for s, closed in values:
-            for reason, count in closed.items():
-                yield Observation(count, s.attr(sc.CLOSE_REASON, reason))
+    def _observe_by(self, counts, attribute):
+        """A counter kept per origin as {attribute value: count}."""
+        def callback(options):
+            with self._lock:
+                values = [(s, dict(counts(s))) for s in self._series.values() if s.is_origin]
+            return [Observation(n, s.attr(attribute, value))
+                    for s, by in values for value, n in by.items()]
+        return callback
 
     def _pool_sums(self, value):
         def callback(options):

@@ -11,6 +11,7 @@ CONNECTION_STATE = "http.connection.state"
 CLOSE_REASON = "poolscope.close.reason"
 REUSED = "poolscope.connection.reused"
 NETWORK_PEER_ADDRESS = "network.peer.address"
+WAIT_OUTCOME = "poolscope.wait.outcome"
 
 STATE_ACTIVE = "active"
 STATE_IDLE = "idle"
@@ -25,6 +26,12 @@ ERROR = "error"
 POOL_CLOSED = "pool_closed"
 EVICTED = "evicted"
 CLOSE_REASONS = (KEEPALIVE_EXPIRED, IDLE_LIMIT, POOL_FULL, SERVER_CLOSED, ERROR, POOL_CLOSED, EVICTED)
+
+# Wait outcomes
+GRANTED = "granted"
+TIMED_OUT = "timed_out"
+CANCELLED = "cancelled"
+WAIT_OUTCOMES = (GRANTED, TIMED_OUT, CANCELLED)
 
 # Metrics: (name, unit, description)
 OPEN_CONNECTIONS = ("http.client.open_connections", "{connection}",
@@ -47,6 +54,10 @@ CREATED = ("poolscope.connection.created", "{connection}", "New connections open
 CLOSED = ("poolscope.connection.closed", "{connection}", "Connections closed, by reason")
 TIMEOUTS = ("poolscope.connection.timeouts", "{timeout}",
             "Acquisitions that gave up waiting for a connection")
+WAITS = ("poolscope.connection.waits", "{wait}",
+         "Waits for a connection that ended, by outcome: granted, timed_out or cancelled")
+REQUESTS_PER_CONNECTION = ("poolscope.connection.requests", "{request}",
+                           "Requests a connection served in its lifetime, recorded at its close")
 MAX = ("poolscope.connection.max", "{connection}",
        "Configured connection limit, summed over live pools")
 IDLE_MAX = ("poolscope.connection.idle.max", "{connection}",
@@ -65,6 +76,8 @@ DURATION_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 
 # Connection lifetimes run longer: up to an hour.
 LIFETIME_BUCKETS = (0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0,
                     600.0, 1800.0, 3600.0)
+# Requests per connection: one (no reuse) to ten thousand.
+REQUEST_BUCKETS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000)
 
 # Spans
 SPAN_WAIT = "HTTP wait_for_connection"

@@ -46,6 +46,7 @@ def collect(metrics_data):
                     attrs = dict(point.attributes)
                     extra = (attrs.get(sc.CLOSE_REASON) if metric.name == sc.CLOSED[0] else
                              attrs.get(sc.REUSED) if metric.name == sc.ACQUISITIONS[0] else
+                             attrs.get(sc.WAIT_OUTCOME) if metric.name == sc.WAITS[0] else
                              attrs.get(sc.CONNECTION_STATE))
                     name = metric.name if extra is None else (metric.name, extra)
                     figures.setdefault(_key(attrs), {})[name] = (
@@ -99,6 +100,8 @@ def render(metrics_data, scopes, leak_after=30.0):
         wait = f.get(sc.WAIT_TIME[0])
         waited = wait.count if wait is not None else 0
         timeouts = f.get(sc.TIMEOUTS[0], 0)
+        cancelled = f.get((sc.WAITS[0], sc.CANCELLED), 0)
+        served = f.get(sc.REQUESTS_PER_CONNECTION[0])
         created = f.get(sc.CREATED[0], 0)
         closes = {r: f[(sc.CLOSED[0], r)] for r in sc.CLOSE_REASONS if f.get((sc.CLOSED[0], r))}
         pool_word = "pool" if own_scope else f"{library} client pools (all origins)"
@@ -109,11 +112,14 @@ def render(metrics_data, scopes, leak_after=30.0):
         lines.append(f"  requests: {total} acquisitions, {waited} waited"
                      + (f" (p50 {_seconds(quantile(wait, 0.5))}, p99 {_seconds(quantile(wait, 0.99))})"
                         if waited else "")
-                     + f", {timeouts} timed out")
+                     + f", {timeouts} timed out"
+                     + (f", {cancelled} cancelled while waiting" if cancelled else ""))
         lines.append(f"  connections: {created} created, reuse {100 * reused / total if total else 0:.0f}%, "
                      f"open {f.get((sc.OPEN_CONNECTIONS[0], sc.STATE_ACTIVE), 0)} active / "
                      f"{f.get((sc.OPEN_CONNECTIONS[0], sc.STATE_IDLE), 0)} idle, closed: "
-                     + (", ".join(f"{r} {n}" for r, n in closes.items()) or "none"))
+                     + (", ".join(f"{r} {n}" for r, n in closes.items()) or "none")
+                     + (f"; {served.sum / served.count:.1f} requests per closed connection"
+                        if served and served.count else ""))
         for line in stuck(f.get(sc.OLDEST_ACTIVE_AGE[0]), f.get(sc.OLDEST_PENDING_AGE[0]),
                           leak_after):
             lines.append(f"  WARNING: {line}")

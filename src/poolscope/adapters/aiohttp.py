@@ -28,7 +28,7 @@ import time
 
 from .. import _semconv as sc
 from .._config import internal_error
-from .._recorder import ABANDONED, TIMED_OUT
+from .._recorder import CANCELLED, TIMED_OUT
 from ._base import Adapter, arg, calling, peer_address
 
 
@@ -177,7 +177,7 @@ class AiohttpAdapter(Adapter):
         elif _expired(_timeout.get()):
             self.recorder.wait_ended(wait, TIMED_OUT, asyncio.TimeoutError())
         else:
-            self.recorder.wait_ended(wait, ABANDONED, exc)
+            self.recorder.wait_ended(wait, CANCELLED, exc)
 
     # -- connections ------------------------------------------------------
 
@@ -186,7 +186,7 @@ class AiohttpAdapter(Adapter):
         if key is None:  # not a request aiohttp made: nothing to count (the call fails)
             return None
         rec = self.recorder.conn_created(self._pool(connector, key), self._series(key))
-        return rec, time.monotonic(), self.recorder.setup_started(rec.series)
+        return rec, time.monotonic(), self.recorder.setup_started(rec)
 
     def _created(self, token, connector, proto, exc):
         rec, started, span = token

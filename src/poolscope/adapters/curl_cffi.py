@@ -43,7 +43,7 @@ from curl_cffi.requests import session as sessions
 
 from .. import _semconv as sc
 from .._config import internal_error
-from .._recorder import ABANDONED
+from .._recorder import CANCELLED
 from ._base import Adapter, calling, url_origin
 
 ffi, lib = curl.ffi, curl.lib
@@ -202,7 +202,7 @@ class CurlCffiAdapter(Adapter):
             if exc is None:
                 self.recorder.wait_ended(wait)
             else:
-                self.recorder.wait_ended(wait, ABANDONED, exc)
+                self.recorder.wait_ended(wait, CANCELLED, exc)
         if exc is None:
             _transfer(handle).owner = session
 
@@ -273,7 +273,7 @@ class CurlCffiAdapter(Adapter):
             setup = max(0, max(times[1], times[2]) - times[0]) / 1e6
             self.recorder.conn_opened(rec, setup)
             _by_key[key] = rec
-            span = self.recorder.setup_started(rec.series, state.context,
+            span = self.recorder.setup_started(rec, state.context,
                                                time.time_ns() - int(setup * 1e9))
             self.recorder.setup_ended(span, peer=key[2].decode() if span else None)
         state.conn = rec

@@ -31,12 +31,16 @@ connection is let go with its request.
 import importlib
 import inspect
 import sys
+import threading
 import time
 
 from .. import _semconv as sc
 from .._config import internal_error
-from .._recorder import ABANDONED, TIMED_OUT, recording_span
+from .._recorder import CANCELLED, TIMED_OUT, recording_span
 from ._base import Adapter, arg
+
+
+_LINKING = threading.Lock()
 
 
 def _flavors(root):
@@ -44,10 +48,12 @@ def _flavors(root):
     return (
         {"package": f"{root}._sync", "pool": "ConnectionPool", "request": "PoolRequest",
          "event": "Event", "connection": "HTTPConnection", "close": "close",
+         "handle": "handle_request",
          "proxies": (("http_proxy", "HTTPProxy", ("ForwardHTTPConnection", "TunnelHTTPConnection")),
                      ("socks_proxy", "SOCKSProxy", ("Socks5Connection",)))},
         {"package": f"{root}._async", "pool": "AsyncConnectionPool", "request": "AsyncPoolRequest",
          "event": "AsyncEvent", "connection": "AsyncHTTPConnection", "close": "aclose",
+         "handle": "handle_async_request",
          "proxies": (("http_proxy", "AsyncHTTPProxy",
                       ("AsyncForwardHTTPConnection", "AsyncTunnelHTTPConnection")),
                      ("socks_proxy", "AsyncSOCKSProxy", ("AsyncSocks5Connection",)))},
@@ -167,6 +173,7 @@ class HttpxAdapter(Adapter):
         connection = importlib.import_module(self.root + "._sync.connection").HTTPConnection
         # httpcore2 2.6+ (which added is_connected) drops an unconnected, unclaimed connection
         self._drops_unclaimed = hasattr(connection, "is_connected")
+        self._connections, self._linking = [], False
         for flavor in _flavors(self.root):
             self._patch_flavor(flavor)
 
@@ -196,6 +203,24 @@ class HttpxAdapter(Adapter):
         for cls in conn_classes:
             self.wrap(cls, f["close"], before=self._conn_close)
         self.wrap(conn_classes[0], "_connect", before=self._connect_start, after=self._connected)
+        self._connections.append((conn_classes[0], f["handle"]))
+
+    def _link_when_sent(self):
+        """Once a traced request is seen: a request's span links its connection's set-up when
+        the connection takes the request. httpcore may hand one connection to several requests
+        (see ``_assign``), so only the one whose request goes out on it is known to be served by
+        it; untraced, a request pays nothing for this."""
+        with _LINKING:
+            if not self._linking:
+                self._linking = True
+                for cls, handle in self._connections:
+                    self.wrap(cls, handle, after=self._sent)
+
+    def _sent(self, token, conn, response, exc):
+        span = recording_span()
+        rec = conn.__dict__.get("_poolscope")
+        if exc is None and span is not None and rec is not None:
+            self.recorder.link(span, rec)
 
     def unpatch(self):
         super().unpatch()
@@ -244,8 +269,10 @@ class HttpxAdapter(Adapter):
         rec = conn.__dict__.get("_poolscope") if conn is not None else None
         if rec is not None:
             found = pool_request.__dict__
-            self.recorder.acquired(rec, found.get("_poolscope_wait"),
-                                   span=found.get("_poolscope_span"))
+            span = found.get("_poolscope_span")
+            self.recorder.acquired(rec, found.get("_poolscope_wait"), span=span, link=False)
+            if span is not None and not self._linking:
+                self._link_when_sent()
 
     def _clear(self, pool_request, args, kwargs):
         conn = pool_request.connection
@@ -317,7 +344,7 @@ class HttpxAdapter(Adapter):
         wait = waiting[0]
         try:
             timed_out = isinstance(exc, self._pool_timeout)
-            self.recorder.wait_ended(wait, TIMED_OUT if timed_out else ABANDONED, exc)
+            self.recorder.wait_ended(wait, TIMED_OUT if timed_out else CANCELLED, exc)
         except Exception:
             internal_error("httpx:wait_for_connection")
 
@@ -327,7 +354,7 @@ class HttpxAdapter(Adapter):
         rec = conn.__dict__.get("_poolscope")
         if rec is None:
             return None
-        return rec, time.monotonic(), self.recorder.setup_started(rec.series)
+        return rec, time.monotonic(), self.recorder.setup_started(rec)
 
     def _connected(self, token, conn, stream, exc):
         rec, started, span = token

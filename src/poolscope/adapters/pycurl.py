@@ -50,6 +50,7 @@ import pycurl
 
 from .. import _semconv as sc
 from .._config import internal_error
+from .._recorder import CANCELLED, TIMED_OUT
 from ._base import Adapter, url_origin
 
 _QUEUED = 0.001
@@ -517,7 +518,7 @@ class PycurlAdapter(Adapter):
         cache.socks[key] = fd, _inode(fd)
         state.setup = time.monotonic() - started
         self.recorder.conn_opened(rec, state.setup)
-        span = self.recorder.setup_started(rec.series, state.context, started_ns)
+        span = self.recorder.setup_started(rec, state.context, started_ns)
         self.recorder.setup_ended(span, peer=key[2] if span else None)
 
     def finished(self, state, errno, final=True, attached=True):
@@ -535,18 +536,22 @@ class PycurlAdapter(Adapter):
         if taken is None:
             since = state.queued_at
             if since is not None:
-                timed_out = False
-                if errno == pycurl.E_OPERATION_TIMEDOUT and state.sockets is None:
+                outcome = None
+                if state.sockets is None and errno in (0, None, pycurl.E_OPERATION_TIMEDOUT):
                     port = _read(curl, pycurl.PRIMARY_PORT) if curl is not None else None
                     if port is None and not final:
                         state.errno = errno
                         return
-                    timed_out = port is not None and port[0] <= 0
+                    if errno and port is not None and port[0] <= 0:
+                        outcome = TIMED_OUT
+                    elif not errno and (port is None or port[0] <= 0):  # removed, or closed
+                        outcome = CANCELLED
                 state.queued_at = None
-                if timed_out:
-                    self.recorder.waited(state.series(self.recorder), time.monotonic() - since,
-                                         state.context,
-                                         error=pycurl.error(errno, "timed out waiting for a connection"))
+                waited = time.monotonic() - since
+                if outcome is TIMED_OUT or outcome is CANCELLED and waited >= _QUEUED:
+                    self.recorder.waited(
+                        state.series(self.recorder), waited, state.context, outcome=outcome,
+                        error=pycurl.error(errno, "timed out waiting for a connection") if errno else None)
             state.sockets = None
             return
         rec, key, cache = taken

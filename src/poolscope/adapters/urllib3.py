@@ -32,7 +32,7 @@ import weakref
 
 from .. import _semconv as sc
 from .._config import internal_error
-from .._recorder import ABANDONED, GRANTED, TIMED_OUT
+from .._recorder import CANCELLED, GRANTED, TIMED_OUT
 from ._base import DEFAULT_PORTS, Adapter, arg, calling, peer_address
 
 _EMPTY_POOL = None  # the EmptyPoolError urllib3 raises next, for the wait span (set at patch)
@@ -105,7 +105,7 @@ class _ObservedCondition(threading.Condition):
         if timeout is not None and endtime is None:
             endtime = monotonic() + timeout
         wait = _event(recorder.wait_started, pool)
-        outcome, got = ABANDONED, False
+        outcome, got = CANCELLED, False
         try:
             while True:
                 got = super().wait(timeout)
@@ -137,7 +137,7 @@ class _WaitObservedQueue(_ObservedQueue):
             pass
         recorder, pool = observed
         wait = _event(recorder.wait_started, pool)
-        outcome = ABANDONED
+        outcome = CANCELLED
         try:
             item = super().get(block, timeout)
             outcome = GRANTED
@@ -317,7 +317,7 @@ class Urllib3Adapter(Adapter):
                 self.recorder.acquired(rec)
         elif rec.opened:
             return None
-        return rec, time.monotonic(), self.recorder.setup_started(rec.series)
+        return rec, time.monotonic(), self.recorder.setup_started(rec)
 
     def _pool_of(self, conn, rec):
         """The live pool state of a connection object about to open a socket: its last

@@ -37,7 +37,7 @@ import time
 
 from .. import _semconv as sc
 from .._config import internal_error, logger
-from .._recorder import ABANDONED, GRANTED, TIMED_OUT
+from .._recorder import CANCELLED, GRANTED, TIMED_OUT
 from ._base import DEFAULT_PORTS, calling
 from .urllib3 import Urllib3Adapter
 
@@ -131,7 +131,7 @@ class Urllib3FutureAdapter(Urllib3Adapter):
                 if observed[2]:
                     try:
                         self._wait_over(observed, TIMED_OUT if isinstance(exc, self._unavailable)
-                                        else ABANDONED, exc)
+                                        else CANCELLED, exc)
                     except Exception:
                         internal_error("urllib3-future:police get")
                 raise

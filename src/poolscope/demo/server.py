@@ -7,8 +7,9 @@ Paths: ``/delay/<seconds>`` answers after that delay; ``/close`` answers with
 and Anthropic APIs do (a fixed reply, after ``api_delay`` seconds), for the SDKs built on
 httpx2. ``idle_timeout`` closes keep-alive connections left idle that long, as a server's own
 keep-alive limit does. The server counts the connections it accepted (``accepted``), those of
-them that closed without sending a request (``empty``), and the requests it answered
-(``answered``).
+them that closed without sending a request (``empty``), the requests it answered
+(``answered``), and for each connection that has closed, the requests answered on it
+(``per_connection``).
 """
 
 import json
@@ -37,6 +38,7 @@ class _Handler(BaseHTTPRequestHandler):
     def setup(self):
         self.timeout = self.server.idle_timeout
         self.served = False
+        self.answered = 0
         super().setup()
         with self.server.lock:
             self.server.accepted += 1
@@ -73,6 +75,7 @@ class _Handler(BaseHTTPRequestHandler):
             body, content_type = json.dumps(_API[path]).encode(), "application/json"
         else:
             body = b"x" * int(path[len("/bytes/"):]) if path.startswith("/bytes/") else b"ok"
+        self.answered += 1
         with self.server.lock:
             self.server.answered += 1
         self.send_response(200)
@@ -85,6 +88,11 @@ class _Handler(BaseHTTPRequestHandler):
         self.wfile.write(body)
 
     do_POST = do_GET
+
+    def finish(self):
+        super().finish()
+        with self.server.lock:
+            self.server.per_connection.append(self.answered)
 
     def log_message(self, *args):
         pass
@@ -103,6 +111,7 @@ class DemoServer(ThreadingHTTPServer):
         self.api_delay = api_delay
         self.lock = threading.Lock()
         self.accepted = self.empty = self.answered = 0
+        self.per_connection = []  # requests answered on each connection, once it has closed
         self._thread = None
 
     @property
