@@ -14,11 +14,20 @@ from test_launcher import LAUNCHER, PY, clean_env, free_port
 DASHBOARD = os.path.join(os.path.dirname(__file__), "..", "examples", "grafana",
                          "poolscope-dashboard.json")
 # Two rounds with a pause between, so every rate has samples before and after: waits (6 at
-# once through 2), a pool timeout, a server close, and pools made and dropped.
+# once through 2), a pool timeout, a server close, a stale failure, and pools made and dropped.
 APP = textwrap.dedent("""
-    import sys, threading, urllib3
+    import sys, threading, time, urllib3
+    from poolscope.demo.server import DemoServer
     port = int(sys.argv[1])
+    stale = DemoServer(stale_after=0.05).__enter__()  # resets a request on an idle connection
     def round_():
+        dropped = urllib3.HTTPConnectionPool("127.0.0.1", stale.port, retries=False)
+        dropped.request("GET", "/")
+        time.sleep(0.1)
+        try:
+            dropped.request("GET", "/")
+        except urllib3.exceptions.ProtocolError:
+            pass
         pool = urllib3.HTTPConnectionPool("127.0.0.1", port, maxsize=2, block=True)
         threads = [threading.Thread(target=pool.request, args=("GET", "/delay/0.3"))
                    for _ in range(6)]

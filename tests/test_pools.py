@@ -8,6 +8,7 @@ import pytest
 
 from conftest import buckets
 from drivers import DRIVERS
+from poolscope.demo.server import DemoServer
 
 OPEN = "http.client.open_connections"
 WAIT = "poolscope.connection.wait_time"
@@ -138,6 +139,33 @@ def test_requests_per_connection_are_recorded_at_its_close(metrics, make, server
                if a["poolscope.library"] == d.library]
     assert (point.count, point.sum) == (2, 6)
     assert buckets(point) == {2: 1, 5: 1}
+
+
+# whether each library sends a request again after its reused connection failed stale: the test
+# drivers' urllib3 pools have retries off; aiohttp retries an idempotent request once
+RETRIES_STALE = {"urllib3": False, "httpx": False, "httpx2": False, "aiohttp": True}
+
+
+def test_a_request_on_a_connection_the_server_dropped_is_a_stale_failure(metrics, make):
+    """The server resets the next request on a connection idle 0.2 s, unanswered. A request
+    after 0.3 s fails on its reused connection; the library sends it again on a new one, or
+    the application sees the error."""
+    with DemoServer(stale_after=0.2) as server:
+        d = make(server)
+        if d.library not in RETRIES_STALE:
+            pytest.skip(f"{d.library}: stale failures are not observed")
+        retried = RETRIES_STALE[d.library]
+        assert d.get("/") == 200
+        time.sleep(0.3)
+        [outcome] = d.get_all(["/"])
+        data, v = figures(metrics, d.library)
+        assert server.reset == 1
+        assert (outcome == 200) is retried, outcome
+        stale = {a["poolscope.request.retried"]: p.value
+                 for a, p in data.get("poolscope.connection.stale_failures", [])
+                 if a["poolscope.library"] == d.library and p.value}
+        assert stale == {retried: 1}
+        assert v("poolscope.connection.created") == server.accepted == (2 if retried else 1)
 
 
 def test_connection_close_response(metrics, make):

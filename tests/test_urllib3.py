@@ -2,6 +2,7 @@
 
 import logging
 import threading
+import time
 
 import pytest
 import requests
@@ -71,6 +72,28 @@ def test_requests_session_with_blocking_pool(metrics, server):
     assert metrics.value(data, "http.client.open_connections", http__connection__state="idle") == 2
     session.close()
     assert v(metrics, "poolscope.connection.closed", poolscope__close__reason="pool_closed") == 2
+
+
+@pytest.mark.parametrize("retries", [3, 0], ids=["urllib3-retries", "requests-default"])
+def test_a_stale_failure_is_told_retried_or_not(metrics, retries):
+    """A server that resets a request on a connection idle 0.2 s: with urllib3's retries the
+    request goes again on a new connection; requests' default (no read retries) shows the
+    error. One stale failure either way, retried as the application saw."""
+    with DemoServer(stale_after=0.2) as server, requests.Session() as session:
+        session.mount("http://", requests.adapters.HTTPAdapter(
+            max_retries=urllib3.Retry(retries) if retries else 0))
+        assert session.get(server.url).status_code == 200
+        time.sleep(0.3)
+        try:
+            seen = session.get(server.url).status_code
+        except requests.ConnectionError:
+            seen = "error"
+        data = metrics.read()
+        stale = {a["poolscope.request.retried"]: p.value
+                 for a, p in data["poolscope.connection.stale_failures"]
+                 if a["server.port"] == server.port}
+        assert (seen, stale, server.reset) == ((200, {True: 1}, 1) if retries else
+                                               ("error", {False: 1}, 1))
 
 
 def test_unread_streamed_response_is_an_error_close(metrics, server):

@@ -82,7 +82,7 @@ class Series:
     """One attribute set (a library, or a library and an origin) for the life of the process."""
 
     __slots__ = ("key", "attrs", "pending", "acquired", "acquired_seen", "created", "closed",
-                 "waits", "saturated", "peak", "pools_opened", "_derived")
+                 "waits", "stale", "saturated", "peak", "pools_opened", "_derived")
 
     def __init__(self, key, attrs):
         self.key = key
@@ -93,6 +93,7 @@ class Series:
         self.created = self.peak = self.pools_opened = 0
         self.closed = {}
         self.waits = {}  # outcome -> waits ended so
+        self.stale = {}  # retried -> requests failed on a connection the server had closed
         self.saturated = 0.0
         self._derived = {}
 
@@ -113,6 +114,7 @@ class Series:
         self.created = self.peak = self.pools_opened = 0
         self.closed = {}
         self.waits = {}
+        self.stale = {}
         self.saturated = 0.0
 
 
@@ -586,6 +588,12 @@ class Recorder:
         if span is not None:
             span.add_event(sc.EVENT_CLOSED, {sc.CLOSE_REASON: reason})
 
+    def stale_failure(self, conn, retried):
+        """A request failed on ``conn``, which it had reused, because the server had closed it
+        (reset, or closed without a response); ``retried``: the library sends it again."""
+        with self._lock:
+            _count(conn.series.stale, retried)
+
     # -- waits ------------------------------------------------------------
 
     def wait_started(self, pool, series=None, traced=True):
@@ -788,6 +796,7 @@ class Recorder:
         observe(counter, sc.TIMEOUTS, self._origin_values(lambda s: s.waits.get(TIMED_OUT, 0)))
         observe(counter, sc.WAITS, self._observe_by(lambda s: s.waits, sc.WAIT_OUTCOME))
         observe(counter, sc.CLOSED, self._observe_by(lambda s: s.closed, sc.CLOSE_REASON))
+        observe(counter, sc.STALE_FAILURES, self._observe_by(lambda s: s.stale, sc.RETRIED))
         observe(updown, sc.MAX, self._pool_sums(lambda p: p.max))
         observe(updown, sc.IDLE_MAX, self._pool_sums(lambda p: p.idle_max))
         observe(updown, sc.POOL_COUNT, self._pool_sums(lambda p: 1))

@@ -12,6 +12,7 @@ CLOSE_REASON = "poolscope.close.reason"
 REUSED = "poolscope.connection.reused"
 NETWORK_PEER_ADDRESS = "network.peer.address"
 WAIT_OUTCOME = "poolscope.wait.outcome"
+RETRIED = "poolscope.request.retried"
 
 STATE_ACTIVE = "active"
 STATE_IDLE = "idle"
@@ -56,6 +57,9 @@ TIMEOUTS = ("poolscope.connection.timeouts", "{timeout}",
             "Acquisitions that gave up waiting for a connection")
 WAITS = ("poolscope.connection.waits", "{wait}",
          "Waits for a connection that ended, by outcome: granted, timed_out or cancelled")
+STALE_FAILURES = ("poolscope.connection.stale_failures", "{failure}",
+                  "Requests that failed on a reused connection the server had closed, by whether "
+                  "the library sent them again")
 REQUESTS_PER_CONNECTION = ("poolscope.connection.requests", "{request}",
                            "Requests a connection served in its lifetime, recorded at its close")
 MAX = ("poolscope.connection.max", "{connection}",

@@ -47,6 +47,7 @@ def collect(metrics_data):
                     extra = (attrs.get(sc.CLOSE_REASON) if metric.name == sc.CLOSED[0] else
                              attrs.get(sc.REUSED) if metric.name == sc.ACQUISITIONS[0] else
                              attrs.get(sc.WAIT_OUTCOME) if metric.name == sc.WAITS[0] else
+                             attrs.get(sc.RETRIED) if metric.name == sc.STALE_FAILURES[0] else
                              attrs.get(sc.CONNECTION_STATE))
                     name = metric.name if extra is None else (metric.name, extra)
                     figures.setdefault(_key(attrs), {})[name] = (
@@ -101,6 +102,7 @@ def render(metrics_data, scopes, leak_after=30.0):
         waited = wait.count if wait is not None else 0
         timeouts = f.get(sc.TIMEOUTS[0], 0)
         cancelled = f.get((sc.WAITS[0], sc.CANCELLED), 0)
+        stale = (f.get((sc.STALE_FAILURES[0], True), 0), f.get((sc.STALE_FAILURES[0], False), 0))
         served = f.get(sc.REQUESTS_PER_CONNECTION[0])
         created = f.get(sc.CREATED[0], 0)
         closes = {r: f[(sc.CLOSED[0], r)] for r in sc.CLOSE_REASONS if f.get((sc.CLOSED[0], r))}
@@ -113,7 +115,9 @@ def render(metrics_data, scopes, leak_after=30.0):
                      + (f" (p50 {_seconds(quantile(wait, 0.5))}, p99 {_seconds(quantile(wait, 0.99))})"
                         if waited else "")
                      + f", {timeouts} timed out"
-                     + (f", {cancelled} cancelled while waiting" if cancelled else ""))
+                     + (f", {cancelled} cancelled while waiting" if cancelled else "")
+                     + (f", {sum(stale)} failed on a connection the server had closed "
+                        f"({stale[0]} sent again)" if sum(stale) else ""))
         lines.append(f"  connections: {created} created, reuse {100 * reused / total if total else 0:.0f}%, "
                      f"open {f.get((sc.OPEN_CONNECTIONS[0], sc.STATE_ACTIVE), 0)} active / "
                      f"{f.get((sc.OPEN_CONNECTIONS[0], sc.STATE_IDLE), 0)} idle, closed: "
@@ -124,7 +128,7 @@ def render(metrics_data, scopes, leak_after=30.0):
                           leak_after):
             lines.append(f"  WARNING: {line}")
         for line in advise(library, total, waited, timeouts, limit, peak, pools_opened, reused,
-                           closes, wait):
+                           closes, wait, stale):
             lines.append(f"  advice: {line}")
     return "\n".join(lines) + "\n"
 
@@ -145,9 +149,19 @@ def stuck(active_age, pending_age, leak_after):
     return warnings
 
 
-def advise(library, total, waited, timeouts, limit, peak, pools_opened, reused, closes, wait):
-    """Plain-language advice for the figures of one origin."""
+def advise(library, total, waited, timeouts, limit, peak, pools_opened, reused, closes, wait,
+           stale=(0, 0)):
+    """Plain-language advice for the figures of one origin; ``stale``: requests failed on a
+    connection the server had closed, (sent again by the library, not)."""
     advice = []
+    if sum(stale):
+        expiry = KEEPALIVE_SETTING.get(library)
+        advice.append(f"{sum(stale)} requests failed on a reused connection the server had "
+                      f"already closed ({stale[1]} of them reached the application): "
+                      + (f"set {expiry} below the server's keep-alive timeout"
+                         if expiry else "keep connections idle for less than the server's "
+                                        "keep-alive timeout")
+                      + (", and retry idempotent requests." if stale[1] else "."))
     setting = LIMIT_SETTING.get(library, "the pool's connection limit")
     if waited and limit is not None:
         advice.append(f"{waited} of {total} requests waited for a connection "

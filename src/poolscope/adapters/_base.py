@@ -1,6 +1,7 @@
 """What every adapter shares: patch bookkeeping and the one guarded wrapper for sync and async."""
 
 import contextlib
+import errno
 import functools
 import inspect
 import sys
@@ -85,6 +86,26 @@ def calling(code, depth=4):
             return frame
         frame = frame.f_back
     return None
+
+
+_DISCONNECTS = (ConnectionResetError, BrokenPipeError, ConnectionAbortedError)
+_DISCONNECT_ERRNOS = (errno.ECONNRESET, errno.EPIPE, errno.ECONNABORTED)
+
+
+def disconnected(error, depth=6):
+    """Whether ``error`` is, or wraps, the server closing a connection under a request: a reset,
+    a broken pipe (also as a library's own ``OSError``, aiohttp's ``ClientOSError``), or
+    ``http.client.RemoteDisconnected`` (a ``ConnectionResetError``)."""
+    for _ in range(depth):
+        if error is None or isinstance(error, _DISCONNECTS) or (
+                isinstance(error, OSError) and error.errno in _DISCONNECT_ERRNOS):
+            return error is not None
+        inner = getattr(error, "reason", None)  # urllib3's MaxRetryError
+        if not isinstance(inner, BaseException):  # urllib3's ProtocolError("…", error)
+            inner = next((a for a in getattr(error, "args", ()) if isinstance(a, BaseException)),
+                         None)
+        error = inner if inner is not None else error.__cause__
+    return False
 
 
 def peer_address(read):

@@ -24,12 +24,13 @@ queued request from one served at once; those versions are skipped.
 
 import asyncio
 import contextvars
+import sys
 import time
 
 from .. import _semconv as sc
 from .._config import internal_error
 from .._recorder import CANCELLED, TIMED_OUT
-from ._base import Adapter, arg, calling, peer_address
+from ._base import Adapter, arg, calling, disconnected, peer_address
 
 
 def _origin(key):
@@ -69,12 +70,33 @@ class _AcquiredSet(set):
         rec = getattr(proto, "_poolscope", None)
         if rec is not None and rec.in_use:
             try:
+                if rec.closed and rec.uses > 1:  # lost under its request (_proto_lost)
+                    _stale(rec)
                 rec.pool.owner.released(rec)
             except Exception:
                 internal_error("aiohttp:BaseConnector._acquired")
 
 
 _RELEASE = _RELEASED = None  # code objects of BaseConnector._release, Connection.release
+_SERVER_DISCONNECTED = ()  # aiohttp's ServerDisconnectedError
+
+
+def _stale(rec):
+    """A reused connection lost under its request is released as the request fails: if the
+    server had closed it, the request failed stale. ``ClientSession._request`` sends an
+    idempotent request again once (``retry_persistent_connection``)."""
+    error = sys.exc_info()[1]
+    if not (isinstance(error, _SERVER_DISCONNECTED) or disconnected(error)):
+        return
+    # aiohttp.client imports the connector: read only now, not at patch
+    request = getattr(sys.modules["aiohttp.client"].ClientSession._request, "__code__", None)
+    frame = sys._getframe(2)
+    for _ in range(12):
+        if frame is None or frame.f_code is request:
+            break
+        frame = frame.f_back
+    retried = frame is not None and bool(frame.f_locals.get("retry_persistent_connection"))
+    rec.pool.owner.stale_failure(rec, retried)
 
 
 def _release_reason(connector, proto, should_close):
@@ -97,11 +119,12 @@ class AiohttpAdapter(Adapter):
     library = "aiohttp"
 
     def patch(self):
-        global _RELEASE, _RELEASED
-        from aiohttp import client_proto, connector
+        global _RELEASE, _RELEASED, _SERVER_DISCONNECTED
+        from aiohttp import client_exceptions, client_proto, connector
 
         base = connector.BaseConnector
         _RELEASE, _RELEASED = base._release.__code__, connector.Connection.release.__code__
+        _SERVER_DISCONNECTED = client_exceptions.ServerDisconnectedError
         self.wrap(base, "__init__", after=self._pool_init)
         if hasattr(connector, "ceil_timeout"):
             timeout = connector.ceil_timeout

@@ -37,7 +37,7 @@ import time
 from .. import _semconv as sc
 from .._config import internal_error
 from .._recorder import CANCELLED, TIMED_OUT, recording_span
-from ._base import Adapter, arg
+from ._base import Adapter, arg, disconnected
 
 
 _LINKING = threading.Lock()
@@ -100,13 +100,16 @@ def _left_busy(conn, rec):
     return inner is None or _state(inner) in ("NEW", "ACTIVE")
 
 
+def _their_state(conn):
+    """h11's state of the server's side of an HTTP/1.1 connection, or None (HTTP/2)."""
+    h11_state = getattr(_protocol(conn), "_h11_state", None)
+    return None if h11_state is None else getattr(h11_state.their_state, "__name__", "")
+
+
 def _self_close_reason(conn):
     """Why a connection closed along with its response: the server said so, or the exchange broke."""
-    h11_state = getattr(_protocol(conn), "_h11_state", None)
-    if h11_state is None:
-        return sc.SERVER_CLOSED
-    their = getattr(h11_state.their_state, "__name__", "")
-    return sc.SERVER_CLOSED if their in ("MUST_CLOSE", "CLOSED") else sc.ERROR
+    their = _their_state(conn)
+    return sc.SERVER_CLOSED if their in (None, "MUST_CLOSE", "CLOSED") else sc.ERROR
 
 
 def _caller(depth, name):
@@ -170,6 +173,7 @@ class HttpxAdapter(Adapter):
     def patch(self):
         core = importlib.import_module(self.root)
         self._pool_timeout = core.PoolTimeout
+        self._remote_protocol_error = core.RemoteProtocolError
         connection = importlib.import_module(self.root + "._sync.connection").HTTPConnection
         # httpcore2 2.6+ (which added is_connected) drops an unconnected, unclaimed connection
         self._drops_unclaimed = hasattr(connection, "is_connected")
@@ -293,6 +297,8 @@ class HttpxAdapter(Adapter):
         if rec is None or rec.closed or not rec.in_use:
             return
         if conn.is_closed():
+            if rec.uses > 1 and self._stale(conn, sys._getframe(2)):
+                self.recorder.stale_failure(rec, False)  # httpcore never sends it again
             self.recorder.released(rec, _self_close_reason(conn) if rec.opened else sc.ERROR)
         elif gave_up and self._drops_unclaimed and not conn.is_connected():
             # given to the request as it gave up; httpcore2 drops it unconnected
@@ -301,6 +307,17 @@ class HttpxAdapter(Adapter):
             if not rec.opened:
                 self.recorder.conn_opened(rec)  # a proxied connection, through at last
             self.recorder.released(rec)
+
+    def _stale(self, conn, frame):
+        """Whether the request failed, before any response, because the server had closed its
+        connection: reset, or closed with no response begun (``RemoteProtocolError`` while h11
+        still awaits the response). ``frame``: where the request left the pool, which is
+        ``handle_request`` for a request that failed there."""
+        if frame.f_code.co_name not in ("handle_request", "handle_async_request"):
+            return False
+        error = sys.exc_info()[1]
+        return disconnected(error) or (isinstance(error, self._remote_protocol_error)
+                                       and _their_state(conn) == "SEND_RESPONSE")
 
     # -- waits ------------------------------------------------------------
 

@@ -33,10 +33,10 @@ import weakref
 from .. import _semconv as sc
 from .._config import internal_error
 from .._recorder import CANCELLED, GRANTED, TIMED_OUT
-from ._base import DEFAULT_PORTS, Adapter, arg, calling, peer_address
+from ._base import DEFAULT_PORTS, Adapter, arg, calling, disconnected, peer_address
 
 _EMPTY_POOL = None  # the EmptyPoolError urllib3 raises next, for the wait span (set at patch)
-_GET_CONN = _PUT_CONN = None  # code objects of urllib3's own methods (set at patch)
+_GET_CONN = _PUT_CONN = _URLOPEN = None  # code objects of urllib3's own methods (set at patch)
 monotonic = time.monotonic
 
 
@@ -250,14 +250,14 @@ class Urllib3Adapter(Adapter):
     library = "urllib3"
 
     def patch(self):
-        global _EMPTY_POOL, _GET_CONN, _PUT_CONN
+        global _EMPTY_POOL, _GET_CONN, _PUT_CONN, _URLOPEN
         from urllib3 import _collections, connection, connectionpool, exceptions
 
         _EMPTY_POOL = exceptions.EmptyPoolError(
             None, "Pool is empty and a new connection can't be opened due to blocking mode.")
         pool_cls = connectionpool.HTTPConnectionPool
-        _GET_CONN, _PUT_CONN = (getattr(getattr(pool_cls, name), "__code__", None)
-                                for name in ("_get_conn", "_put_conn"))
+        _GET_CONN, _PUT_CONN, _URLOPEN = (getattr(getattr(pool_cls, name), "__code__", None)
+                                          for name in ("_get_conn", "_put_conn", "urlopen"))
         self.patch_pools(pool_cls, connection)
         self.wrap(_collections.RecentlyUsedContainer, "__setitem__", before=self._evicting)
 
@@ -348,7 +348,11 @@ class Urllib3Adapter(Adapter):
 
     def _conn_close(self, conn, args, kwargs):
         rec = conn.__dict__.get("_poolscope")
-        if rec is None or rec.closed:
+        if rec is None:
+            return
+        if rec.uses > 1:
+            self._stale(rec, calling(_URLOPEN, depth=1))
+        if rec.closed:
             return
         with self.serialized(rec.pool):
             if rec.in_use and calling(_GET_CONN) is not None:
@@ -361,6 +365,17 @@ class Urllib3Adapter(Adapter):
             else:
                 reason = _close_reason(conn, rec)
             self.recorder.closed(rec, reason)
+
+    def _stale(self, rec, frame):
+        """``urlopen`` (``frame``) closes a reused connection its request failed on, whether or
+        not http.client closed it already: if the server had closed it, the request failed
+        stale. The retry goes ahead when ``urlopen`` kept the error (``err``); else its
+        exception is under way."""
+        if frame is None:
+            return
+        err = frame.f_locals.get("err")
+        if disconnected(err if err is not None else sys.exc_info()[1]):
+            self.recorder.stale_failure(rec, err is not None)
 
     def _evicting(self, container, args, kwargs):
         entries = container._container

@@ -6,7 +6,8 @@ Paths: ``/delay/<seconds>`` answers after that delay; ``/close`` answers with
 ``ok`` at once. ``POST /v1/chat/completions`` and ``POST /v1/messages`` answer as the OpenAI
 and Anthropic APIs do (a fixed reply, after ``api_delay`` seconds), for the SDKs built on
 httpx2. ``idle_timeout`` closes keep-alive connections left idle that long, as a server's own
-keep-alive limit does. The server counts the connections it accepted (``accepted``), those of
+keep-alive limit does; ``stale_after`` instead leaves them open and resets the next request on
+one idle that long, unanswered (``reset`` counts them). The server counts the connections it accepted (``accepted``), those of
 them that closed without sending a request (``empty``), the requests it answered
 (``answered``), and for each connection that has closed, the requests answered on it
 (``per_connection``).
@@ -14,6 +15,7 @@ them that closed without sending a request (``empty``), the requests it answered
 
 import json
 import socket
+import struct
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -63,6 +65,8 @@ class _Handler(BaseHTTPRequestHandler):
         path = self.path.split("?", 1)[0]
         if "://" in path:  # asked as a forward proxy: answer for the target ourselves
             path = "/" + path.split("://", 1)[1].partition("/")[2]
+        if self.stale():
+            return
         if path == "/drop":
             self.close_connection = True
             self.connection.shutdown(socket.SHUT_RDWR)
@@ -86,8 +90,21 @@ class _Handler(BaseHTTPRequestHandler):
             self.close_connection = True
         self.end_headers()
         self.wfile.write(body)
+        self.last_answer = time.monotonic()
 
     do_POST = do_GET
+
+    def stale(self):
+        """With ``stale_after``: a request on a connection idle that long is reset unanswered,
+        as a server (or a middlebox) that dropped the idle connection without a word does."""
+        after = self.server.stale_after
+        if after is None or not self.answered or time.monotonic() - self.last_answer < after:
+            return False
+        self.close_connection = True
+        self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        with self.server.lock:
+            self.server.reset += 1
+        return True
 
     def finish(self):
         super().finish()
@@ -105,12 +122,13 @@ class DemoServer(ThreadingHTTPServer):
     block_on_close = False
     request_queue_size = 128
 
-    def __init__(self, port=0, idle_timeout=None, api_delay=0.0):
+    def __init__(self, port=0, idle_timeout=None, api_delay=0.0, stale_after=None):
         super().__init__(("127.0.0.1", port), _Handler)
         self.idle_timeout = idle_timeout
+        self.stale_after = stale_after
         self.api_delay = api_delay
         self.lock = threading.Lock()
-        self.accepted = self.empty = self.answered = 0
+        self.accepted = self.empty = self.answered = self.reset = 0
         self.per_connection = []  # requests answered on each connection, once it has closed
         self._thread = None
 
