@@ -70,9 +70,9 @@ class _AcquiredSet(set):
         rec = getattr(proto, "_poolscope", None)
         if rec is not None and rec.in_use:
             try:
+                rec.pool.owner.released(rec)
                 if rec.closed and rec.uses > 1:  # lost under its request (_proto_lost)
                     _stale(rec)
-                rec.pool.owner.released(rec)
             except Exception:
                 internal_error("aiohttp:BaseConnector._acquired")
 
@@ -89,7 +89,8 @@ def _stale(rec):
     if not (isinstance(error, _SERVER_DISCONNECTED) or disconnected(error)):
         return
     # aiohttp.client imports the connector: read only now, not at patch
-    request = getattr(sys.modules["aiohttp.client"].ClientSession._request, "__code__", None)
+    session = getattr(sys.modules.get("aiohttp.client"), "ClientSession", None)
+    request = getattr(getattr(session, "_request", None), "__code__", None)
     frame = sys._getframe(2)
     for _ in range(12):
         if frame is None or frame.f_code is request:

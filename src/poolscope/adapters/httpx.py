@@ -297,9 +297,9 @@ class HttpxAdapter(Adapter):
         if rec is None or rec.closed or not rec.in_use:
             return
         if conn.is_closed():
+            self.recorder.released(rec, _self_close_reason(conn) if rec.opened else sc.ERROR)
             if rec.uses > 1 and self._stale(conn, sys._getframe(2)):
                 self.recorder.stale_failure(rec, False)  # httpcore never sends it again
-            self.recorder.released(rec, _self_close_reason(conn) if rec.opened else sc.ERROR)
         elif gave_up and self._drops_unclaimed and not conn.is_connected():
             # given to the request as it gave up; httpcore2 drops it unconnected
             self.recorder.released(rec, sc.ERROR)

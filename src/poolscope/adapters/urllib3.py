@@ -350,21 +350,20 @@ class Urllib3Adapter(Adapter):
         rec = conn.__dict__.get("_poolscope")
         if rec is None:
             return
+        if not rec.closed:
+            with self.serialized(rec.pool):
+                if rec.in_use and calling(_GET_CONN) is not None:
+                    # urllib3 found the pooled connection dropped as it handed it out: the
+                    # request goes out on a new socket, acquired at connect
+                    self.recorder.unacquired(rec)
+                    reason = sc.SERVER_CLOSED
+                elif rec.in_use and calling(_PUT_CONN) is not None and rec.pool.live:
+                    reason = sc.POOL_FULL
+                else:
+                    reason = _close_reason(conn, rec)
+                self.recorder.closed(rec, reason)
         if rec.uses > 1:
             self._stale(rec, calling(_URLOPEN, depth=1))
-        if rec.closed:
-            return
-        with self.serialized(rec.pool):
-            if rec.in_use and calling(_GET_CONN) is not None:
-                # urllib3 found the pooled connection dropped as it handed it out: the request
-                # goes out on a new socket, acquired at connect
-                self.recorder.unacquired(rec)
-                reason = sc.SERVER_CLOSED
-            elif rec.in_use and calling(_PUT_CONN) is not None and rec.pool.live:
-                reason = sc.POOL_FULL
-            else:
-                reason = _close_reason(conn, rec)
-            self.recorder.closed(rec, reason)
 
     def _stale(self, rec, frame):
         """``urlopen`` (``frame``) closes a reused connection its request failed on, whether or
