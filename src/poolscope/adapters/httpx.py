@@ -313,7 +313,7 @@ class HttpxAdapter(Adapter):
         connection: reset, or closed with no response begun (``RemoteProtocolError`` while h11
         still awaits the response). ``frame``: where the request left the pool, which is
         ``handle_request`` for a request that failed there."""
-        if frame.f_code.co_name not in ("handle_request", "handle_async_request"):
+        if frame.f_code.co_name not in (handle for _, handle in self._connections):
             return False
         error = sys.exc_info()[1]
         return disconnected(error) or (isinstance(error, self._remote_protocol_error)
