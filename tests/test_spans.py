@@ -180,6 +180,14 @@ def test_pycurl_multi_waits_under_the_span_that_added_each_transfer(traced, serv
         all(0.55 <= d <= 0.75 for d in durations[2:]), durations
     setups = traced.finished(SETUP)
     assert sorted(parents[s.parent.span_id] for s in setups) == [0, 1]
+    # each request links to one of the two set-ups: its own child for the first two
+    setup_ids = {s.context.span_id: s for s in setups}
+    for span in traced.finished():
+        if span.name.startswith("request "):
+            [link] = span.links
+            assert link.context.span_id in setup_ids
+            assert (setup_ids[link.context.span_id].parent.span_id == span.context.span_id) \
+                == (span.name in ("request 0", "request 1"))
 
 
 def test_a_close_on_the_requests_path_is_an_event_on_its_span(official, server):
