@@ -2,9 +2,13 @@
 
 import asyncio
 import time
+from unittest import mock
 
 import aiohttp
 import pytest
+
+from poolscope import _config
+from poolscope.adapters import aiohttp as aiohttp_adapter
 
 LIB = {"poolscope__library": "aiohttp"}
 
@@ -133,3 +137,15 @@ def test_hooks_assume_no_more_of_their_arguments_than_aiohttp(metrics):
     assert not metrics.value(data, "poolscope.connection.pending_requests")
     assert not metrics.value(data, "poolscope.connection.timeouts")
     assert metrics.value(data, "poolscope.connection.max") == 0  # the connector closed
+
+
+def test_a_mock_protocol_released_is_no_connection_of_poolscope(metrics, monkeypatch):
+    """aiohttp's own tests release ``Mock`` protocols through the connector's acquired set; a
+    mock's ``_poolscope`` is a mock too, which poolscope must leave alone (strict: its own
+    failures raise)."""
+    monkeypatch.setattr(_config, "strict", True)
+    acquired = aiohttp_adapter._AcquiredSet()
+    proto = mock.Mock()
+    acquired.add(proto)
+    acquired.discard(proto)
+    assert not acquired

@@ -29,7 +29,7 @@ import time
 
 from .. import _semconv as sc
 from .._config import internal_error
-from .._recorder import CANCELLED, TIMED_OUT
+from .._recorder import CANCELLED, TIMED_OUT, Conn
 from ._base import Adapter, arg, calling, disconnected, peer_address
 
 
@@ -71,7 +71,9 @@ class _AcquiredSet(set):
         if rec is not None and rec.in_use:
             try:
                 rec.pool.owner.released(rec)
-                if rec.closed and rec.uses > 1:  # lost under its request (_proto_lost)
+                # lost under its request (_proto_lost); aiohttp's own tests release mock
+                # protocols, whose attributes are mocks too
+                if type(rec) is Conn and rec.closed and rec.uses > 1:
                     _stale(rec)
             except Exception:
                 internal_error("aiohttp:BaseConnector._acquired")
