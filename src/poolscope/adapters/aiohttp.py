@@ -52,14 +52,15 @@ def _expired(timeout):
 
 class _AcquiredSet(set):
     """A connector's set of connections in use: adding a pooled one is its acquisition,
-    discarding one its release."""
+    discarding one its release. Only poolscope's own record counts: aiohttp's tests add mock
+    protocols, whose every attribute is a mock too."""
 
     __slots__ = ()
 
     def add(self, proto):
         set.add(self, proto)
         rec = getattr(proto, "_poolscope", None)
-        if rec is not None and not rec.in_use and not rec.closed:
+        if type(rec) is Conn and not rec.in_use and not rec.closed:
             try:
                 rec.pool.owner.acquired(rec)
             except Exception:
@@ -68,12 +69,10 @@ class _AcquiredSet(set):
     def discard(self, proto):
         set.discard(self, proto)
         rec = getattr(proto, "_poolscope", None)
-        if rec is not None and rec.in_use:
+        if type(rec) is Conn and rec.in_use:
             try:
                 rec.pool.owner.released(rec)
-                # lost under its request (_proto_lost); aiohttp's own tests release mock
-                # protocols, whose attributes are mocks too
-                if type(rec) is Conn and rec.closed and rec.uses > 1:
+                if rec.closed and rec.uses > 1:  # lost under its request (_proto_lost)
                     _stale(rec)
             except Exception:
                 internal_error("aiohttp:BaseConnector._acquired")

@@ -549,9 +549,10 @@ class PycurlAdapter(Adapter):
                 state.queued_at = None
                 waited = time.monotonic() - since
                 if outcome is TIMED_OUT or outcome is CANCELLED and waited >= _QUEUED:
-                    self.recorder.waited(
-                        state.series(self.recorder), waited, state.context, outcome=outcome,
-                        error=pycurl.error(errno, "timed out waiting for a connection") if errno else None)
+                    error = (pycurl.error(errno, "timed out waiting for a connection")
+                             if errno else None)
+                    self.recorder.waited(state.series(self.recorder), waited, state.context,
+                                         outcome=outcome, error=error)
             state.sockets = None
             return
         rec, key, cache = taken

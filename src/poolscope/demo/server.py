@@ -7,8 +7,9 @@ Paths: ``/delay/<seconds>`` answers after that delay; ``/close`` answers with
 and Anthropic APIs do (a fixed reply, after ``api_delay`` seconds), for the SDKs built on
 httpx2. ``idle_timeout`` closes keep-alive connections left idle that long, as a server's own
 keep-alive limit does; ``stale_after`` instead leaves them open and resets the next request on
-one idle that long, unanswered (``reset`` counts them). The server counts the connections it accepted (``accepted``), those of
-them that closed without sending a request (``empty``), the requests it answered
+one idle that long, unanswered (``reset`` counts them). The server counts the connections it
+accepted (``accepted``), those of them that closed without sending a request (``empty``), the
+requests it answered
 (``answered``), and for each connection that has closed, the requests answered on it
 (``per_connection``).
 """
