@@ -45,6 +45,7 @@ class _Handler(BaseHTTPRequestHandler):
         super().setup()
         with self.server.lock:
             self.server.accepted += 1
+            self.server.peers.add(self.client_address[1])
 
     def handle_one_request(self):
         self.raw_requestline = b""
@@ -131,6 +132,7 @@ class DemoServer(ThreadingHTTPServer):
         self.lock = threading.Lock()
         self.accepted = self.empty = self.answered = self.reset = 0
         self.per_connection = []  # requests answered on each connection, once it has closed
+        self.peers = set()  # the client ports of the connections accepted
         self._thread = None
 
     @property
