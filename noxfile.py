@@ -20,7 +20,7 @@ LIBRARY_TESTS = ["tests/test_pools.py", "tests/test_urllib3.py", "tests/test_htt
                  "tests/test_sdks.py",
                  "tests/test_aiohttp.py", "tests/test_pycurl.py", "tests/test_api.py",
                  "tests/test_ordering.py", "tests/test_faults.py", "tests/test_spans.py",
-                 "tests/test_leaks.py", "tests/test_stress.py"]
+                 "tests/test_leaks.py", "tests/test_stress.py", "tests/test_http2.py"]
 INSTRUMENTATIONS = ["opentelemetry-instrumentation-httpx", "opentelemetry-instrumentation-urllib3",
                     "opentelemetry-instrumentation-requests",
                     "opentelemetry-instrumentation-aiohttp-client"]
@@ -43,7 +43,7 @@ OLDEST_HTTPX2 = ["httpx2==2.0.0", "httpcore2==2.0.0",
 @nox.parametrize("pins", [OLDEST, NEWEST_WRAPT1, OLDEST_HTTPX2],
                  ids=["oldest", "newest-wrapt1", "oldest-httpx2"])
 def matrix(session, pins):
-    session.install("--upgrade", "-e", ".", "pytest", "pytest-timeout", *pins)
+    session.install("--upgrade", "-e", ".", "pytest", "pytest-timeout", "h2", "trustme", *pins)
     session.run("python", "-c", "import importlib.metadata as m\n"
                 "def v(d):\n"
                 "    try:\n"

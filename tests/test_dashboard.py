@@ -14,13 +14,22 @@ from test_launcher import LAUNCHER, PY, clean_env, free_port
 DASHBOARD = os.path.join(os.path.dirname(__file__), "..", "examples", "grafana",
                          "poolscope-dashboard.json")
 # Two rounds with a pause between, so every rate has samples before and after: waits (6 at
-# once through 2), a pool timeout, a server close, a stale failure, and pools made and dropped.
+# once through 2), a pool timeout, a server close, a stale failure, pools made and dropped, and
+# HTTP/2 streams (3 at once on a connection that allows 2, kept open).
 APP = textwrap.dedent("""
     import sys, threading, time, urllib3
+    sys.path.insert(0, sys.argv[2])
+    import httpx
+    from h2server import H2Server
     from poolscope.demo.server import DemoServer
     port = int(sys.argv[1])
     stale = DemoServer(stale_after=0.05).__enter__()  # resets a request on an idle connection
+    h2 = H2Server(max_streams=2, delay=0.3).__enter__()
+    http2 = httpx.Client(http2=True, verify=h2.client_context)
     def round_():
+        streams = [threading.Thread(target=http2.get, args=(h2.url + "/slow",))
+                   for _ in range(3)]
+        [t.start() for t in streams]
         dropped = urllib3.HTTPConnectionPool("127.0.0.1", stale.port, retries=False)
         dropped.request("GET", "/")
         time.sleep(0.1)
@@ -36,7 +45,7 @@ APP = textwrap.dedent("""
             pool.urlopen("GET", "/", pool_timeout=0.05)
         except urllib3.exceptions.EmptyPoolError:
             pass
-        [t.join() for t in threads]
+        [t.join() for t in threads + streams]
         pool.request("GET", "/close")
         return pool
     kept = round_()
@@ -65,7 +74,7 @@ def test_every_panel_query_returns_data(tmp_path, server):
     app, port, prom_port = tmp_path / "app.py", free_port(), free_port()
     app.write_text(APP)
     proc = subprocess.Popen([LAUNCHER, "--metrics-exporter", "prometheus", PY, str(app),
-                             str(server.port)], env=clean_env(OTEL_EXPORTER_PROMETHEUS_PORT=str(port)),
+                             str(server.port), os.path.dirname(__file__)], env=clean_env(OTEL_EXPORTER_PROMETHEUS_PORT=str(port)),
                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     (tmp_path / "prometheus.yml").write_text(textwrap.dedent(f"""
         global: {{scrape_interval: 1s}}
@@ -101,7 +110,7 @@ def test_every_panel_query_returns_data(tmp_path, server):
             url = (f"http://127.0.0.1:{prom_port}/api/v1/label/{label}/values?"
                    + urllib.parse.urlencode({"match[]": concrete(metric)}))
             values = json.load(urllib.request.urlopen(url, timeout=5))["data"]
-            assert values == {"job": ["shop"], "poolscope_library": ["urllib3"],
+            assert values == {"job": ["shop"], "poolscope_library": ["httpx", "urllib3"],
                               "server_address": ["127.0.0.1"]}[label]
     finally:
         prom.terminate()

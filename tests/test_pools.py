@@ -80,7 +80,9 @@ def test_sequential_requests_reuse_one_connection(metrics, make):
     assert v(ACQ, poolscope__connection__reused=False) == 1
     assert v(ACQ, poolscope__connection__reused=True) == 2
     assert metrics.histogram(data, WAIT, poolscope__library=d.library) == (0, 0)
+    # the server speaks HTTP/1.1, and the version is known once the connection has answered
     assert v(OPEN, http__connection__state="idle") == 1
+    assert v(OPEN, http__connection__state="idle", network__protocol__version="1.1") == 1
     assert v("poolscope.pool.saturation_time") in (None, 0)
 
 
@@ -139,6 +141,8 @@ def test_requests_per_connection_are_recorded_at_its_close(metrics, make, server
                if a["poolscope.library"] == d.library]
     assert (point.count, point.sum) == (2, 6)
     assert buckets(point) == {2: 1, 5: 1}
+    assert metrics.histogram(data, "http.client.connection.duration", poolscope__library=d.library,
+                             network__protocol__version="1.1")[0] == 2
 
 
 # whether each library sends a request again after its reused connection failed stale: the test

@@ -82,7 +82,7 @@ class Series:
     """One attribute set (a library, or a library and an origin) for the life of the process."""
 
     __slots__ = ("key", "attrs", "pending", "acquired", "acquired_seen", "created", "closed",
-                 "waits", "stale", "saturated", "peak", "pools_opened", "_derived")
+                 "waits", "stale", "saturated", "peak", "pools_opened", "multiplexed", "_derived")
 
     def __init__(self, key, attrs):
         self.key = key
@@ -95,17 +95,20 @@ class Series:
         self.waits = {}  # outcome -> waits ended so
         self.stale = {}  # retried -> requests failed on a connection the server had closed
         self.saturated = 0.0
+        self.multiplexed = False  # it had HTTP/2 (or HTTP/3) connections
         self._derived = {}
 
     @property
     def is_origin(self):
         return len(self.key) > 1
 
-    def attr(self, name, value):
-        """The series' attributes plus one more, built once."""
-        derived = self._derived.get((name, value))
+    def attr(self, *items):
+        """The series' attributes plus ``(name, value)`` items (None values left out), built
+        once."""
+        derived = self._derived.get(items)
         if derived is None:
-            derived = self._derived[(name, value)] = {**self.attrs, name: value}
+            derived = self._derived[items] = {**self.attrs,
+                                              **{k: v for k, v in items if v is not None}}
         return derived
 
     def reset_counts(self):
@@ -157,7 +160,8 @@ class Conn:
     """One connection, from the slot it takes to its close (a socket's lifetime)."""
 
     __slots__ = ("pool", "series", "in_use", "uses", "opened", "born", "acquired_at",
-                 "released_at", "closed", "site", "warned", "setup", "setup_by")
+                 "released_at", "closed", "site", "warned", "setup", "setup_by", "protocol",
+                 "streams")
 
     def __init__(self, pool, series):
         self.pool = pool
@@ -167,6 +171,9 @@ class Conn:
         self.born = self.acquired_at = self.released_at = 0.0
         # its connection_setup span's context, and the span id of the request it was set up for
         self.site = self.setup = self.setup_by = None
+        self.protocol = None  # "1.1", "2", "3" once known
+        # a multiplexed connection's (active streams, stream limit), read from the library
+        self.streams = None
 
     @property
     def active(self):
@@ -245,6 +252,7 @@ class Recorder:
         self._origins = {}
         self._pools = set()
         self._scopes = {}  # scope series -> _Limits seen on its pools
+        self._open_keys = set()  # (series, state, protocol) reported for open connections
         self._deferred = queue.SimpleQueue()  # (event, args) from finalizers, see _reap
         self.detailed = detailed
         self.max_origins = max_origins
@@ -449,18 +457,31 @@ class Recorder:
             self._shift(pool, 1, monotonic())
         return conn
 
-    def conn_opened(self, conn, seconds=None):
-        """The connection is established; ``seconds`` is its TCP (+TLS) set-up time if measured."""
+    def conn_opened(self, conn, seconds=None, protocol="1.1", streams=None):
+        """The connection is established; ``seconds`` is its TCP (+TLS) set-up time if measured,
+        ``protocol`` its HTTP version (None: not known). ``streams``, for an HTTP/2 or HTTP/3
+        connection: a function giving its (active streams, stream limit) from the library's
+        own books, read at collection."""
         with self._lock:
             if conn.opened or conn.closed:
                 return
             conn.opened = True
+            conn.protocol = protocol
+            conn.streams = streams
+            if streams is not None:
+                conn.series.multiplexed = True
             conn.born = monotonic()
             conn.series.created += 1
             if conn.in_use == 0:
                 self._shift(conn.pool, -1, monotonic())
         if seconds is not None:
             self._create_time.record(seconds, conn.series.attrs)
+
+    @staticmethod
+    def protocol_known(conn, protocol):
+        """The HTTP version of an open connection, learned after :meth:`conn_opened` (libcurl
+        tells it only once a transfer on the connection has a response)."""
+        conn.protocol = protocol
 
     def acquired(self, conn, wait=None, context=None, span=_CURRENT, link=True):
         """A request got ``conn``; returns whether it was reused. Ends ``wait`` if given.
@@ -582,7 +603,7 @@ class Recorder:
                 return
             _count(conn.series.closed, reason)
             lifetime = monotonic() - conn.born
-        self._duration.record(lifetime, conn.series.attrs)
+        self._duration.record(lifetime, conn.series.attr((sc.PROTOCOL_VERSION, conn.protocol)))
         self._requests.record(conn.uses, conn.series.attrs)
         span = recording_span()
         if span is not None:
@@ -791,6 +812,8 @@ class Recorder:
                                   meter.create_observable_counter, meter.create_observable_gauge)
         observe(updown, sc.OPEN_CONNECTIONS, self._observe_open)
         observe(updown, sc.PENDING_REQUESTS, self._observe_pending)
+        observe(updown, sc.ACTIVE_STREAMS, self._observe_streams(0))
+        observe(updown, sc.MAX_STREAMS, self._observe_streams(1))
         observe(counter, sc.ACQUISITIONS, self._observe_acquisitions)
         observe(counter, sc.CREATED, self._origin_values(lambda s: s.created))
         observe(counter, sc.TIMEOUTS, self._origin_values(lambda s: s.waits.get(TIMED_OUT, 0)))
@@ -838,12 +861,38 @@ class Recorder:
         return [Observation(n, s.attrs) for s, n in pending.items()]
 
     def _observe_open(self, options):
+        """Per origin, state and HTTP version (none for a connection still being set up).
+        A count once reported reads 0 when it has no connection, and so does an origin with
+        no connection in a state at all."""
         with self._lock:
-            values = [(s, sum(c.active for c in conns), sum(not c.active for c in conns))
-                      for s, conns in self._live_conns().items()]
-        for s, active, idle in values:
-            yield Observation(active, s.attr(sc.CONNECTION_STATE, sc.STATE_ACTIVE))
-            yield Observation(idle, s.attr(sc.CONNECTION_STATE, sc.STATE_IDLE))
+            counts = dict.fromkeys(self._open_keys, 0)
+            live = self._live_conns()
+            for s, conns in live.items():
+                for c in conns:
+                    _count(counts, (s, sc.STATE_ACTIVE if c.active else sc.STATE_IDLE,
+                                    c.protocol))
+            self._open_keys.update(counts)
+            states = {key[:2] for key in counts}
+            for s in live:
+                for state in (sc.STATE_ACTIVE, sc.STATE_IDLE):
+                    if (s, state) not in states:
+                        counts[(s, state, None)] = 0
+        for (s, state, protocol), n in counts.items():
+            yield Observation(n, s.attr((sc.CONNECTION_STATE, state),
+                                        (sc.PROTOCOL_VERSION, protocol)))
+
+    def _observe_streams(self, which):
+        """Active streams (``which`` 0) or stream limits (1), summed over an origin's
+        multiplexed connections; 0 for an origin that had such connections and has none."""
+        def callback(options):
+            with self._lock:
+                sums = {s: 0 for s in self._series.values() if s.multiplexed}
+                for pool in self._pools:
+                    for conn in pool.conns:
+                        if conn.streams is not None and not conn.closed:
+                            sums[conn.series] += conn.streams()[which]
+            return [Observation(n, s.attrs) for s, n in sums.items()]
+        return callback
 
     def _observe_acquisitions(self, options):
         with self._lock:
@@ -856,15 +905,15 @@ class Recorder:
                 seen[0], seen[1] = max(seen[0], s.acquired[0]), max(seen[1], reused)
                 values.append((s, seen[0], seen[1]))
         for s, new, reused in values:
-            yield Observation(new, s.attr(sc.REUSED, False))
-            yield Observation(reused, s.attr(sc.REUSED, True))
+            yield Observation(new, s.attr((sc.REUSED, False)))
+            yield Observation(reused, s.attr((sc.REUSED, True)))
 
     def _observe_by(self, counts, attribute):
         """A counter kept per origin as {attribute value: count}."""
         def callback(options):
             with self._lock:
                 values = [(s, dict(counts(s))) for s in self._series.values() if s.is_origin]
-            return [Observation(n, s.attr(attribute, value))
+            return [Observation(n, s.attr((attribute, value)))
                     for s, by in values for value, n in by.items()]
         return callback
 

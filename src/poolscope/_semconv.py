@@ -13,6 +13,7 @@ REUSED = "poolscope.connection.reused"
 NETWORK_PEER_ADDRESS = "network.peer.address"
 WAIT_OUTCOME = "poolscope.wait.outcome"
 RETRIED = "poolscope.request.retried"
+PROTOCOL_VERSION = "network.protocol.version"  # "1.1", "2", "3"
 
 STATE_ACTIVE = "active"
 STATE_IDLE = "idle"
@@ -41,6 +42,10 @@ CONNECTION_DURATION = ("http.client.connection.duration", "s",
                        "Lifetime of a connection, from established to closed")
 PENDING_REQUESTS = ("poolscope.connection.pending_requests", "{request}",
                     "Requests waiting for a connection right now")
+ACTIVE_STREAMS = ("poolscope.connection.active_streams", "{stream}",
+                  "HTTP/2 streams open on a pool's connections right now")
+MAX_STREAMS = ("poolscope.connection.max_streams", "{stream}",
+               "Concurrent streams the server allows, summed over open HTTP/2 connections")
 ACQUISITIONS = ("poolscope.connection.acquisitions", "{acquisition}",
                 "Connections handed to requests, new or reused")
 WAIT_TIME = ("poolscope.connection.wait_time", "s",

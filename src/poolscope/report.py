@@ -50,8 +50,11 @@ def collect(metrics_data):
                              attrs.get(sc.RETRIED) if metric.name == sc.STALE_FAILURES[0] else
                              attrs.get(sc.CONNECTION_STATE))
                     name = metric.name if extra is None else (metric.name, extra)
-                    figures.setdefault(_key(attrs), {})[name] = (
-                        point if hasattr(point, "bucket_counts") else point.value)
+                    found = figures.setdefault(_key(attrs), {})
+                    if hasattr(point, "bucket_counts"):
+                        found[name] = point
+                    else:  # points apart only by what the report does not read (the version)
+                        found[name] = found.get(name, 0) + point.value
     return figures
 
 
@@ -118,17 +121,20 @@ def render(metrics_data, scopes, leak_after=30.0):
                      + (f", {cancelled} cancelled while waiting" if cancelled else "")
                      + (f", {sum(stale)} failed on a connection the server had closed "
                         f"({stale[0]} sent again)" if sum(stale) else ""))
+        streams = f.get(sc.MAX_STREAMS[0])  # an origin with HTTP/2 connections
         lines.append(f"  connections: {created} created, reuse {100 * reused / total if total else 0:.0f}%, "
                      f"open {f.get((sc.OPEN_CONNECTIONS[0], sc.STATE_ACTIVE), 0)} active / "
                      f"{f.get((sc.OPEN_CONNECTIONS[0], sc.STATE_IDLE), 0)} idle, closed: "
                      + (", ".join(f"{r} {n}" for r, n in closes.items()) or "none")
                      + (f"; {served.sum / served.count:.1f} requests per closed connection"
-                        if served and served.count else ""))
+                        if served and served.count else "")
+                     + (f"; HTTP/2 streams {f.get(sc.ACTIVE_STREAMS[0], 0)} active of {streams} "
+                        "allowed" if streams is not None else ""))
         for line in stuck(f.get(sc.OLDEST_ACTIVE_AGE[0]), f.get(sc.OLDEST_PENDING_AGE[0]),
                           leak_after):
             lines.append(f"  WARNING: {line}")
         for line in advise(library, total, waited, timeouts, limit, peak, pools_opened, reused,
-                           closes, wait, stale):
+                           closes, wait, stale, http2=streams is not None):
             lines.append(f"  advice: {line}")
     return "\n".join(lines) + "\n"
 
@@ -150,9 +156,10 @@ def stuck(active_age, pending_age, leak_after):
 
 
 def advise(library, total, waited, timeouts, limit, peak, pools_opened, reused, closes, wait,
-           stale=(0, 0)):
+           stale=(0, 0), http2=False):
     """Plain-language advice for the figures of one origin; ``stale``: requests failed on a
-    connection the server had closed, (sent again by the library, not)."""
+    connection the server had closed, (sent again by the library, not); ``http2``: the origin's
+    connections are HTTP/2, where requests wait for a stream."""
     advice = []
     if sum(stale):
         expiry = KEEPALIVE_SETTING.get(library)
@@ -163,7 +170,13 @@ def advise(library, total, waited, timeouts, limit, peak, pools_opened, reused, 
                                         "keep-alive timeout")
                       + (", and retry idempotent requests." if stale[1] else "."))
     setting = LIMIT_SETTING.get(library, "the pool's connection limit")
-    if waited and limit is not None:
+    if waited and http2:
+        advice.append(f"{waited} of {total} requests waited for an HTTP/2 stream "
+                      f"(p99 {_seconds(quantile(wait, 0.99))}): the server allows only so many "
+                      "at once on a connection, and httpcore sends all of an origin's requests "
+                      "on one HTTP/2 connection; send fewer requests at once, or use HTTP/1.1 "
+                      f"(http2=False) with {setting} above the requests in flight.")
+    elif waited and limit is not None:
         advice.append(f"{waited} of {total} requests waited for a connection "
                       f"(p99 {_seconds(quantile(wait, 0.99))}) with all {limit} in use: raise "
                       f"{setting} above {peak}, or send fewer requests at once.")

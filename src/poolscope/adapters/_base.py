@@ -12,6 +12,8 @@ from .._config import internal_error
 
 DEFAULT_PORTS = {"http": 80, "https": 443}
 
+# libcurl's CURLINFO_HTTP_VERSION codes, as network.protocol.version
+CURL_HTTP_VERSIONS = {1: "1.0", 2: "1.1", 3: "2", 30: "3"}
 _MISSING = object()
 _UNLOCKED = contextlib.nullcontext()
 

@@ -44,7 +44,7 @@ from curl_cffi.requests import session as sessions
 from .. import _semconv as sc
 from .._config import internal_error
 from .._recorder import CANCELLED
-from ._base import Adapter, calling, url_origin
+from ._base import CURL_HTTP_VERSIONS, Adapter, calling, url_origin
 
 ffi, lib = curl.ffi, curl.lib
 setopt = lib._curl_easy_setopt
@@ -271,7 +271,7 @@ class CurlCffiAdapter(Adapter):
             times = [handle.getinfo(info) for info in (
                 CurlInfo.NAMELOOKUP_TIME_T, CurlInfo.CONNECT_TIME_T, CurlInfo.APPCONNECT_TIME_T)]
             setup = max(0, max(times[1], times[2]) - times[0]) / 1e6
-            self.recorder.conn_opened(rec, setup)
+            self.recorder.conn_opened(rec, setup, protocol=None)  # known once it answers
             _by_key[key] = rec
             span = self.recorder.setup_started(rec, state.context,
                                                time.time_ns() - int(setup * 1e9))
@@ -284,6 +284,11 @@ class CurlCffiAdapter(Adapter):
         rec, state.conn = state.conn, None
         if rec is None:
             return
+        if rec.protocol is None:
+            handle = state.curl()
+            if handle is not None:
+                self.recorder.protocol_known(
+                    rec, CURL_HTTP_VERSIONS.get(handle.getinfo(CurlInfo.HTTP_VERSION)))
         if rec in _lost:
             _lost.discard(rec)
             self.recorder.released(rec, sc.ERROR if failed else sc.SERVER_CLOSED)

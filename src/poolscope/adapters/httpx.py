@@ -17,6 +17,12 @@ and one observed list, both where httpcore already keeps its books under its poo
   request has no connection. It ends in ``PoolTimeout``, cancellation, or once the request
   holds a connection it keeps (at its release).
 
+HTTP/2: httpcore hands any number of requests to one HTTP/2 connection, where each then takes
+a stream from the connection's semaphore (``_max_streams_semaphore``), sized by the server's
+``SETTINGS_MAX_CONCURRENT_STREAMS``. That semaphore takes an observed subclass whose ``acquire``
+counts a wait only when no stream is free. Active streams and the stream limit are read from
+the connection (its ``_events`` and ``_max_streams``) when metrics are collected.
+
 Pool-initiated closes pass through ``HTTPConnection.close``, where the reason is read from the
 connection as ``_assign_requests_to_connections`` judged it: past ``_expire_at`` is
 ``keepalive_expired``, an idle socket the server closed is ``server_closed``, the rest are idle
@@ -33,6 +39,7 @@ import inspect
 import sys
 import threading
 import time
+import weakref
 
 from .. import _semconv as sc
 from .._config import internal_error
@@ -47,12 +54,14 @@ def _flavors(root):
     """The sync and async classes of ``root`` (``httpcore`` or ``httpcore2``), by name."""
     return (
         {"package": f"{root}._sync", "pool": "ConnectionPool", "request": "PoolRequest",
-         "event": "Event", "connection": "HTTPConnection", "close": "close",
+         "event": "Event", "semaphore": "Semaphore", "connection": "HTTPConnection",
+         "close": "close",
          "handle": "handle_request",
          "proxies": (("http_proxy", "HTTPProxy", ("ForwardHTTPConnection", "TunnelHTTPConnection")),
                      ("socks_proxy", "SOCKSProxy", ("Socks5Connection",)))},
         {"package": f"{root}._async", "pool": "AsyncConnectionPool", "request": "AsyncPoolRequest",
-         "event": "AsyncEvent", "connection": "AsyncHTTPConnection", "close": "aclose",
+         "event": "AsyncEvent", "semaphore": "AsyncSemaphore",
+         "connection": "AsyncHTTPConnection", "close": "aclose",
          "handle": "handle_async_request",
          "proxies": (("http_proxy", "AsyncHTTPProxy",
                       ("AsyncForwardHTTPConnection", "AsyncTunnelHTTPConnection")),
@@ -166,6 +175,56 @@ def _observed_event(base, adapter):
     return type(base.__name__, (base,), {"wait": wait, "__module__": base.__module__})
 
 
+def _observed_semaphore(base, adapter):
+    """A subclass of httpcore's ``Semaphore`` (or ``AsyncSemaphore``), the streams of an HTTP/2
+    connection, whose ``acquire`` is a wait when no stream is free."""
+    if inspect.iscoroutinefunction(base.acquire):
+        async def acquire(self):
+            try:
+                if not self._backend:
+                    self.setup()
+                free = (getattr(self, "_anyio_semaphore", None)
+                        or getattr(self, "_trio_semaphore", None))
+                busy = free is not None and free.value == 0  # and stays so until it is awaited
+            except Exception:
+                internal_error("httpx:HTTP/2 stream")
+                busy = False
+            if not busy:
+                return await base.acquire(self)
+            waiting = adapter.stream_waiting(sys._getframe(1))
+            try:
+                await base.acquire(self)
+            except BaseException as exc:
+                adapter.wait_failed(waiting, exc)
+                raise
+            adapter.stream_granted(waiting)
+    else:
+        def acquire(self):
+            try:
+                if self._semaphore.acquire(False):
+                    return
+            except Exception:
+                internal_error("httpx:HTTP/2 stream")
+            waiting = adapter.stream_waiting(sys._getframe(1))
+            try:
+                base.acquire(self)
+            except BaseException as exc:
+                adapter.wait_failed(waiting, exc)
+                raise
+            adapter.stream_granted(waiting)
+    return type(base.__name__, (base,), {"acquire": acquire, "__module__": base.__module__})
+
+
+def _stream_counts(conn):
+    """A function giving the (active streams, stream limit) of ``conn``'s HTTP/2 connection."""
+    ref = weakref.ref(conn)
+
+    def streams():
+        inner = _protocol(ref())
+        return len(getattr(inner, "_events", ())), getattr(inner, "_max_streams", 0)
+    return streams
+
+
 class HttpxAdapter(Adapter):
     library = "httpx"
     root = "httpcore"  # the package whose pools are patched
@@ -201,6 +260,13 @@ class HttpxAdapter(Adapter):
         self.wrap(request_cls, "assign_to_connection", before=self._assign)
         self.wrap(request_cls, "clear_connection", before=self._clear)
         self.replace(pools, f["event"], _observed_event(getattr(pools, f["event"]), self))
+        try:
+            http2 = importlib.import_module(package + ".http2")
+        except ImportError:  # h2 not installed: no HTTP/2
+            pass
+        else:
+            self.replace(http2, f["semaphore"],
+                         _observed_semaphore(getattr(http2, f["semaphore"]), self))
         for cls in pool_classes:
             if "create_connection" in vars(cls):
                 self.wrap(cls, "create_connection", before=self._origin_arg, after=self._created)
@@ -304,8 +370,9 @@ class HttpxAdapter(Adapter):
             # given to the request as it gave up; httpcore2 drops it unconnected
             self.recorder.released(rec, sc.ERROR)
         elif not _left_busy(conn, rec):
-            if not rec.opened:
-                self.recorder.conn_opened(rec)  # a proxied connection, through at last
+            if not rec.opened:  # a proxied connection, through at last
+                http2 = hasattr(_protocol(conn), "_h2_state")
+                self.recorder.conn_opened(rec, protocol="2" if http2 else "1.1")
             self.recorder.released(rec)
 
     def _stale(self, conn, frame):
@@ -342,6 +409,29 @@ class HttpxAdapter(Adapter):
             internal_error("httpx:wait_for_connection")
             return None
 
+    def stream_waiting(self, frame):
+        """The wait of a request for a stream of an HTTP/2 connection, if ``frame`` is the
+        request's (not httpcore's own, when the server lowers its limit)."""
+        try:
+            if frame.f_code.co_name not in (handle for _, handle in self._connections):
+                return None
+            for _ in range(3):  # up to the httpcore connection, past a proxy's
+                frame = frame.f_back
+                rec = getattr(frame.f_locals.get("self"), "_poolscope", None) if frame else None
+                if rec is not None:
+                    return self.recorder.wait_started(rec.pool, rec.series), None
+            return None
+        except Exception:
+            internal_error("httpx:HTTP/2 stream")
+            return None
+
+    def stream_granted(self, waiting):
+        if waiting is not None:
+            try:
+                self.recorder.wait_ended(waiting[0])
+            except Exception:
+                internal_error("httpx:HTTP/2 stream")
+
     def wait_granted(self, waiting):
         """The request has a connection. It is counted when the request leaves the pool; its
         span ends now unless another request was handed the same connection too (httpcore
@@ -376,8 +466,13 @@ class HttpxAdapter(Adapter):
     def _connected(self, token, conn, stream, exc):
         rec, started, span = token
         if exc is None:
+            ssl_object = stream.get_extra_info("ssl_object")
+            http2 = ((ssl_object is not None and ssl_object.selected_alpn_protocol() == "h2")
+                     or (conn._http2 and not conn._http1))  # as httpcore decides it
             with self.serialized(rec.pool):
-                self.recorder.conn_opened(rec, time.monotonic() - started)
+                self.recorder.conn_opened(rec, time.monotonic() - started,
+                                          "2" if http2 else "1.1",
+                                          _stream_counts(conn) if http2 else None)
         if span is not None:
             peer = stream.get_extra_info("server_addr") if exc is None else None
             self.recorder.setup_ended(span, exc, peer[0] if peer else None)

@@ -51,7 +51,7 @@ import pycurl
 from .. import _semconv as sc
 from .._config import internal_error
 from .._recorder import CANCELLED, TIMED_OUT
-from ._base import Adapter, url_origin
+from ._base import CURL_HTTP_VERSIONS, Adapter, url_origin
 
 _QUEUED = 0.001
 _DEFAULT_MAXAGE = 118.0  # libcurl's MAXAGE_CONN default, seconds
@@ -517,7 +517,7 @@ class PycurlAdapter(Adapter):
                     sock.detach()
         cache.socks[key] = fd, _inode(fd)
         state.setup = time.monotonic() - started
-        self.recorder.conn_opened(rec, state.setup)
+        self.recorder.conn_opened(rec, state.setup, protocol=None)  # known once it answers
         span = self.recorder.setup_started(rec, state.context, started_ns)
         self.recorder.setup_ended(span, peer=key[2] if span else None)
 
@@ -556,6 +556,10 @@ class PycurlAdapter(Adapter):
             state.sockets = None
             return
         rec, key, cache = taken
+        if rec.protocol is None and curl is not None:
+            version = _read(curl, pycurl.INFO_HTTP_VERSION)
+            if version is not None:
+                self.recorder.protocol_known(rec, CURL_HTTP_VERSIONS.get(version[0]))
         times = None
         if state.multi is not None and state.multi[1].limited and curl is not None:
             times = _read(curl, pycurl.QUEUE_TIME_T, pycurl.PRETRANSFER_TIME_T,

@@ -341,10 +341,16 @@ class Urllib3Adapter(Adapter):
         try:
             if exc is None:
                 with self.serialized(rec.pool):
-                    self.recorder.conn_opened(rec, time.monotonic() - started)
+                    self.recorder.conn_opened(rec, time.monotonic() - started,
+                                              self.http_version(conn))
         finally:
             if span is not None:
                 self.recorder.setup_ended(span, exc, peer_address(lambda: conn.sock.getpeername()))
+
+    @staticmethod
+    def http_version(conn):
+        """The HTTP version a connection speaks (network.protocol.version)."""
+        return "1.1"
 
     def _conn_close(self, conn, args, kwargs):
         rec = conn.__dict__.get("_poolscope")

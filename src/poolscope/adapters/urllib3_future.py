@@ -48,6 +48,9 @@ def _code(function):
     return getattr(function, "__code__", None)
 
 
+_VERSIONS = {"HTTP/1.1": "1.1", "HTTP/2.0": "2", "HTTP/3.0": "3"}
+
+
 class _PendingResponses(dict):
     """A connection's responses still to be read (urllib3-future's ``_pending_responses``).
     ``returned``: its thread gave the connection back with one pending, so the release waits
@@ -187,6 +190,12 @@ class Urllib3FutureAdapter(Urllib3Adapter):
             pending.recorder, pending.rec, pending.lock = self.recorder, rec, police._lock
             pending.returned = False
             conn._pending_responses = pending
+
+    @staticmethod
+    def http_version(conn):
+        """HTTP/1.1, 2 or 3, as urllib3-future negotiated it (``HttpVersion``: "HTTP/2.0")."""
+        version = getattr(conn, "_svn", None)
+        return _VERSIONS.get(getattr(version, "value", None))
 
     def _async_pool_made(self, token, pool_obj, result, exc):
         """An async pool (niquests' ``AsyncSession``): not observed yet, said once."""
