@@ -6,6 +6,7 @@ import logging
 import subprocess
 import sys
 import textwrap
+import time
 import types
 from importlib.metadata import entry_points
 
@@ -304,3 +305,29 @@ def test_an_uncovered_client_installed_beside_is_one_line(tmp_path):
     lines = result.stderr.splitlines()
     assert len(lines) == 1, lines
     assert "requestx 0.4.0 installed, not observed" in lines[0]
+
+
+def test_saturation_time_never_goes_backwards_when_an_event_lands_after_a_collection():
+    """A saturation ends at the time its event read the clock; a collection between that read
+    and the event's bookkeeping (another thread, the GIL switching) has counted past it. The
+    counter reports its high-water mark instead of going back (seen once under chaos)."""
+    from conftest import Metrics
+    from poolscope._recorder import Recorder
+
+    metrics = Metrics()
+    recorder = Recorder(meter_provider=metrics.provider)
+    owner = urllib3.HTTPConnectionPool("127.0.0.1")  # no request: only its identity is used
+    pool = recorder.pool_opened("urllib3", owner, max_connections=1, serialized=True)
+    conn = recorder.conn_created(pool)
+    recorder.acquired(conn, span=None)
+    recorder.conn_opened(conn)  # in use: the pool of 1 is saturated
+
+    def saturated():
+        return metrics.value(metrics.read(), "poolscope.pool.saturation_time")
+    ended_at = time.monotonic()  # the release reads the clock ...
+    time.sleep(0.01)
+    before = saturated()  # ... a collection runs ...
+    recorder._shift(pool, -1, ended_at)  # ... and the release's bookkeeping lands
+    assert pool.saturated < before  # what was counted up to the release itself
+    assert saturated() >= before
+    recorder.close()

@@ -82,7 +82,8 @@ class Series:
     """One attribute set (a library, or a library and an origin) for the life of the process."""
 
     __slots__ = ("key", "attrs", "pending", "acquired", "acquired_seen", "created", "closed",
-                 "waits", "stale", "saturated", "peak", "pools_opened", "multiplexed", "_derived")
+                 "waits", "stale", "saturated", "saturated_seen", "peak", "pools_opened",
+                 "multiplexed", "_derived")
 
     def __init__(self, key, attrs):
         self.key = key
@@ -94,7 +95,7 @@ class Series:
         self.closed = {}
         self.waits = {}  # outcome -> waits ended so
         self.stale = {}  # retried -> requests failed on a connection the server had closed
-        self.saturated = 0.0
+        self.saturated = self.saturated_seen = 0.0
         self.multiplexed = False  # it had HTTP/2 (or HTTP/3) connections
         self._derived = {}
 
@@ -118,7 +119,7 @@ class Series:
         self.closed = {}
         self.waits = {}
         self.stale = {}
-        self.saturated = 0.0
+        self.saturated = self.saturated_seen = 0.0
 
 
 _NEVER = float("inf")
@@ -938,6 +939,11 @@ class Recorder:
                     since = pool.sat_since
                     ongoing = pool.saturated + (now - since if since is not None else 0.0)
                     totals[pool.scope] = totals.get(pool.scope, pool.scope.saturated) + ongoing
+            for s, total in totals.items():
+                # A saturation that ends is closed at the time its event read the clock, which
+                # can be before this collection's: the counter must not go backwards, so it
+                # reports its high-water mark (time moves on past it).
+                s.saturated_seen = totals[s] = max(s.saturated_seen, total)
         return [Observation(v, s.attrs) for s, v in totals.items()]
 
     def _observe_ages(self, conn_start, wait_start, queued=False):
