@@ -20,7 +20,8 @@ LIBRARY_TESTS = ["tests/test_pools.py", "tests/test_urllib3.py", "tests/test_htt
                  "tests/test_sdks.py",
                  "tests/test_aiohttp.py", "tests/test_pycurl.py", "tests/test_api.py",
                  "tests/test_ordering.py", "tests/test_faults.py", "tests/test_spans.py",
-                 "tests/test_leaks.py", "tests/test_stress.py", "tests/test_http2.py"]
+                 "tests/test_leaks.py", "tests/test_stress.py", "tests/test_http2.py",
+                 "tests/test_setup_phases.py"]
 INSTRUMENTATIONS = ["opentelemetry-instrumentation-httpx", "opentelemetry-instrumentation-urllib3",
                     "opentelemetry-instrumentation-requests",
                     "opentelemetry-instrumentation-aiohttp-client"]
@@ -61,7 +62,8 @@ def matrix(session, pins):
 # installed), as niquests' dependency does: the shared scenarios then run on niquests and on
 # urllib3-future through its urllib3 API, beside the other libraries' newest versions
 FUTURE_TESTS = ["tests/test_urllib3_future.py", "tests/test_pools.py", "tests/test_faults.py",
-                "tests/test_stress.py", "tests/test_ordering.py", "tests/test_spans.py"]
+                "tests/test_stress.py", "tests/test_ordering.py", "tests/test_spans.py",
+                "tests/test_setup_phases.py"]
 
 
 # Before 2.25.904 urllib3-future can lose a connection when a pool timeout races its hand-over

@@ -4,6 +4,9 @@ import shutil
 import pytest
 from opentelemetry.sdk.metrics import MeterProvider
 from opentelemetry.sdk.metrics.export import InMemoryMetricReader
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
 os.environ.setdefault("POOLSCOPE_STRICT", "true")
 
@@ -51,6 +54,28 @@ def metrics():
     yield m
     poolscope.uninstrument()
     m.provider.shutdown()
+
+
+class Traced(Metrics):
+    """:class:`Metrics` with spans: ``finished(name)`` gives the ended spans."""
+
+    def __init__(self):
+        super().__init__()
+        self.spans = InMemorySpanExporter()
+        self.tracer_provider = TracerProvider()
+        self.tracer_provider.add_span_processor(SimpleSpanProcessor(self.spans))
+
+    def finished(self, name=None):
+        return [s for s in self.spans.get_finished_spans() if name is None or s.name == name]
+
+
+@pytest.fixture
+def traced():
+    t = Traced()
+    poolscope.instrument(meter_provider=t.provider, tracer_provider=t.tracer_provider)
+    yield t
+    poolscope.uninstrument()
+    t.provider.shutdown()
 
 
 @pytest.fixture

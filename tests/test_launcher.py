@@ -363,7 +363,7 @@ TRACED_APP = textwrap.dedent("""
 
 def test_spans_exported_over_otlp_arrive_intact(tmp_path, server, collector):
     """maxsize 1, two requests of 0.3 s under the application's own spans: one set-up span under
-    the first, one 0.3 s wait span under the second."""
+    the first (with its socket connect), one 0.3 s wait span under the second."""
     app = tmp_path / "traced.py"
     app.write_text(TRACED_APP)
     proc = launch(["--metrics-exporter", "none", "--traces-exporter", "otlp", PY, str(app),
@@ -388,7 +388,14 @@ def test_spans_exported_over_otlp_arrive_intact(tmp_path, server, collector):
     requests = [s for s in spans if s.name.startswith("request ")]
     assert [[(link.trace_id, link.span_id) for link in r.links] for r in requests] == \
         [[(setup.trace_id, setup.span_id)]] * 2
-    assert len(spans) == 4  # two requests, one wait, one set-up: no root spans of poolscope's
+    # the set-up's one phase apart over plain HTTP: urllib3's socket opening
+    [connect] = [s for s in spans if s.name == "socket connect"]
+    assert connect.parent_span_id == setup.span_id
+    # within it (to a millisecond: a phase's start is its end less its monotonic duration)
+    assert setup.start_time_unix_nano - 1_000_000 <= connect.start_time_unix_nano
+    assert connect.end_time_unix_nano <= setup.end_time_unix_nano
+    # two requests, one wait, one set-up and its phase: no root spans of poolscope's
+    assert len(spans) == 5
 
 
 WSGI_APP = textwrap.dedent("""

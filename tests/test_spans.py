@@ -11,36 +11,12 @@ from opentelemetry.instrumentation.aiohttp_client import AioHttpClientInstrument
 from opentelemetry.instrumentation.httpx import HTTPXClientInstrumentor
 from opentelemetry.instrumentation.urllib3 import URLLib3Instrumentor
 from opentelemetry.sdk.trace import TracerProvider
-from opentelemetry.sdk.trace.export import SimpleSpanProcessor
-from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import SpanKind, StatusCode
 
-import poolscope
-from conftest import Metrics
 from drivers import DRIVERS
 
 WAIT, SETUP = "HTTP wait_for_connection", "HTTP connection_setup"
 OFFICIAL = [HTTPXClientInstrumentor, URLLib3Instrumentor, AioHttpClientInstrumentor]
-
-
-class Traced(Metrics):
-    def __init__(self):
-        super().__init__()
-        self.spans = InMemorySpanExporter()
-        self.tracer_provider = TracerProvider()
-        self.tracer_provider.add_span_processor(SimpleSpanProcessor(self.spans))
-
-    def finished(self, name=None):
-        return [s for s in self.spans.get_finished_spans() if name is None or s.name == name]
-
-
-@pytest.fixture
-def traced():
-    t = Traced()
-    poolscope.instrument(meter_provider=t.provider, tracer_provider=t.tracer_provider)
-    yield t
-    poolscope.uninstrument()
-    t.provider.shutdown()
 
 
 @pytest.fixture

@@ -730,6 +730,23 @@ class Recorder:
         parent.add_link(conn.setup)
         return span
 
+    def setup_phases(self, conn, phases):
+        """How ``conn``'s set-up divided: ``phases`` are ``(phase, seconds, end_ns)``, each
+        recorded in the phase histogram and, where the set-up was traced, as a child span of
+        its ``HTTP connection_setup`` span."""
+        parent = None
+        for phase, seconds, end_ns in phases:
+            self._phase_time.record(seconds, conn.series.attr((sc.SETUP_PHASE, phase)))
+            if conn.setup is None:
+                continue
+            if parent is None:
+                parent = trace.set_span_in_context(trace.NonRecordingSpan(conn.setup))
+            span = self._tracer.start_span(sc.SETUP_PHASE_SPANS[phase], context=parent,
+                                           kind=SpanKind.INTERNAL,
+                                           attributes=self._span_attrs(conn.series),
+                                           start_time=end_ns - int(seconds * 1e9))
+            span.end(end_time=end_ns)
+
     @staticmethod
     def setup_ended(span, error=None, peer=None, end_ns=None):
         """End a span from :meth:`setup_started` (a no-op for None)."""
@@ -805,6 +822,7 @@ class Recorder:
 
         self._wait_time = histogram(sc.WAIT_TIME)
         self._create_time = histogram(sc.CREATE_TIME)
+        self._phase_time = histogram(sc.SETUP_PHASE_TIME)
         self._use_time = histogram(sc.USE_TIME)
         self._idle_time = histogram(sc.IDLE_TIME)
         self._duration = histogram(sc.CONNECTION_DURATION, sc.LIFETIME_BUCKETS)

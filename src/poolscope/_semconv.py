@@ -14,6 +14,7 @@ NETWORK_PEER_ADDRESS = "network.peer.address"
 WAIT_OUTCOME = "poolscope.wait.outcome"
 RETRIED = "poolscope.request.retried"
 PROTOCOL_VERSION = "network.protocol.version"  # "1.1", "2", "3"
+SETUP_PHASE = "poolscope.setup.phase"
 
 STATE_ACTIVE = "active"
 STATE_IDLE = "idle"
@@ -35,6 +36,12 @@ TIMED_OUT = "timed_out"
 CANCELLED = "cancelled"
 WAIT_OUTCOMES = (GRANTED, TIMED_OUT, CANCELLED)
 
+# Set-up phases, and the span each is in a trace (.NET's names)
+DNS = "dns"
+CONNECT = "connect"
+TLS = "tls"
+SETUP_PHASE_SPANS = {DNS: "DNS lookup", CONNECT: "socket connect", TLS: "TLS handshake"}
+
 # Metrics: (name, unit, description)
 OPEN_CONNECTIONS = ("http.client.open_connections", "{connection}",
                     "Connections open in a pool, by state (active or idle)")
@@ -52,6 +59,9 @@ WAIT_TIME = ("poolscope.connection.wait_time", "s",
              "Time an acquisition waited for a connection or a slot to open one")
 CREATE_TIME = ("poolscope.connection.create_time", "s",
                "Time to establish a new connection (TCP connect, plus TLS where used)")
+SETUP_PHASE_TIME = ("poolscope.connection.setup_phase_time", "s",
+                    "Time a phase of a new connection's set-up took: name resolution (dns), TCP "
+                    "connect (connect) or TLS handshake (tls)")
 USE_TIME = ("poolscope.connection.use_time", "s",
             "Time from acquisition to release back to the pool (detailed timings)")
 IDLE_TIME = ("poolscope.connection.idle_time", "s",

@@ -48,6 +48,7 @@ def collect(metrics_data):
                              attrs.get(sc.REUSED) if metric.name == sc.ACQUISITIONS[0] else
                              attrs.get(sc.WAIT_OUTCOME) if metric.name == sc.WAITS[0] else
                              attrs.get(sc.RETRIED) if metric.name == sc.STALE_FAILURES[0] else
+                             attrs.get(sc.SETUP_PHASE) if metric.name == sc.SETUP_PHASE_TIME[0] else
                              attrs.get(sc.CONNECTION_STATE))
                     name = metric.name if extra is None else (metric.name, extra)
                     found = figures.setdefault(_key(attrs), {})
@@ -130,11 +131,20 @@ def render(metrics_data, scopes, leak_after=30.0):
                         if served and served.count else "")
                      + (f"; HTTP/2 streams {f.get(sc.ACTIVE_STREAMS[0], 0)} active of {streams} "
                         "allowed" if streams is not None else ""))
+        create = f.get(sc.CREATE_TIME[0])
+        phases = {p: f[(sc.SETUP_PHASE_TIME[0], p)] for p in sc.SETUP_PHASE_SPANS
+                  if (sc.SETUP_PHASE_TIME[0], p) in f}
+        if create is not None and create.count:
+            lines.append(f"  set-up: {_seconds(create.sum / create.count)} on average"
+                         + (" (" + ", ".join(f"{p} {_seconds(pt.sum / pt.count)}"
+                                             for p, pt in phases.items()) + ")" if phases else ""))
+        handshake = phases.get(sc.TLS)
         for line in stuck(f.get(sc.OLDEST_ACTIVE_AGE[0]), f.get(sc.OLDEST_PENDING_AGE[0]),
                           leak_after):
             lines.append(f"  WARNING: {line}")
         for line in advise(library, total, waited, timeouts, limit, peak, pools_opened, reused,
-                           closes, wait, stale, http2=streams is not None):
+                           closes, wait, stale, http2=streams is not None,
+                           handshake=handshake.sum / handshake.count if handshake else None):
             lines.append(f"  advice: {line}")
     return "\n".join(lines) + "\n"
 
@@ -156,10 +166,11 @@ def stuck(active_age, pending_age, leak_after):
 
 
 def advise(library, total, waited, timeouts, limit, peak, pools_opened, reused, closes, wait,
-           stale=(0, 0), http2=False):
+           stale=(0, 0), http2=False, handshake=None):
     """Plain-language advice for the figures of one origin; ``stale``: requests failed on a
     connection the server had closed, (sent again by the library, not); ``http2``: the origin's
-    connections are HTTP/2, where requests wait for a stream."""
+    connections are HTTP/2, where requests wait for a stream; ``handshake``: the mean seconds
+    of a new connection's TLS handshake."""
     advice = []
     if sum(stale):
         expiry = KEEPALIVE_SETTING.get(library)
@@ -197,6 +208,11 @@ def advise(library, total, waited, timeouts, limit, peak, pools_opened, reused, 
     if closes.get(sc.IDLE_LIMIT) and closes[sc.IDLE_LIMIT] * 4 >= total:
         advice.append(f"{closes[sc.IDLE_LIMIT]} idle connections were closed because the pool "
                       f"kept too few: raise {IDLE_SETTING.get(library, 'its idle limit')}.")
+    if handshake is not None and handshake >= 0.05 and total >= 4 and reused * 2 < total:
+        advice.append(f"{total - reused} of {total} requests opened a new connection, each "
+                      f"spending {_seconds(handshake)} on its TLS handshake: keep connections "
+                      "for reuse (one client for the process, idle connections kept, a "
+                      "keep-alive expiry longer than the gaps between requests).")
     if pools_opened >= 10 and total and reused * 2 < total:
         advice.append(f"{pools_opened} pools were created for few requests each: the application "
                       "makes a client per request; create one client and reuse it.")

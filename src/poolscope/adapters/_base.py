@@ -1,13 +1,16 @@
 """What every adapter shares: patch bookkeeping and the one guarded wrapper for sync and async."""
 
 import contextlib
+import contextvars
 import errno
 import functools
 import inspect
 import sys
+import time
 import types
 from urllib.parse import urlsplit
 
+from .. import _semconv as sc
 from .._config import internal_error
 
 DEFAULT_PORTS = {"http": 80, "https": 443}
@@ -16,6 +19,52 @@ DEFAULT_PORTS = {"http": 80, "https": 443}
 CURL_HTTP_VERSIONS = {1: "1.0", 2: "1.1", 3: "2", 30: "3"}
 _MISSING = object()
 _UNLOCKED = contextlib.nullcontext()
+# the phases of the connection set-up this thread or task is running: (phase, seconds, end_ns)
+_PHASES = contextvars.ContextVar("poolscope_setup_phases", default=None)
+
+
+def phases_begin():
+    """Start collecting the phases of a connection set-up in this thread or task; returns the
+    list they land in (see :func:`phase_timer`)."""
+    phases = []
+    _PHASES.set(phases)
+    return phases
+
+
+def phases_end():
+    _PHASES.set(None)
+
+
+def phase_timer(phase):
+    """``before``/``after`` hooks for :meth:`Adapter.wrap` that time a call as ``phase`` of the
+    set-up in progress (none in progress: nothing)."""
+    def before(obj, args, kwargs):
+        return time.monotonic() if _PHASES.get() is not None else None
+
+    def after(started, obj, result, exc):
+        if exc is None:
+            phase_ended(phase, started)
+    return before, after
+
+
+def curl_phases(namelookup_us, connect_us, appconnect_us, start_ns):
+    """The set-up phases of a libcurl transfer that opened a connection, from its times
+    (NAMELOOKUP, CONNECT, APPCONNECT: microseconds from the transfer's start at ``start_ns``;
+    APPCONNECT 0 without TLS)."""
+    marks = ((sc.DNS, namelookup_us), (sc.CONNECT, connect_us), (sc.TLS, appconnect_us))
+    phases, before = [], 0
+    for phase, mark in marks[:3 if appconnect_us else 2]:
+        phases.append((phase, max(0, mark - before) / 1e6, start_ns + mark * 1000))
+        before = mark
+    return phases
+
+
+def phase_ended(phase, started):
+    """``phase`` of the set-up in progress (if any) ended well; it started at ``started``
+    (``time.monotonic()``)."""
+    phases = _PHASES.get()
+    if phases is not None:
+        phases.append((phase, time.monotonic() - started, time.time_ns()))
 
 
 def around(function, where, before=None, after=None, is_async=False):

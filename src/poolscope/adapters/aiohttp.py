@@ -30,7 +30,8 @@ import time
 from .. import _semconv as sc
 from .._config import internal_error
 from .._recorder import CANCELLED, TIMED_OUT, Conn
-from ._base import Adapter, arg, calling, disconnected, peer_address
+from ._base import (Adapter, arg, calling, disconnected, peer_address, phase_timer,
+                    phases_begin, phases_end)
 
 
 def _origin(key):
@@ -142,6 +143,9 @@ class AiohttpAdapter(Adapter):
         for cls in vars(connector).values():
             if isinstance(cls, type) and issubclass(cls, base) and "_create_connection" in vars(cls):
                 self.wrap(cls, "_create_connection", before=self._create_start, after=self._created)
+        # name resolution is a phase of its own; asyncio's create_connection does TCP and TLS
+        # in one call
+        self.wrap(connector.TCPConnector, "_resolve_host", *phase_timer(sc.DNS))
         handler = client_proto.ResponseHandler
         self.wrap(handler, "close", before=self._proto_close)
         self.wrap(handler, "connection_lost", after=self._proto_lost)
@@ -211,10 +215,11 @@ class AiohttpAdapter(Adapter):
         if key is None:  # not a request aiohttp made: nothing to count (the call fails)
             return None
         rec = self.recorder.conn_created(self._pool(connector, key), self._series(key))
-        return rec, time.monotonic(), self.recorder.setup_started(rec)
+        return rec, time.monotonic(), self.recorder.setup_started(rec), phases_begin()
 
     def _created(self, token, connector, proto, exc):
-        rec, started, span = token
+        rec, started, span, phases = token
+        phases_end()
         if exc is not None:
             self.recorder.setup_ended(span, exc)
             self.recorder.closed(rec, sc.ERROR)
@@ -223,6 +228,7 @@ class AiohttpAdapter(Adapter):
             proto._poolscope = rec
             self.recorder.acquired(rec)
             self.recorder.conn_opened(rec, time.monotonic() - started)
+            self.recorder.setup_phases(rec, phases)
         finally:
             if span is not None:
                 self.recorder.setup_ended(span, peer=peer_address(

@@ -44,7 +44,7 @@ from curl_cffi.requests import session as sessions
 from .. import _semconv as sc
 from .._config import internal_error
 from .._recorder import CANCELLED
-from ._base import CURL_HTTP_VERSIONS, Adapter, calling, url_origin
+from ._base import CURL_HTTP_VERSIONS, Adapter, calling, curl_phases, url_origin
 
 ffi, lib = curl.ffi, curl.lib
 setopt = lib._curl_easy_setopt
@@ -273,9 +273,10 @@ class CurlCffiAdapter(Adapter):
             setup = max(0, max(times[1], times[2]) - times[0]) / 1e6
             self.recorder.conn_opened(rec, setup, protocol=None)  # known once it answers
             _by_key[key] = rec
-            span = self.recorder.setup_started(rec, state.context,
-                                               time.time_ns() - int(setup * 1e9))
+            now = time.time_ns()
+            span = self.recorder.setup_started(rec, state.context, now - int(setup * 1e9))
             self.recorder.setup_ended(span, peer=key[2].decode() if span else None)
+            self.recorder.setup_phases(rec, curl_phases(*times, now - max(times) * 1000))
         state.conn = rec
         self.recorder.acquired(rec, context=state.context)
 

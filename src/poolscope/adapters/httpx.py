@@ -44,7 +44,7 @@ import weakref
 from .. import _semconv as sc
 from .._config import internal_error
 from .._recorder import CANCELLED, TIMED_OUT, recording_span
-from ._base import Adapter, arg, disconnected
+from ._base import Adapter, arg, disconnected, phase_ended, phases_begin, phases_end
 
 
 _LINKING = threading.Lock()
@@ -215,6 +215,41 @@ def _observed_semaphore(base, adapter):
     return type(base.__name__, (base,), {"acquire": acquire, "__module__": base.__module__})
 
 
+_TRACED_PHASES = {"connect_tcp": sc.CONNECT, "connect_unix_socket": sc.CONNECT, "start_tls": sc.TLS}
+
+
+def _phase_trace(base):
+    """httpcore's ``Trace``, which its connection module puts around each step of a connect,
+    also timing the steps that are set-up phases: the TCP connect (with name resolution) and
+    the TLS handshake."""
+    def ended(trace, exc_type):
+        try:
+            phase = _TRACED_PHASES.get(trace.name)
+            if phase is not None and exc_type is None:
+                phase_ended(phase, trace._poolscope_started)
+        except Exception:
+            internal_error("httpx:set-up phase")
+
+    class Trace(base):
+        def __enter__(self):
+            self._poolscope_started = time.monotonic()
+            return super().__enter__()
+
+        def __exit__(self, exc_type=None, exc_value=None, traceback=None):
+            ended(self, exc_type)
+            return super().__exit__(exc_type, exc_value, traceback)
+
+        async def __aenter__(self):
+            self._poolscope_started = time.monotonic()
+            return await super().__aenter__()
+
+        async def __aexit__(self, exc_type=None, exc_value=None, traceback=None):
+            ended(self, exc_type)
+            return await super().__aexit__(exc_type, exc_value, traceback)
+    Trace.__module__ = base.__module__
+    return Trace
+
+
 def _stream_counts(conn):
     """A function giving the (active streams, stream limit) of ``conn``'s HTTP/2 connection."""
     ref = weakref.ref(conn)
@@ -245,7 +280,8 @@ class HttpxAdapter(Adapter):
         pools = importlib.import_module(package + ".connection_pool")
         pool_cls = getattr(pools, f["pool"])
         pool_classes = [pool_cls]
-        conn_classes = [getattr(importlib.import_module(package + ".connection"), f["connection"])]
+        connection = importlib.import_module(package + ".connection")
+        conn_classes = [getattr(connection, f["connection"])]
         for module_name, proxy, connections in f["proxies"]:
             try:
                 module = importlib.import_module(f"{package}.{module_name}")
@@ -273,6 +309,7 @@ class HttpxAdapter(Adapter):
         for cls in conn_classes:
             self.wrap(cls, f["close"], before=self._conn_close)
         self.wrap(conn_classes[0], "_connect", before=self._connect_start, after=self._connected)
+        self.replace(connection, "Trace", _phase_trace(connection.Trace))
         self._connections.append((conn_classes[0], f["handle"]))
 
     def _link_when_sent(self):
@@ -461,10 +498,11 @@ class HttpxAdapter(Adapter):
         rec = conn.__dict__.get("_poolscope")
         if rec is None:
             return None
-        return rec, time.monotonic(), self.recorder.setup_started(rec)
+        return rec, time.monotonic(), self.recorder.setup_started(rec), phases_begin()
 
     def _connected(self, token, conn, stream, exc):
-        rec, started, span = token
+        rec, started, span, phases = token
+        phases_end()
         if exc is None:
             ssl_object = stream.get_extra_info("ssl_object")
             http2 = ((ssl_object is not None and ssl_object.selected_alpn_protocol() == "h2")
@@ -473,6 +511,7 @@ class HttpxAdapter(Adapter):
                 self.recorder.conn_opened(rec, time.monotonic() - started,
                                           "2" if http2 else "1.1",
                                           _stream_counts(conn) if http2 else None)
+            self.recorder.setup_phases(rec, phases)
         if span is not None:
             peer = stream.get_extra_info("server_addr") if exc is None else None
             self.recorder.setup_ended(span, exc, peer[0] if peer else None)

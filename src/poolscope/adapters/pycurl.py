@@ -51,7 +51,7 @@ import pycurl
 from .. import _semconv as sc
 from .._config import internal_error
 from .._recorder import CANCELLED, TIMED_OUT
-from ._base import CURL_HTTP_VERSIONS, Adapter, url_origin
+from ._base import CURL_HTTP_VERSIONS, Adapter, curl_phases, url_origin
 
 _QUEUED = 0.001
 _DEFAULT_MAXAGE = 118.0  # libcurl's MAXAGE_CONN default, seconds
@@ -567,10 +567,20 @@ class PycurlAdapter(Adapter):
             if times is None and not final:
                 state.errno = errno
                 return
+        phases = None
+        if state.setup and curl is not None:  # the transfer opened its connection
+            phases = _read(curl, pycurl.NAMELOOKUP_TIME_T, pycurl.CONNECT_TIME_T,
+                           pycurl.APPCONNECT_TIME_T, pycurl.TOTAL_TIME_T)
+            if phases is None and not final:
+                state.errno = errno
+                return
         setup, state.setup = state.setup, 0.0
         state.conn = state.sockets = None
         if times is not None:
             self._waited(state, rec, setup, *times)
+        if phases is not None:
+            *marks, total_us = phases
+            self.recorder.setup_phases(rec, curl_phases(*marks, time.time_ns() - total_us * 1000))
         sock = cache.socks.get(key)
         if sock is None or _open(curl if attached else None, sock):
             self.recorder.released(rec)

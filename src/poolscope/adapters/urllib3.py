@@ -33,7 +33,8 @@ import weakref
 from .. import _semconv as sc
 from .._config import internal_error
 from .._recorder import CANCELLED, GRANTED, TIMED_OUT
-from ._base import DEFAULT_PORTS, Adapter, arg, calling, disconnected, peer_address
+from ._base import (DEFAULT_PORTS, Adapter, arg, calling, disconnected, peer_address,
+                    phase_timer, phases_begin, phases_end)
 
 _EMPTY_POOL = None  # the EmptyPoolError urllib3 raises next, for the wait span (set at patch)
 _GET_CONN = _PUT_CONN = _URLOPEN = None  # code objects of urllib3's own methods (set at patch)
@@ -248,6 +249,7 @@ def _close_reason(conn, rec):
 
 class Urllib3Adapter(Adapter):
     library = "urllib3"
+    _https = ()  # the connection class whose connect is TCP then TLS (urllib3's, not its fork's)
 
     def patch(self):
         global _EMPTY_POOL, _GET_CONN, _PUT_CONN, _URLOPEN
@@ -259,6 +261,10 @@ class Urllib3Adapter(Adapter):
         _GET_CONN, _PUT_CONN, _URLOPEN = (getattr(getattr(pool_cls, name), "__code__", None)
                                           for name in ("_get_conn", "_put_conn", "urlopen"))
         self.patch_pools(pool_cls, connection)
+        # the socket's opening (name resolution and TCP connect); the rest of an HTTPS
+        # connection's connect is its TLS handshake
+        self._https = connection.HTTPSConnection
+        self.wrap(connection.HTTPConnection, "_new_conn", *phase_timer(sc.CONNECT))
         self.wrap(_collections.RecentlyUsedContainer, "__setitem__", before=self._evicting)
 
     def patch_pools(self, pool_cls, connection):
@@ -317,7 +323,7 @@ class Urllib3Adapter(Adapter):
                 self.recorder.acquired(rec)
         elif rec.opened:
             return None
-        return rec, time.monotonic(), self.recorder.setup_started(rec)
+        return rec, time.monotonic(), self.recorder.setup_started(rec), phases_begin()
 
     def _pool_of(self, conn, rec):
         """The live pool state of a connection object about to open a socket: its last
@@ -337,12 +343,17 @@ class Urllib3Adapter(Adapter):
         return None
 
     def _connected(self, token, conn, result, exc):
-        rec, started, span = token
+        rec, started, span, phases = token
+        ended, ended_ns = time.monotonic(), time.time_ns()
+        phases_end()
         try:
             if exc is None:
                 with self.serialized(rec.pool):
-                    self.recorder.conn_opened(rec, time.monotonic() - started,
-                                              self.http_version(conn))
+                    self.recorder.conn_opened(rec, ended - started, self.http_version(conn))
+                if (phases and isinstance(conn, self._https)
+                        and not getattr(conn, "_tunnel_host", None)):
+                    phases.append((sc.TLS, (ended_ns - phases[-1][2]) / 1e9, ended_ns))
+                self.recorder.setup_phases(rec, phases)
         finally:
             if span is not None:
                 self.recorder.setup_ended(span, exc, peer_address(lambda: conn.sock.getpeername()))
