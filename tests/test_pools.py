@@ -146,8 +146,10 @@ def test_requests_per_connection_are_recorded_at_its_close(metrics, make, server
 
 
 # whether each library sends a request again after its reused connection failed stale: the test
-# drivers' urllib3 pools have retries off; aiohttp retries an idempotent request once
-RETRIES_STALE = {"urllib3": False, "httpx": False, "httpx2": False, "aiohttp": True}
+# drivers' urllib3 and urllib3-future pools (and niquests') have retries off; aiohttp retries
+# an idempotent request once
+RETRIES_STALE = {"urllib3": False, "httpx": False, "httpx2": False, "aiohttp": True,
+                 "urllib3-future": False}
 
 
 def test_a_request_on_a_connection_the_server_dropped_is_a_stale_failure(metrics, make):

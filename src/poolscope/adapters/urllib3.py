@@ -384,14 +384,16 @@ class Urllib3Adapter(Adapter):
 
     def _stale(self, rec, frame):
         """``urlopen`` (``frame``) closes a reused connection its request failed on, whether or
-        not http.client closed it already: if the server had closed it, the request failed
-        stale. The retry goes ahead when ``urlopen`` kept the error (``err``); else its
+        not the connection closed itself already: if the server had closed it, the request
+        failed stale. The retry goes ahead when ``urlopen`` kept the error (``err``); else its
         exception is under way."""
         if frame is None:
             return
         err = frame.f_locals.get("err")
-        if disconnected(err if err is not None else sys.exc_info()[1]):
+        if self.disconnected(err if err is not None else sys.exc_info()[1]):
             self.recorder.stale_failure(rec, err is not None)
+
+    disconnected = staticmethod(disconnected)
 
     def _evicting(self, container, args, kwargs):
         entries = container._container

@@ -38,7 +38,7 @@ import time
 from .. import _semconv as sc
 from .._config import internal_error, logger
 from .._recorder import CANCELLED, GRANTED, TIMED_OUT
-from ._base import DEFAULT_PORTS, calling
+from ._base import DEFAULT_PORTS, calling, disconnected
 from .urllib3 import Urllib3Adapter
 
 get_ident = threading.get_ident
@@ -49,6 +49,7 @@ def _code(function):
 
 
 _VERSIONS = {"HTTP/1.1": "1.1", "HTTP/2.0": "2", "HTTP/3.0": "3"}
+_REMOTE_CLOSED = "Remote end closed connection without response"
 
 
 class _PendingResponses(dict):
@@ -90,9 +91,11 @@ class Urllib3FutureAdapter(Urllib3Adapter):
         connection, connectionpool = module("connection"), module("connectionpool")
         police = module("util.traffic_police")
         police_cls, self._unavailable = police.TrafficPolice, police.UnavailableTraffic
+        self._protocol_error = module("exceptions").ProtocolError
         pool_cls = connectionpool.HTTPConnectionPool
-        self._get_code, self._sacrifice_code, self._get_conn_code = (
-            _code(police_cls.get), _code(police_cls._sacrifice_first_idle), _code(pool_cls._get_conn))
+        self._get_code, self._sacrifice_code, self._get_conn_code, self._urlopen_code = (
+            _code(police_cls.get), _code(police_cls._sacrifice_first_idle), _code(pool_cls._get_conn),
+            _code(pool_cls.urlopen))
         self.patch_pools(pool_cls, connection)
         self._async_told = False
         async_pools = getattr(sys.modules.get(f"{self.root}._async.connectionpool"),
@@ -225,9 +228,19 @@ class Urllib3FutureAdapter(Urllib3Adapter):
             evicted = calling(self._sacrifice_code, depth=1) is not None
             self.recorder.pool_closed(state, sc.EVICTED if evicted else sc.POOL_CLOSED)
 
+    def disconnected(self, error):
+        """As urllib3's, and (before 2.25) urllib3-future's own unchained "Remote end closed
+        connection without response"."""
+        return disconnected(error) or (isinstance(error, self._protocol_error)
+                                       and str(error) == _REMOTE_CLOSED)
+
     def _conn_close(self, conn, args, kwargs):
         rec = conn.__dict__.get("_poolscope")
-        if rec is None or rec.closed:
+        if rec is None:
+            return
+        if rec.uses > 1:  # urlopen lets go of a reused connection (police.kill), closed or not
+            self._stale(rec, calling(self._urlopen_code, depth=2))
+        if rec.closed:
             return
         if calling(self._sacrifice_code, depth=1) is not None:
             reason = sc.POOL_FULL
