@@ -123,9 +123,10 @@ class DemoServer(ThreadingHTTPServer):
     daemon_threads = True
     block_on_close = False
     request_queue_size = 128
+    handler, scheme = _Handler, "http"
 
     def __init__(self, port=0, idle_timeout=None, api_delay=0.0, stale_after=None):
-        super().__init__(("127.0.0.1", port), _Handler)
+        super().__init__(("127.0.0.1", port), self.handler)
         self.idle_timeout = idle_timeout
         self.stale_after = stale_after
         self.api_delay = api_delay
@@ -141,7 +142,7 @@ class DemoServer(ThreadingHTTPServer):
 
     @property
     def url(self):
-        return f"http://127.0.0.1:{self.port}"
+        return f"{self.scheme}://127.0.0.1:{self.port}"
 
     def __enter__(self):
         self._thread = threading.Thread(target=self.serve_forever, kwargs={"poll_interval": 0.05},
