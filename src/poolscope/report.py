@@ -209,8 +209,8 @@ def advise(library, total, waited, timeouts, limit, peak, pools_opened, reused, 
         advice.append(f"{closes[sc.IDLE_LIMIT]} idle connections were closed because the pool "
                       f"kept too few: raise {IDLE_SETTING.get(library, 'its idle limit')}.")
     if handshake is not None and handshake >= 0.05 and total >= 4 and reused * 2 < total:
-        advice.append(f"{total - reused} of {total} requests opened a new connection, each "
-                      f"spending {_seconds(handshake)} on its TLS handshake: keep connections "
+        advice.append(f"{total - reused} of {total} requests opened a new connection, whose "
+                      f"TLS handshake took {_seconds(handshake)} on average: keep connections "
                       "for reuse (one client for the process, idle connections kept, a "
                       "keep-alive expiry longer than the gaps between requests).")
     if pools_opened >= 10 and total and reused * 2 < total:
