@@ -17,9 +17,9 @@ from poolscope.demo.server import DemoServer  # noqa: E402
 class Metrics:
     """poolscope instrumented into an in-memory SDK pipeline; ``read()`` collects it."""
 
-    def __init__(self):
+    def __init__(self, views=()):
         self.reader = InMemoryMetricReader()
-        self.provider = MeterProvider(metric_readers=[self.reader])
+        self.provider = MeterProvider(metric_readers=[self.reader], views=views)
 
     def read(self):
         """{metric name: [(attributes dict, point)]} from one collection."""

@@ -6,8 +6,9 @@ import logging
 import threading
 
 import pytest
-from opentelemetry.sdk.metrics import MeterProvider
+from opentelemetry.sdk.metrics import AlignedHistogramBucketExemplarReservoir, MeterProvider
 from opentelemetry.sdk.metrics.export import MetricExporter, PeriodicExportingMetricReader
+from opentelemetry.sdk.metrics.view import View
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor, SpanExporter
 
@@ -178,3 +179,74 @@ def test_a_pool_collected_while_poolscope_holds_its_lock(metrics, server):
     assert metrics.value(data, "poolscope.pool.count") == 0
     assert metrics.value(data, "poolscope.connection.closed", poolscope__close__reason="pool_closed") == 1
     assert metrics.value(data, "http.client.open_connections") == 0
+
+
+class CollectingReservoir(AlignedHistogramBucketExemplarReservoir):
+    """Runs the cycle collector once, when armed, where the SDK holds a histogram point's lock
+    (collecting its exemplars): the garbage collector may run at any allocation there."""
+    armed = False
+
+    def collect(self, point_attributes):
+        if CollectingReservoir.armed:
+            CollectingReservoir.armed = False
+            gc.collect()
+        return super().collect(point_attributes)
+
+
+def _urllib3_pool(server):
+    pool = urllib3.HTTPConnectionPool("127.0.0.1", server.port)
+    pool.request("GET", "/")
+    return pool, pool.close
+
+
+def _curl_cffi_handle(server):
+    from curl_cffi import Curl, CurlOpt
+    curl = Curl()
+    curl.setopt(CurlOpt.URL, f"{server.url}/".encode())
+    curl.setopt(CurlOpt.WRITEFUNCTION, len)
+    curl.perform()
+    return curl, curl.close
+
+
+def _pycurl_handle(server):
+    import pycurl
+    curl = pycurl.Curl()
+    curl.setopt(pycurl.URL, f"{server.url}/")
+    curl.setopt(pycurl.WRITEFUNCTION, len)
+    curl.perform()
+    return curl, curl.close
+
+
+@pytest.mark.parametrize("client", [_urllib3_pool, _curl_cffi_handle, _pycurl_handle],
+                         ids=["urllib3", "curl_cffi", "pycurl"])
+def test_a_client_collected_while_the_sdk_holds_its_lock(server, client):
+    """A client whose finalizer closes its connection, collected by the garbage collector where
+    the SDK holds the lock of the very histogram point that close records into: no deadlock
+    (the SDK's locks are not reentrant), and the close is counted once, at the next
+    collection."""
+    if client is _curl_cffi_handle:
+        pytest.importorskip("curl_cffi")
+    metrics = Metrics(views=[View(instrument_name="http.client.connection.duration",
+                                  exemplar_reservoir_factory=lambda _: CollectingReservoir)])
+    poolscope.instrument(meter_provider=metrics.provider)
+    try:
+        _, close = client(server)
+        close()  # the first close makes the histogram point the finalizer's close records into
+        cycle = [client(server)[0]]
+        cycle.append(cycle)  # only the cycle collector frees it
+        del cycle
+        CollectingReservoir.armed = True
+        done = threading.Event()
+        threading.Thread(target=lambda: (metrics.reader.get_metrics_data(), done.set()),
+                         daemon=True).start()
+        assert done.wait(10), "deadlock: a finalizer recorded into a histogram the SDK held"
+        assert not CollectingReservoir.armed
+        data = metrics.read()
+        assert server.accepted == 2
+        assert metrics.value(data, "poolscope.connection.closed") == 2
+        assert metrics.histogram(data, "http.client.connection.duration")[0] == 2
+        assert metrics.value(data, "http.client.open_connections") == 0
+    finally:
+        CollectingReservoir.armed = False
+        poolscope.uninstrument()
+        metrics.provider.shutdown()

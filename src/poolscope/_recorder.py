@@ -10,6 +10,7 @@ the recorder's lock. Histograms record only waits, new connections and closes
 (and, with detailed timings, use and idle times).
 """
 
+import gc
 import os
 import queue
 import re
@@ -205,7 +206,13 @@ class _Limits:
     max = idle_max = peak_limit = None
 
 
-_recorders = weakref.WeakSet()
+_recorders = weakref.WeakSet()  # the recorders not closed
+_collecting = None  # the thread running the cycle collector, while it runs
+
+
+def _gc_phase(phase, info):
+    global _collecting
+    _collecting = threading.get_ident() if phase == "start" else None
 
 # Frames of these packages are not "where the application acquired a connection".
 _NOT_CALLERS = ("poolscope", "wrapt", "urllib3", "requests", "botocore", "httpx", "httpcore",
@@ -262,11 +269,16 @@ class Recorder:
                                                  meter_provider))
         self._tracer = trace.get_tracer(sc.INSTRUMENTATION_NAME, __version__, tracer_provider)
         _recorders.add(self)
+        if _gc_phase not in gc.callbacks:
+            gc.callbacks.append(_gc_phase)
         self._start_watch()
 
     def close(self):
-        """Stop the leak watch thread, if any."""
+        """Stop the leak watch thread, if any, and the garbage collector's callback."""
         self._stopped.set()
+        _recorders.discard(self)
+        if not _recorders and _gc_phase in gc.callbacks:
+            gc.callbacks.remove(_gc_phase)
 
     def _start_watch(self):
         if self.leak_after is not None:
@@ -377,9 +389,10 @@ class Recorder:
                 pool.full_at = _NEVER if max_connections is None else max_connections
                 self._shift(pool, 0, monotonic())
 
-    def pool_closed(self, pool, reason=sc.POOL_CLOSED):
+    def pool_closed(self, pool, reason=sc.POOL_CLOSED, now=None):
         """The application closed the pool: it stops counting as live and saturated."""
-        if self._reentered(self.pool_closed, pool, reason):
+        now = now or monotonic()
+        if self._reentered(self.pool_closed, pool, reason, now):
             return
         with self._lock:
             if pool.close_reason is None:
@@ -387,12 +400,12 @@ class Recorder:
             if pool.live:
                 pool.live = False
                 pool.full_at = _NEVER
-                self._shift(pool, 0, monotonic())
+                self._shift(pool, 0, now)
                 self._forget(pool)
 
     def _reap(self):
         """Run the events that finalizers deferred. A finalizer runs at any allocation in any
-        thread, even one that holds the lock, so it only queues its event."""
+        thread, even one that holds poolscope's lock or the SDK's, so it queues its event."""
         deferred = self._deferred
         while not deferred.empty():
             try:
@@ -402,10 +415,12 @@ class Recorder:
             event(*args)
 
     def _reentered(self, event, *args):
-        """Whether this thread already holds the lock: a finalizer (urllib3 closes a collected
-        pool's connections in one) ran inside poolscope's own locked section. The event is
-        then deferred to :meth:`_reap` instead of changing what that section is reading."""
-        if self._lock._is_owned():
+        """Whether a finalizer (urllib3 closes a collected pool's connections in one, curl_cffi
+        a collected handle's) may have interrupted a locked section of this thread: poolscope's
+        own, or, while the cycle collector runs, the SDK's (its locks are not reentrant). The
+        event is then deferred to :meth:`_reap`, instead of changing what that section is
+        reading or waiting for that lock forever."""
+        if self._lock._is_owned() or _collecting == threading.get_ident():
             self._deferred.put((event, args))
             return True
         return False
@@ -579,14 +594,16 @@ class Recorder:
             if lock is not None:
                 lock.release()
         if close_reason is not None:
-            self.closed(conn, close_reason)
-        if used is not None:
+            self.closed(conn, close_reason, now)
+        if used is not None and not self._reentered(self._use_time.record, used,
+                                                    conn.series.attrs):
             self._use_time.record(used, conn.series.attrs)
 
-    def closed(self, conn, reason):
+    def closed(self, conn, reason, now=None):
         """The connection closed. One never established is dropped without being counted; one
         closed with or after its pool counts under the pool's close reason."""
-        if self._reentered(self.closed, conn, reason):
+        now = now or monotonic()
+        if self._reentered(self.closed, conn, reason, now):
             return
         with self._lock:
             if conn.closed:
@@ -598,12 +615,12 @@ class Recorder:
             pool.conns.discard(conn)
             conn.series.acquired[1] += conn.reuses
             if conn.active:
-                self._shift(pool, -1, monotonic())
+                self._shift(pool, -1, now)
             self._forget(pool)
             if not conn.opened:
                 return
             _count(conn.series.closed, reason)
-            lifetime = monotonic() - conn.born
+            lifetime = now - conn.born
         self._duration.record(lifetime, conn.series.attr((sc.PROTOCOL_VERSION, conn.protocol)))
         self._requests.record(conn.uses, conn.series.attrs)
         span = recording_span()
@@ -642,18 +659,20 @@ class Recorder:
                                    if v is not None}})
         return wait
 
-    def wait_ended(self, wait, outcome=GRANTED, error=None):
+    def wait_ended(self, wait, outcome=GRANTED, error=None, end=None):
         """The wait is over: a connection (or a slot) was granted, it timed out (``error`` the
         library's exception, if known), or it was cancelled (the request gave up, or its pool
         went)."""
+        end = end or (monotonic(), time.time_ns())
+        if self._reentered(self.wait_ended, wait, outcome, error, end):
+            return
         with self._lock:
             if wait.done:
                 return
             wait.done = True
             if wait.active:
                 self._unwait(wait)
-                wait.end = monotonic()
-                wait.end_ns = time.time_ns()
+                wait.end, wait.end_ns = end
             _count(wait.series.waits, outcome)
             span, wait.span = wait.span, None
         seconds = wait.end - wait.start
