@@ -34,6 +34,7 @@ import importlib.metadata
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import tarfile
@@ -127,6 +128,7 @@ RUNS = {
     "strict": ({"POOLSCOPE_STRICT": "true", "POOLSCOPE_PEER_SPAN": "true"}, True),
 }
 OUTCOMES = ("failure", "error", "skipped")
+RUN_LIMIT = 600  # seconds; no run takes 3 minutes here, so one this long has hung
 LOOPBACK_ONLY = ["unshare", "--net", "sh", "-c", 'ip link set lo up && exec "$@"', "sh"]
 
 
@@ -186,14 +188,24 @@ def _fetch_sdist(dist, version, into):
 
 
 def run(name, spec, src, python, run_name, selection, report):
+    """The outcomes of one run (see :func:`outcomes`), or None if it hung: then its processes
+    are killed."""
     env_extra, plugin = RUNS[run_name]
     env = {**os.environ, **env_extra, "PYTHONPATH": str(PLUGIN_DIR) if plugin else ""}
     env.pop("POOLSCOPE_STRICT", None) if "POOLSCOPE_STRICT" not in env_extra else None
     cmd = [*LOOPBACK_ONLY, str(python), "-m", "pytest", "-q", "-p", "no:cacheprovider", "--timeout", "120",
            f"--junitxml={report}", *spec["args"], *(["-p", "poolscope_peer"] if plugin else []),
            *selection]
-    return subprocess.run(cmd, cwd=src, env=env, text=True, stdout=subprocess.DEVNULL,
-                          stderr=subprocess.DEVNULL).returncode
+    report.unlink(missing_ok=True)
+    proc = subprocess.Popen(cmd, cwd=src, env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        proc.wait(timeout=RUN_LIMIT)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+        return None
+    return outcomes(report)
 
 
 def outcomes(report):
@@ -222,14 +234,14 @@ def check(name, full):
     started = time.monotonic()
     src, python, version = prepare(name, spec)
     selection = [] if full or spec["files"] is None else spec["files"]
-    results = {}
+    results, differences = {}, []
     for run_name in RUNS:
-        report = src.parent / f"{run_name}.xml"
-        run(name, spec, src, python, run_name, selection, report)
-        results[run_name] = outcomes(report)
+        found = run(name, spec, src, python, run_name, selection, src.parent / f"{run_name}.xml")
+        if found is None:
+            differences.append(f"the {run_name} run hung: no outcome after {RUN_LIMIT} s")
+        results[run_name] = found or {}
     bare = results["bare"]
     counts = {k: sum(1 for v in bare.values() if v == k) for k in ("passed", *OUTCOMES)}
-    differences = []
     for key in sorted(set(results["instrumented"]) | set(results["strict"])):
         differ = [r for r in ("instrumented", "strict") if results[r].get(key, bare.get(key))
                   != bare.get(key)]
@@ -241,8 +253,8 @@ def check(name, full):
             report = src.parent / f"rerun-{rerun}.xml"
             again[rerun] = set()
             for _ in range(3):
-                run(name, spec, src, python, rerun, [node], report)
-                again[rerun].update(outcomes(report).values())
+                found = run(name, spec, src, python, rerun, [node], report)
+                again[rerun].update(found.values() if found is not None else ["hung"])
         if len(differ) == 2 and results["instrumented"].get(key) == results["strict"].get(key):
             # the same outcome in both instrumented runs: a difference (one that may show only
             # in a whole run), unless the test does the same bare when run alone
