@@ -59,8 +59,8 @@ def metrics():
 class Traced(Metrics):
     """:class:`Metrics` with spans: ``finished(name)`` gives the ended spans."""
 
-    def __init__(self):
-        super().__init__()
+    def __init__(self, views=()):
+        super().__init__(views)
         self.spans = InMemorySpanExporter()
         self.tracer_provider = TracerProvider()
         self.tracer_provider.add_span_processor(SimpleSpanProcessor(self.spans))

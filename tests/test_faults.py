@@ -14,7 +14,7 @@ from opentelemetry.sdk.trace.export import SimpleSpanProcessor, SpanExporter
 
 import poolscope
 from poolscope import _config, _instrument, _recorder
-from conftest import Metrics
+from conftest import Metrics, Traced
 from drivers import DRIVERS
 import urllib3
 
@@ -223,12 +223,12 @@ def test_a_client_collected_while_the_sdk_holds_its_lock(server, client):
     """A client whose finalizer closes its connection, collected by the garbage collector where
     the SDK holds the lock of the very histogram point that close records into: no deadlock
     (the SDK's locks are not reentrant), and the close is counted once, at the next
-    collection."""
+    collection, which has nothing to do with its span."""
     if client is _curl_cffi_handle:
         pytest.importorskip("curl_cffi")
-    metrics = Metrics(views=[View(instrument_name="http.client.connection.duration",
-                                  exemplar_reservoir_factory=lambda _: CollectingReservoir)])
-    poolscope.instrument(meter_provider=metrics.provider)
+    metrics = Traced(views=[View(instrument_name="http.client.connection.duration",
+                                 exemplar_reservoir_factory=lambda _: CollectingReservoir)])
+    poolscope.instrument(meter_provider=metrics.provider, tracer_provider=metrics.tracer_provider)
     try:
         _, close = client(server)
         close()  # the first close makes the histogram point the finalizer's close records into
@@ -241,7 +241,9 @@ def test_a_client_collected_while_the_sdk_holds_its_lock(server, client):
                          daemon=True).start()
         assert done.wait(10), "deadlock: a finalizer recorded into a histogram the SDK held"
         assert not CollectingReservoir.armed
-        data = metrics.read()
+        with metrics.tracer_provider.get_tracer("app").start_as_current_span("scrape") as scrape:
+            data = metrics.read()
+        assert scrape.events == ()
         assert server.accepted == 2
         assert metrics.value(data, "poolscope.connection.closed") == 2
         assert metrics.histogram(data, "http.client.connection.duration")[0] == 2

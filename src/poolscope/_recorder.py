@@ -405,14 +405,21 @@ class Recorder:
 
     def _reap(self):
         """Run the events that finalizers deferred. A finalizer runs at any allocation in any
-        thread, even one that holds poolscope's lock or the SDK's, so it queues its event."""
+        thread, even one that holds poolscope's lock or the SDK's, so it queues its event. They
+        run in an empty context: the span current here has nothing to do with them."""
         deferred = self._deferred
-        while not deferred.empty():
-            try:
-                event, args = deferred.get_nowait()
-            except queue.Empty:
-                return
-            event(*args)
+        if deferred.empty():
+            return
+        token = otel_context.attach(otel_context.Context())
+        try:
+            while True:
+                try:
+                    event, args = deferred.get_nowait()
+                except queue.Empty:
+                    return
+                event(*args)
+        finally:
+            otel_context.detach(token)
 
     def _reentered(self, event, *args):
         """Whether a finalizer (urllib3 closes a collected pool's connections in one, curl_cffi
