@@ -1,5 +1,6 @@
 """The public API: lazy, idempotent, version-gated patching that restores the very same objects."""
 
+import gc
 import json
 import os
 import logging
@@ -18,7 +19,7 @@ import pytest
 import urllib3
 
 import poolscope
-from poolscope import _config, _instrument
+from poolscope import _config, _instrument, _recorder
 from poolscope._package import SUPPORTED
 from drivers import httpx2
 from poolscope.demo.server import DemoServer
@@ -69,12 +70,14 @@ def _env():
 
 def test_uninstrument_restores_the_very_same_objects():
     before = snapshot()
+    callbacks = list(gc.callbacks)
     for _ in range(2):
         poolscope.instrument()
         poolscope.instrument()  # idempotent
         try:
             during = snapshot()
             assert all(during[k] is not before[k] for k in before)
+            assert _recorder._gc_phase in gc.callbacks
             # wrapped once, around the original (a name only inherited is shadowed, then removed)
             assert all(during[k].__wrapped__ is before[k]
                        for k in before
@@ -85,6 +88,7 @@ def test_uninstrument_restores_the_very_same_objects():
             poolscope.uninstrument()
         after = snapshot()
         assert all(after[k] is before[k] for k in before)
+        assert gc.callbacks == callbacks
 
 
 def test_patching_is_lazy_and_happens_at_import():

@@ -210,9 +210,9 @@ _recorders = weakref.WeakSet()  # the recorders not closed
 _collecting = None  # the thread running the cycle collector, while it runs
 
 
-def _gc_phase(phase, info):
+def _gc_phase(phase, info, get_ident=threading.get_ident):  # bound: it runs at shutdown too
     global _collecting
-    _collecting = threading.get_ident() if phase == "start" else None
+    _collecting = get_ident() if phase == "start" else None
 
 # Frames of these packages are not "where the application acquired a connection".
 _NOT_CALLERS = ("poolscope", "wrapt", "urllib3", "requests", "botocore", "httpx", "httpcore",
