@@ -417,11 +417,16 @@ class HttpxAdapter(Adapter):
         connection: reset, or closed with no response begun (``RemoteProtocolError`` while h11
         still awaits the response). ``frame``: where the request left the pool, which is
         ``handle_request`` for a request that failed there."""
-        if frame.f_code.co_name not in (handle for _, handle in self._connections):
+        if not self._in_handle(frame):
             return False
         error = sys.exc_info()[1]
         return disconnected(error) or (isinstance(error, self._remote_protocol_error)
                                        and _their_state(conn) == "SEND_RESPONSE")
+
+    def _in_handle(self, frame):
+        """Whether ``frame`` runs a connection's request method (``handle_request``, or its
+        async twin)."""
+        return frame.f_code.co_name in (handle for _, handle in self._connections)
 
     # -- waits ------------------------------------------------------------
 
@@ -450,7 +455,7 @@ class HttpxAdapter(Adapter):
         """The wait of a request for a stream of an HTTP/2 connection, if ``frame`` is the
         request's (not httpcore's own, when the server lowers its limit)."""
         try:
-            if frame.f_code.co_name not in (handle for _, handle in self._connections):
+            if not self._in_handle(frame):
                 return None
             for _ in range(3):  # up to the httpcore connection, past a proxy's
                 frame = frame.f_back
