@@ -252,3 +252,99 @@ def test_a_client_collected_while_the_sdk_holds_its_lock(server, client):
         CollectingReservoir.armed = False
         poolscope.uninstrument()
         metrics.provider.shutdown()
+
+
+GC_PRESSURE = """
+import gc, json, sys, threading
+from opentelemetry.sdk.metrics import MeterProvider
+from opentelemetry.sdk.metrics.export import (InMemoryMetricReader, MetricExporter,
+                                              MetricExportResult, PeriodicExportingMetricReader)
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+import poolscope
+from poolscope.demo.server import DemoServer
+
+class Dropping(MetricExporter):
+    def export(self, metrics_data, timeout_millis=10_000, **kwargs):
+        return MetricExportResult.SUCCESS
+    def force_flush(self, timeout_millis=10_000):
+        return True
+    def shutdown(self, timeout_millis=30_000, **kwargs):
+        pass
+
+reader = InMemoryMetricReader()
+meters = MeterProvider(metric_readers=[
+    reader, PeriodicExportingMetricReader(Dropping(), export_interval_millis=5)])
+tracers = TracerProvider()
+tracers.add_span_processor(SimpleSpanProcessor(InMemorySpanExporter()))
+poolscope.instrument(meter_provider=meters, tracer_provider=tracers)
+library = sys.argv[1]
+import urllib3, pycurl
+
+def request(url):
+    if library == "urllib3":
+        client = urllib3.PoolManager()
+        client.request("GET", url)
+    elif library == "curl_cffi":
+        from curl_cffi import Curl, CurlOpt
+        client = Curl()
+        client.setopt(CurlOpt.URL, url.encode())
+        client.setopt(CurlOpt.WRITEFUNCTION, len)
+        client.perform()
+    else:
+        client = pycurl.Curl()
+        client.setopt(pycurl.URL, url)
+        client.setopt(pycurl.WRITEFUNCTION, len)
+        client.perform()
+    cycle = [client]
+    cycle.append(cycle)  # left to the cycle collector
+
+with DemoServer() as server:
+    def work():
+        for _ in range(150):
+            with tracers.get_tracer("app").start_as_current_span("request"):
+                request(server.url + "/")
+    gc.set_threshold(1, 1, 1)
+    workers = [threading.Thread(target=work) for _ in range(2)]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join(60)
+    gc.set_threshold(700, 10, 10)
+    hung = any(worker.is_alive() for worker in workers)
+    gc.collect()
+    seen = {}
+    for rm in reader.get_metrics_data().resource_metrics:
+        for sm in rm.scope_metrics:
+            for metric in sm.metrics:
+                seen[metric.name] = sum(getattr(p, "value", None) or getattr(p, "count", 0)
+                                        for p in metric.data.data_points)
+    print(json.dumps({"hung": hung, "accepted": server.accepted, **seen}))
+    sys.stdout.flush()
+    import os
+    os._exit(0)  # the hung workers, if any
+"""
+
+
+@pytest.mark.parametrize("library", ["urllib3", "curl_cffi", "pycurl"])
+def test_clients_collected_at_any_allocation(library):
+    """300 clients left to the cycle collector, which runs at almost every allocation (in the
+    middle of the SDK's collections every 5 ms, and of the context changes of each request's
+    span): the application neither hangs nor crashes (the interpreter's own context variables
+    are not safe to touch from a finalizer there), and every connection the server accepted
+    is counted created and closed."""
+    if library == "curl_cffi":
+        pytest.importorskip("curl_cffi")
+    import json
+    import subprocess
+    import sys
+    result = subprocess.run([sys.executable, "-c", GC_PRESSURE, library], capture_output=True,
+                            text=True, timeout=180)
+    assert result.returncode == 0, result.stderr[-3000:]
+    seen = json.loads(result.stdout)
+    assert not seen["hung"]
+    assert seen["accepted"] == 300
+    assert seen["poolscope.connection.created"] == seen["poolscope.connection.closed"] == 300
+    assert seen["http.client.connection.duration"] == 300
+    assert seen["http.client.open_connections"] == 0
