@@ -193,46 +193,49 @@ class CollectingReservoir(AlignedHistogramBucketExemplarReservoir):
         return super().collect(point_attributes)
 
 
-def _urllib3_pool(server):
-    pool = urllib3.HTTPConnectionPool("127.0.0.1", server.port)
+def _urllib3_pool(url):
+    pool = urllib3.connection_from_url(url)
     pool.request("GET", "/")
-    return pool, pool.close
+    return pool
 
 
-def _curl_cffi_handle(server):
+def _curl_cffi_handle(url):
     from curl_cffi import Curl, CurlOpt
     curl = Curl()
-    curl.setopt(CurlOpt.URL, f"{server.url}/".encode())
+    curl.setopt(CurlOpt.URL, f"{url}/".encode())
     curl.setopt(CurlOpt.WRITEFUNCTION, len)
     curl.perform()
-    return curl, curl.close
+    return curl
 
 
-def _pycurl_handle(server):
+def _pycurl_handle(url):
     import pycurl
     curl = pycurl.Curl()
-    curl.setopt(pycurl.URL, f"{server.url}/")
+    curl.setopt(pycurl.URL, f"{url}/")
     curl.setopt(pycurl.WRITEFUNCTION, len)
     curl.perform()
-    return curl, curl.close
+    return curl
 
 
-@pytest.mark.parametrize("client", [_urllib3_pool, _curl_cffi_handle, _pycurl_handle],
-                         ids=["urllib3", "curl_cffi", "pycurl"])
-def test_a_client_collected_while_the_sdk_holds_its_lock(server, client):
+# a client of each library, with one connection to ``url``, its request made
+CLIENTS = {"urllib3": _urllib3_pool, "curl_cffi": _curl_cffi_handle, "pycurl": _pycurl_handle}
+
+
+@pytest.mark.parametrize("library", CLIENTS)
+def test_a_client_collected_while_the_sdk_holds_its_lock(server, library):
     """A client whose finalizer closes its connection, collected by the garbage collector where
     the SDK holds the lock of the very histogram point that close records into: no deadlock
     (the SDK's locks are not reentrant), and the close is counted once, at the next
     collection, which has nothing to do with its span."""
-    if client is _curl_cffi_handle:
+    if library == "curl_cffi":
         pytest.importorskip("curl_cffi")
     metrics = Traced(views=[View(instrument_name="http.client.connection.duration",
                                  exemplar_reservoir_factory=lambda _: CollectingReservoir)])
     poolscope.instrument(meter_provider=metrics.provider, tracer_provider=metrics.tracer_provider)
     try:
-        _, close = client(server)
-        close()  # the first close makes the histogram point the finalizer's close records into
-        cycle = [client(server)[0]]
+        # a first close makes the histogram point the finalizer's close records into
+        CLIENTS[library](server.url).close()
+        cycle = [CLIENTS[library](server.url)]
         cycle.append(cycle)  # only the cycle collector frees it
         del cycle
         CollectingReservoir.armed = True
@@ -279,36 +282,23 @@ meters = MeterProvider(metric_readers=[reader, periodic])
 tracers = TracerProvider()
 tracers.add_span_processor(SimpleSpanProcessor(InMemorySpanExporter()))
 poolscope.instrument(meter_provider=meters, tracer_provider=tracers)
-library = sys.argv[1]
-import urllib3, pycurl
+library, tests = sys.argv[1:]
+sys.path.insert(0, tests)
+from test_faults import CLIENTS
 
 def request(url):
-    if library == "urllib3":
-        client = urllib3.PoolManager()
-        client.request("GET", url)
-    elif library == "curl_cffi":
-        from curl_cffi import Curl, CurlOpt
-        client = Curl()
-        client.setopt(CurlOpt.URL, url.encode())
-        client.setopt(CurlOpt.WRITEFUNCTION, len)
-        client.perform()
-    else:
-        client = pycurl.Curl()
-        client.setopt(pycurl.URL, url)
-        client.setopt(pycurl.WRITEFUNCTION, len)
-        client.perform()
-    cycle = [client]
+    cycle = [CLIENTS[library](url)]
     cycle.append(cycle)  # left to the cycle collector
 
 def clients():
-    return sum(type(o).__name__ in ("Curl", "PoolManager") for o in gc.get_objects())
+    return sum(type(o).__name__ in ("Curl", "HTTPConnectionPool") for o in gc.get_objects())
 
-before = clients()  # urllib3's own PoolManager, for one
+before = clients()
 with DemoServer() as server:
     def work():
         for _ in range(150):
             with tracers.get_tracer("app").start_as_current_span("request"):
-                request(server.url + "/")
+                request(server.url)
     gc.set_threshold(1, 1, 1)
     workers = [threading.Thread(target=work) for _ in range(2)]
     for worker in workers:
@@ -348,10 +338,12 @@ def test_clients_collected_at_any_allocation(library):
     if library == "curl_cffi":
         pytest.importorskip("curl_cffi")
     import json
+    import os
     import subprocess
     import sys
-    result = subprocess.run([sys.executable, "-c", GC_PRESSURE, library], capture_output=True,
-                            text=True, timeout=180)
+    result = subprocess.run([sys.executable, "-c", GC_PRESSURE, library,
+                             os.path.dirname(__file__)], capture_output=True, text=True,
+                            timeout=180)
     assert result.returncode == 0, result.stderr[-3000:]
     seen = json.loads(result.stdout)
     assert not seen["hung"]
