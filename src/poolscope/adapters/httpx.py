@@ -34,6 +34,7 @@ before it connected (httpcore keeps it, and its slot, for good: encode/httpcore#
 connection is let go with its request.
 """
 
+import functools
 import importlib
 import inspect
 import sys
@@ -81,14 +82,13 @@ def _protocol(conn):
     return inner
 
 
-def _state(inner):
-    """httpcore's state of an HTTP/1.1 or HTTP/2 connection ("NEW", "IDLE", "ACTIVE", …)."""
-    return getattr(getattr(inner, "_state", None), "name", "")
+# httpcore's HTTPConnectionState of an HTTP/1.1 or HTTP/2 connection (``_state``): an IntEnum
+_NEW, _ACTIVE = 0, 1
 
 
 def _pool_close_reason(conn):
     inner = _protocol(conn)
-    if inner is None or _state(inner) == "ACTIVE":
+    if inner is None or getattr(inner, "_state", None) == _ACTIVE:
         return sc.ERROR  # an exchange on it is cut off (httpcore#1110)
     expire_at = inner._expire_at
     if expire_at is not None and time.monotonic() > expire_at:
@@ -98,15 +98,6 @@ def _pool_close_reason(conn):
     return sc.IDLE_LIMIT
 
 
-def _left_busy(conn, rec):
-    """Whether httpcore keeps the connection out of service for good now that its only request
-    is over: never connected or never used (the request cancelled before it), or still
-    ``ACTIVE`` (its response closed mid-way by a cancellation), httpcore#1093. It holds its
-    slot, so it stays active."""
-    if rec.in_use != 1:
-        return False
-    inner = _protocol(conn)
-    return inner is None or _state(inner) in ("NEW", "ACTIVE")
 
 
 def _their_state(conn):
@@ -147,6 +138,27 @@ class _Requests(list):
                 self._poolscope.left(pool_request)
             except Exception:
                 internal_error("httpx:ConnectionPool._requests")
+
+
+def _observed_assign(assign_to_connection, adapter):
+    """``PoolRequest.assign_to_connection``, observed: the acquisition (under the pool's lock),
+    in the one frame a request passes through here."""
+    recorder = adapter.recorder
+
+    @functools.wraps(assign_to_connection)
+    def observed(pool_request, connection):
+        rec = connection.__dict__.get("_poolscope") if connection is not None else None
+        if rec is not None:
+            try:
+                found = pool_request.__dict__
+                span = found.get("_poolscope_span")
+                recorder.acquired(rec, found.get("_poolscope_wait"), span=span, link=False)
+                if span is not None and not adapter._linking:
+                    adapter._link_when_sent()
+            except Exception:
+                internal_error("httpx:PoolRequest.assign_to_connection")
+        return assign_to_connection(pool_request, connection)
+    return observed
 
 
 def _observed_event(base, adapter):
@@ -293,7 +305,8 @@ class HttpxAdapter(Adapter):
         self.wrap(pool_cls, "__init__", after=self._pool_init)
         self.wrap(pool_cls, f["close"], before=self._pool_close)
         request_cls = getattr(pools, f["request"])
-        self.wrap(request_cls, "assign_to_connection", before=self._assign)
+        self.replace(request_cls, "assign_to_connection",
+                     _observed_assign(request_cls.assign_to_connection, self))
         self.wrap(request_cls, "clear_connection", before=self._clear)
         self.replace(pools, f["event"], _observed_event(getattr(pools, f["event"]), self))
         try:
@@ -315,8 +328,8 @@ class HttpxAdapter(Adapter):
     def _link_when_sent(self):
         """Once a traced request is seen: a request's span links its connection's set-up when
         the connection takes the request. httpcore may hand one connection to several requests
-        (see ``_assign``), so only the one whose request goes out on it is known to be served by
-        it; untraced, a request pays nothing for this."""
+        (see ``_observed_assign``), so only the one whose request goes out on it is known to be
+        served by it; untraced, a request pays nothing for this."""
         with _LINKING:
             if not self._linking:
                 self._linking = True
@@ -371,16 +384,6 @@ class HttpxAdapter(Adapter):
 
     # -- requests ---------------------------------------------------------
 
-    def _assign(self, pool_request, args, kwargs):
-        conn = args[0] if args else kwargs.get("connection")
-        rec = conn.__dict__.get("_poolscope") if conn is not None else None
-        if rec is not None:
-            found = pool_request.__dict__
-            span = found.get("_poolscope_span")
-            self.recorder.acquired(rec, found.get("_poolscope_wait"), span=span, link=False)
-            if span is not None and not self._linking:
-                self._link_when_sent()
-
     def _clear(self, pool_request, args, kwargs):
         conn = pool_request.connection
         rec = conn.__dict__.get("_poolscope") if conn is not None else None
@@ -406,7 +409,13 @@ class HttpxAdapter(Adapter):
         elif gave_up and self._drops_unclaimed and not conn.is_connected():
             # given to the request as it gave up; httpcore2 drops it unconnected
             self.recorder.released(rec, sc.ERROR)
-        elif not _left_busy(conn, rec):
+        else:
+            if rec.in_use == 1:
+                inner = _protocol(conn)
+                if inner is None or getattr(inner, "_state", None) in (_NEW, _ACTIVE):
+                    # never used (its request cancelled before it), or cut off mid-response:
+                    # httpcore keeps it, and its slot, for good (httpcore#1093)
+                    return
             if not rec.opened:  # a proxied connection, through at last
                 http2 = hasattr(_protocol(conn), "_h2_state")
                 self.recorder.conn_opened(rec, protocol="2" if http2 else "1.1")
