@@ -91,6 +91,36 @@ def test_uninstrument_restores_the_very_same_objects():
         assert gc.callbacks == callbacks
 
 
+@pytest.mark.parametrize("library", ["urllib3", "httpx"])
+def test_instrumented_again_on_the_same_meter_provider(library, server):
+    """instrument(), uninstrument(), instrument() again with one MeterProvider: the second
+    instrumentation's figures are the ones collected, exact (OpenTelemetry hands back the
+    instruments made first, with their callbacks)."""
+    from conftest import Metrics
+    m = Metrics()
+    for requests in (3, 2):
+        poolscope.instrument(meter_provider=m.provider)
+        try:
+            if library == "urllib3":
+                pool = urllib3.HTTPConnectionPool("127.0.0.1", server.port)
+                statuses = [pool.request("GET", "/").status for _ in range(requests)]
+            else:
+                pool = httpcore.ConnectionPool()
+                statuses = [pool.request("GET", server.url + "/").status for _ in range(requests)]
+            data = m.read()
+            lib = {"poolscope__library": library}
+            assert statuses == [200] * requests
+            assert m.value(data, "poolscope.connection.acquisitions", **lib) == requests
+            assert m.value(data, "poolscope.connection.created", **lib) == 1
+            assert m.value(data, "http.client.open_connections", **lib) == 1
+            assert m.value(data, "poolscope.pool.count", **lib) == 1
+            pool.close()
+        finally:
+            poolscope.uninstrument()
+    assert server.accepted == 2
+    m.provider.shutdown()
+
+
 def test_patching_is_lazy_and_happens_at_import():
     out = run("""
         import sys, poolscope

@@ -207,6 +207,11 @@ class _Limits:
 
 
 _recorders = weakref.WeakSet()  # the recorders not closed
+# meter -> {instrument name: its histogram, or the latest recorder's callback of its observable
+# instrument}. OpenTelemetry keeps an observable instrument's callbacks for good and hands back
+# the first instrument made with a name: a recorder on a meter that already has poolscope's
+# (instrument, uninstrument, instrument again) reports through the instruments made first.
+_made = weakref.WeakKeyDictionary()
 _collecting = None  # the thread running the cycle collector, while it runs
 
 
@@ -834,17 +839,25 @@ class Recorder:
     # -- instruments ------------------------------------------------------
 
     def _make_instruments(self, meter):
+        made = _made.setdefault(meter, {})
+
         def histogram(spec, buckets=sc.DURATION_BUCKETS):
             name, unit, description = spec
-            return meter.create_histogram(name, unit=unit, description=description,
-                                          explicit_bucket_boundaries_advisory=list(buckets))
+            if name not in made:
+                made[name] = meter.create_histogram(
+                    name, unit=unit, description=description,
+                    explicit_bucket_boundaries_advisory=list(buckets))
+            return made[name]
 
         def observe(create, spec, callback):
             def reaped(options):
                 self._reap()
                 return callback(options)
             name, unit, description = spec
-            create(name, callbacks=[reaped], unit=unit, description=description)
+            if name not in made:
+                create(name, callbacks=[lambda options: made[name](options)], unit=unit,
+                       description=description)
+            made[name] = reaped
 
         self._wait_time = histogram(sc.WAIT_TIME)
         self._create_time = histogram(sc.CREATE_TIME)
