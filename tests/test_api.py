@@ -121,6 +121,36 @@ def test_instrumented_again_on_the_same_meter_provider(library, server):
     m.provider.shutdown()
 
 
+@pytest.mark.parametrize("order", ["instrument, set, instrument", "instrument twice, set"])
+def test_instrumented_again_before_the_global_meter_provider_is_set(order):
+    """The same with the global meter provider, set between or after the instrumentations:
+    each meter OpenTelemetry gives before it is set is a new stand-in for it."""
+    out = run(f"""
+        import urllib3, poolscope
+        from opentelemetry import metrics
+        from opentelemetry.sdk.metrics import MeterProvider
+        from opentelemetry.sdk.metrics.export import InMemoryMetricReader
+        from poolscope.demo.server import DemoServer
+        reader = InMemoryMetricReader()
+        poolscope.instrument()
+        poolscope.uninstrument()
+        if {order!r} == "instrument, set, instrument":
+            metrics.set_meter_provider(MeterProvider(metric_readers=[reader]))
+            poolscope.instrument()
+        else:
+            poolscope.instrument()
+            metrics.set_meter_provider(MeterProvider(metric_readers=[reader]))
+        with DemoServer() as server:
+            pool = urllib3.HTTPConnectionPool("127.0.0.1", server.port)
+            statuses = [pool.request("GET", "/").status for _ in range(3)]
+            for m in reader.get_metrics_data().resource_metrics[0].scope_metrics[0].metrics:
+                if m.name == "poolscope.connection.acquisitions":
+                    print(sum(p.value for p in m.data.data_points))
+            print(statuses, server.accepted)
+    """)
+    assert out.splitlines() == ["3", "[200, 200, 200] 1"]
+
+
 def test_patching_is_lazy_and_happens_at_import():
     out = run("""
         import sys, poolscope

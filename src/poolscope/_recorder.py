@@ -212,6 +212,9 @@ _recorders = weakref.WeakSet()  # the recorders not closed
 # the first instrument made with a name: a recorder on a meter that already has poolscope's
 # (instrument, uninstrument, instrument again) reports through the instruments made first.
 _made = weakref.WeakKeyDictionary()
+# the same for the global meter provider: one for good, as OpenTelemetry's stand-in for it
+# (each meter taken from it before it is set is a new object) ends up as the provider set
+_made_global = {}
 _collecting = None  # the thread running the cycle collector, while it runs
 
 
@@ -270,8 +273,11 @@ class Recorder:
         self.detailed = detailed
         self.max_origins = max_origins
         self.on_first_pool = None  # called once, when this process's first pool opens
-        self._make_instruments(metrics.get_meter(sc.INSTRUMENTATION_NAME, __version__,
-                                                 meter_provider))
+        meter = metrics.get_meter(sc.INSTRUMENTATION_NAME, __version__, meter_provider)
+        if meter_provider is None or meter_provider is metrics.get_meter_provider():
+            self._make_instruments(meter, _made_global)
+        else:
+            self._make_instruments(meter, _made.setdefault(meter, {}))
         self._tracer = trace.get_tracer(sc.INSTRUMENTATION_NAME, __version__, tracer_provider)
         _recorders.add(self)
         if _gc_phase not in gc.callbacks:
@@ -838,9 +844,7 @@ class Recorder:
 
     # -- instruments ------------------------------------------------------
 
-    def _make_instruments(self, meter):
-        made = _made.setdefault(meter, {})
-
+    def _make_instruments(self, meter, made):
         def histogram(spec, buckets=sc.DURATION_BUCKETS):
             name, unit, description = spec
             if name not in made:
