@@ -16,7 +16,7 @@ import threading
 
 import client
 from nginx import nginx
-from run import CASES, LIBRARIES, OPTIONAL, _client_cpus
+from run import CASES, LIBRARIES, OPTIONAL, pin_client
 
 _OURS = os.sep + "poolscope" + os.sep
 
@@ -45,9 +45,7 @@ def main():
     parser.add_argument("--case", choices=CASES, default="sequential")
     parser.add_argument("--requests", type=int, default=3000)
     args = parser.parse_args()
-    cpus = _client_cpus()
-    if cpus:
-        os.sched_setaffinity(0, cpus)
+    pin_client()
     _, meter_provider, tracer_provider = client._providers("sdk")
     import poolscope
     poolscope.instrument(meter_provider=meter_provider, tracer_provider=tracer_provider)

@@ -23,14 +23,13 @@ gives what an application pays.
 import argparse
 import asyncio
 import gc
-import os
 import statistics
 import time
 from urllib.parse import urlsplit
 
 import client
 from nginx import nginx
-from run import _client_cpus
+from run import pin_client
 
 
 def urllib3_cycles(url, cycles):
@@ -119,9 +118,7 @@ def main():
     parser.add_argument("--rounds", type=int, default=12)
     parser.add_argument("--cycles", type=int, default=30000)
     args = parser.parse_args()
-    cpus = _client_cpus()
-    if cpus:
-        os.sched_setaffinity(0, cpus)
+    pin_client()
     reader, meter_provider, tracer_provider = client._providers("sdk")
     import poolscope
 

@@ -14,13 +14,12 @@ recorder for these hooks.
 
 import argparse
 import gc
-import os
 import statistics
 import time
 
 import client
 from nginx import nginx
-from run import CASES, LIBRARIES, OPTIONAL, _client_cpus
+from run import CASES, LIBRARIES, OPTIONAL, pin_client
 
 
 def main():
@@ -36,9 +35,7 @@ def main():
         from poolscope._recorder import Recorder
         Recorder.acquired = lambda self, conn, wait=None, context=None: False
         Recorder.released = lambda self, conn, close_reason=None: None
-    cpus = _client_cpus()
-    if cpus:
-        os.sched_setaffinity(0, cpus)
+    pin_client()
     reader, meter_provider, tracer_provider = client._providers("sdk")
     import poolscope
 

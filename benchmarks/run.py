@@ -61,6 +61,13 @@ def _client_cpus():
     return None if server is None else sorted(os.sched_getaffinity(0) - {server})
 
 
+def pin_client():
+    """Pin this process to the client's CPUs (see ``_client_cpus``), where there are two or more."""
+    cpus = _client_cpus()
+    if cpus:
+        os.sched_setaffinity(0, cpus)
+
+
 PREFIX = _fixed_layout()
 
 
