@@ -98,8 +98,6 @@ def _pool_close_reason(conn):
     return sc.IDLE_LIMIT
 
 
-
-
 def _their_state(conn):
     """h11's state of the server's side of an HTTP/1.1 connection, or None (HTTP/2)."""
     h11_state = getattr(_protocol(conn), "_h11_state", None)
