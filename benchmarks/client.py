@@ -245,15 +245,19 @@ def run_pycurl(case, requests, url, tracer):
     return time.perf_counter() - start
 
 
+def points(data, name):
+    """The data points of the metric ``name`` in one collection's ``data``."""
+    return [point for rm in (data.resource_metrics if data else ()) for sm in rm.scope_metrics
+            for metric in sm.metrics if metric.name == name
+            for point in metric.data.data_points]
+
+
 def _waited(data):
     """Requests that waited for a connection, per poolscope (read by a collection, as a scrape
     would); None without poolscope."""
     if "poolscope" not in sys.modules:
         return None
-    return sum(point.count for rm in (data.resource_metrics if data else ())
-               for sm in rm.scope_metrics for metric in sm.metrics
-               if metric.name == "poolscope.connection.wait_time"
-               for point in metric.data.data_points)
+    return sum(point.count for point in points(data, "poolscope.connection.wait_time"))
 
 
 def run(library, case, requests, url, tracer=None):

@@ -98,10 +98,8 @@ def pycurl_cycles(url, cycles):
 
 
 def _acquisitions(reader, library):
-    data = reader.get_metrics_data()
-    return sum(point.value for rm in data.resource_metrics for sm in rm.scope_metrics
-               for metric in sm.metrics if metric.name == "poolscope.connection.acquisitions"
-               for point in metric.data.data_points
+    return sum(point.value for point in client.points(reader.get_metrics_data(),
+                                                      "poolscope.connection.acquisitions")
                if point.attributes.get("poolscope.library") == library)
 
 
