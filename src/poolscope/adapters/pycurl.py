@@ -97,21 +97,18 @@ def _open(curl, sock):
 class _Cache:
     """poolscope's view of one libcurl connection cache."""
 
-    __slots__ = ("conns", "socks", "handles", "maxage", "max_total", "max_host", "pool",
-                 "__weakref__")
+    __slots__ = ("conns", "socks", "handles", "maxage", "max_total", "max_host", "limited",
+                 "pool", "ref", "__weakref__")
 
-    def __init__(self):
+    def __init__(self, multi=None):
         self.conns = {}  # (local ip, local port, peer ip, peer port) -> Conn
         self.socks = {}  # key -> (fd, inode) of the connection's socket
         self.handles = set()  # a multi's: the _Handle of each easy handle added to it
         self.maxage = _DEFAULT_MAXAGE
         self.max_total = self.max_host = 0
+        self.limited = False  # whether the multi holds transfers back (only a multi has limits)
         self.pool = None  # a multi's pool state
-
-    @property
-    def limited(self):
-        """Whether the multi holds transfers back (only a multi's cache has limits)."""
-        return bool(self.max_total or self.max_host)
+        self.ref = weakref.ref(multi) if multi is not None else None  # a multi's, weakly
 
     def queued(self, recorder):
         """(series, since) of each transfer the multi holds back: added, with no connection
@@ -232,7 +229,7 @@ def _read(curl, *infos):
     """libcurl's figures for a finished transfer, or None while pycurl refuses ``getinfo``
     (inside one of the multi's callbacks) or once the handle is closed."""
     try:
-        return [curl.getinfo(info) for info in infos]
+        return list(map(curl.getinfo, infos))
     except pycurl.error:
         return None
 
@@ -352,7 +349,7 @@ class CurlMulti(pycurl.CurlMulti):
     def __new__(cls, *args, **kwargs):
         _checked(cls, args, kwargs)
         self = super().__new__(cls)
-        _set_cache(self, _Cache())
+        _set_cache(self, _Cache(self))
         # pycurl ignores it for a subclass: close() below does what it would
         self._ps_close_handles = bool(kwargs.get("close_handles")) if cls is CurlMulti else False
         return self
@@ -364,10 +361,11 @@ class CurlMulti(pycurl.CurlMulti):
             cache = self._ps
             if args[0] == pycurl.M_MAX_TOTAL_CONNECTIONS:
                 cache.max_total = args[1]
-                if _adapter is not None:
-                    _guard("pycurl:CurlMulti.setopt", _adapter.limit_changed, self)
             else:
                 cache.max_host = args[1]
+            cache.limited = bool(cache.max_total or cache.max_host)
+            if args[0] == pycurl.M_MAX_TOTAL_CONNECTIONS and _adapter is not None:
+                _guard("pycurl:CurlMulti.setopt", _adapter.limit_changed, self)
         return result
 
     def add_handle(self, *args, **kwargs):
@@ -375,10 +373,14 @@ class CurlMulti(pycurl.CurlMulti):
         state = _state(args[0]) if args else None
         if state is not None:
             cache = self._ps
-            state.multi = weakref.ref(self), cache
+            state.multi = cache.ref, cache
             cache.handles.add(state)
-            if _adapter is not None:
-                _guard("pycurl:CurlMulti.add_handle", _adapter.queued, self, state)
+            adapter = _adapter
+            if adapter is not None:
+                try:
+                    adapter.queued(self, state)
+                except Exception:
+                    internal_error("pycurl:CurlMulti.add_handle")
         return result
 
     def info_read(self, *args, **kwargs):
@@ -386,17 +388,17 @@ class CurlMulti(pycurl.CurlMulti):
         if _adapter is not None:
             _, ok, failed = result
             for handle in ok:
-                _guard("pycurl:CurlMulti.info_read", _adapter.finished, _state(handle), 0, False)
+                _read_out(handle, 0)
             for handle, errno, _ in failed:
-                _guard("pycurl:CurlMulti.info_read", _adapter.finished, _state(handle), errno,
-                       False)
+                _read_out(handle, errno)
         return result
 
     def remove_handle(self, *args, **kwargs):
         result = super().remove_handle(*args, **kwargs)
         state = _state(args[0]) if args else None
         if state is not None:
-            if _adapter is not None:  # a transfer info_read did not report, or could not finish
+            # a transfer info_read did not report, or could not finish
+            if _adapter is not None and (state.conn is not None or state.queued_at is not None):
                 _guard("pycurl:CurlMulti.remove_handle", _adapter.finished, state, state.errno,
                        True, False)
             _detach(state)
@@ -425,11 +427,21 @@ class CurlMulti(pycurl.CurlMulti):
 _set_cache = CurlMulti.__dict__["_ps"].__set__
 
 
+def _read_out(handle, errno):
+    """``info_read`` reported the transfer of ``handle`` done (``errno`` 0: it succeeded)."""
+    adapter = _adapter
+    if adapter is not None:
+        try:
+            adapter.finished(_state(handle), errno, False)
+        except Exception:
+            internal_error("pycurl:CurlMulti.info_read")
+
+
 def _detach(state):
     """The easy handle left its multi."""
     if state.multi is not None:
         state.multi[1].handles.discard(state)
-    state.multi = state.queued_at = state.context = state.errno = None
+    state.multi = state.queued_at = state.context = state.errno = state.sockets = None
 
 
 class PycurlAdapter(Adapter):
@@ -576,7 +588,7 @@ class PycurlAdapter(Adapter):
                 return
         setup, state.setup = state.setup, 0.0
         state.conn = state.sockets = None
-        if times is not None:
+        if times is not None and times[0] >= _QUEUED * 1e6:
             self._waited(state, rec, setup, *times)
         if phases is not None:
             *marks, total_us = phases
@@ -596,10 +608,7 @@ class PycurlAdapter(Adapter):
     def _waited(self, state, rec, setup, queue_us, pretransfer_us, total_us):
         """A transfer's wait in a limited multi, from libcurl's times (which run from the
         transfer's start)."""
-        queued = queue_us / 1e6
-        if queued < _QUEUED:
-            return
-        queued = min(queued, pretransfer_us / 1e6 - setup)
+        queued = min(queue_us / 1e6, pretransfer_us / 1e6 - setup)
         if queued >= _QUEUED:
             start_ns = time.time_ns() - total_us * 1000
             self.recorder.waited(rec.series, queued, state.context, start_ns + int(queued * 1e9))
