@@ -29,7 +29,10 @@ easy handle's own.
   pending once, but adds up more than the elapsed time when it was woken and sent back to the
   queue (libcurl 8.23: 1.35 s reported for a 0.65 s wait), so the wait is the smaller of it and
   ``PRETRANSFER_TIME_T`` less the connection's set-up. A transfer counts as having waited when
-  that is 1 ms or more: an unqueued one leaves the queue in microseconds. A transfer added to
+  that is 1 ms or more: an unqueued one leaves the queue in microseconds. libcurl's figures are
+  read only where they can say so: that wait is at most the time from ``add_handle`` until the
+  connection (``PREREQFUNCTION``), and a transfer that had its connection sooner than 0.5 ms
+  did not wait. A transfer added to
   such a multi is pending from ``add_handle`` until it has a connection, which a collection
   reads from the multi's handles (no wait is told transfer by transfer). A transfer that timed
   out with no connection (no socket opened for it, none reused: no ``PRIMARY_PORT``) timed out
@@ -150,7 +153,7 @@ class _Handle:
     """
 
     __slots__ = ("curl", "url", "origin", "prereq", "sockopt", "forbid_reuse", "share", "multi",
-                 "cache", "conn", "queued_at", "context", "sockets", "setup", "errno",
+                 "cache", "conn", "queued_at", "held", "context", "sockets", "setup", "errno",
                  "__weakref__")
 
     def __init__(self, curl):
@@ -160,7 +163,7 @@ class _Handle:
         self.prereq = self.sockopt = self.share = self.multi = None
         self.cache = _Cache()  # the handle's own, when it is in no multi and shares none
         self.forbid_reuse = False
-        self.conn = self.queued_at = self.context = self.sockets = self.errno = None
+        self.conn = self.queued_at = self.held = self.context = self.sockets = self.errno = None
         self.setup = 0.0
 
     def copy(self, curl):
@@ -193,13 +196,19 @@ class _Handle:
                         or multi is None and self.share is not None):
                     adapter.granted(self, key)
                 else:  # the healthy request: a cached connection, no share
-                    self.conn, self.queued_at = (rec, key, cache), None
+                    if self.queued_at is not None:
+                        self.dequeued()
+                    self.conn = rec, key, cache
                     adapter.recorder.acquired(rec, context=self.context)
             except Exception:
                 internal_error("pycurl:PREREQFUNCTION")
         app = self.prereq
         return pycurl.PREREQFUNC_OK if app is None else app(peer_ip, local_ip, peer_port,
                                                             local_port)
+
+    def dequeued(self):
+        """The transfer has its connection: it was held back for at most ``held`` seconds."""
+        self.held, self.queued_at = time.monotonic() - self.queued_at, None
 
     def install(self, curl):
         """Set poolscope's callbacks on ``curl`` (through pycurl's own ``setopt``)."""
@@ -441,7 +450,8 @@ def _detach(state):
     """The easy handle left its multi."""
     if state.multi is not None:
         state.multi[1].handles.discard(state)
-    state.multi = state.queued_at = state.context = state.errno = state.sockets = None
+    state.multi = state.queued_at = state.held = state.context = state.errno = None
+    state.sockets = None
 
 
 class PycurlAdapter(Adapter):
@@ -488,15 +498,16 @@ class PycurlAdapter(Adapter):
         cache = state.multi[1]
         if cache.limited:
             state.queued_at = time.monotonic()
-            state.series(self.recorder)  # the origin reads 0 pending, not nothing, once it is out
             pool = cache.pool
             if pool is None or not pool.live or pool.owner is not self.recorder:
                 self.pool_state(multi)
 
     def granted(self, state, key):
-        state.queued_at = None
+        if state.queued_at is not None:
+            state.dequeued()
         if state.conn is not None:  # libcurl retried on a new connection, or followed a redirect
             self._let_go(state.conn)
+            state.held = None  # it may have waited again: libcurl's figures tell
         owner, cache = state.owner()
         rec = cache.conns.get(key)
         sockets, state.sockets = state.sockets, None
@@ -560,11 +571,12 @@ class PycurlAdapter(Adapter):
                         outcome = CANCELLED
                 state.queued_at = None
                 waited = time.monotonic() - since
+                series = state.series(self.recorder)  # the origin reads 0 pending from now
                 if outcome is TIMED_OUT or outcome is CANCELLED and waited >= _QUEUED:
                     error = (pycurl.error(errno, "timed out waiting for a connection")
                              if errno else None)
-                    self.recorder.waited(state.series(self.recorder), waited, state.context,
-                                         outcome=outcome, error=error)
+                    self.recorder.waited(series, waited, state.context, outcome=outcome,
+                                         error=error)
             state.sockets = None
             return
         rec, key, cache = taken
@@ -573,7 +585,12 @@ class PycurlAdapter(Adapter):
             if version is not None:
                 self.recorder.protocol_known(rec, CURL_HTTP_VERSIONS.get(version[0]))
         times = None
-        if state.multi is not None and state.multi[1].limited and curl is not None:
+        # libcurl's figures only for a transfer that may have waited 1 ms: the wait it reports
+        # is at most ``held``, add_handle until the connection (half: libcurl's clock for it
+        # stops a few µs after PREREQFUNCTION)
+        held = state.held
+        if (state.multi is not None and state.multi[1].limited and curl is not None
+                and (held is None or held >= _QUEUED / 2)):
             times = _read(curl, pycurl.QUEUE_TIME_T, pycurl.PRETRANSFER_TIME_T,
                           pycurl.TOTAL_TIME_T)
             if times is None and not final:
@@ -587,7 +604,7 @@ class PycurlAdapter(Adapter):
                 state.errno = errno
                 return
         setup, state.setup = state.setup, 0.0
-        state.conn = state.sockets = None
+        state.conn = state.sockets = state.held = None
         if times is not None and times[0] >= _QUEUED * 1e6:
             self._waited(state, rec, setup, *times)
         if phases is not None:
