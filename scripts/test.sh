@@ -12,6 +12,7 @@ if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
     need=()
     command -v prometheus >/dev/null && command -v promtool >/dev/null || need+=(prometheus)
     command -v nginx >/dev/null || [ -x /usr/sbin/nginx ] || need+=(nginx-light)
+    command -v valgrind >/dev/null || need+=(valgrind)
     if [ ${#need[@]} -gt 0 ]; then
         # Debian's policy-rc.d convention: exit 101 keeps the packages from starting their
         # services, so there is nothing to stop afterwards. One already there is left alone.

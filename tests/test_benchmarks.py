@@ -53,3 +53,17 @@ def test_hooks_smoke():
     rows = [line.split("|")[1].strip() for line in result.stdout.splitlines()
             if line.startswith("| ") and "**" in line]
     assert rows == ["urllib3", "httpx", "aiohttp", "pycurl", "pycurl-multi"], result.stdout
+
+
+def test_instructions_smoke():
+    require_tool("nginx")
+    require_tool("valgrind")
+    script = os.path.join(os.path.dirname(BENCH), "instructions.py")
+    result = subprocess.run([sys.executable, script, "--libraries", "urllib3", "--cases",
+                             "sequential", "--scale", "0.01"], capture_output=True, text=True,
+                            timeout=600)
+    assert result.returncode == 0, result.stderr
+    rows = [line.split("|") for line in result.stdout.splitlines()
+            if line.startswith("| ") and "**" in line]
+    assert [row[1:4] for row in rows] == [[" urllib3 ", " sequential ", " default "]], result.stdout
+    assert int(rows[0][4].replace(",", "")) > 0, result.stdout  # instructions per request

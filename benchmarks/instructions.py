@@ -1,0 +1,84 @@
+"""poolscope's cost per request in CPU instructions: the same figure on any run of this machine.
+
+    python benchmarks/instructions.py --libraries urllib3 --cases sequential --modes default
+    python benchmarks/instructions.py                                     # everything (~1 h)
+
+run.py times requests, and on a VM whose neighbours steal time its rounds spread by ±15 to
+±45 %. This runs run.py's workloads (benchmarks/client.py, the same libraries, cases and modes)
+under valgrind's cachegrind, which counts the instructions the client process executes (every
+thread, user space: the kernel's socket work and nginx are not in it). Each setup runs twice,
+with N and 2N requests after the same warm-up; the difference over N is the instructions of one
+request, start-up and warm-up taken out. The ratio is the instrumented setup's over its
+baseline's, as run.py's ratios. An instruction is not a nanosecond (a cache miss costs more than
+an addition), so this tracks poolscope's work exactly and its time approximately.
+"""
+
+import argparse
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+
+from nginx import nginx
+from run import CASES, HERE, LIBRARIES, MODES, REQUESTS
+
+_REFS = re.compile(r"I\s+refs:\s+([\d,]+)")
+
+
+def instructions(library, case, setup, requests, url):
+    """The client process's instruction count for one run of ``requests`` requests, and the
+    requests that failed (httpx saturated: httpcore#1110, with or without poolscope)."""
+    command = ["valgrind", "--tool=cachegrind", "--cache-sim=no",
+               "--cachegrind-out-file=/dev/null", sys.executable,
+               os.path.join(HERE, "client.py"), library, case, setup, str(requests), url]
+    env = {**os.environ, "PYTHONHASHSEED": "0"}  # as run.py
+    env.pop("POOLSCOPE_DETAILED_TIMINGS", None)
+    done = subprocess.run(command, capture_output=True, text=True, timeout=3600, env=env)
+    found = _REFS.search(done.stderr)
+    if done.returncode or found is None:
+        raise SystemExit(f"{library} {case} {setup}: the run failed\n{done.stderr[-2000:]}")
+    return int(found.group(1).replace(",", "")), json.loads(done.stdout.splitlines()[-1])["errors"]
+
+
+def per_request(library, case, setup, requests, url):
+    """Instructions per request, and the requests that failed in the two runs."""
+    (small, failed), (large, more) = (instructions(library, case, setup, n, url)
+                                      for n in (requests, 2 * requests))
+    return (large - small) / requests, failed + more
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--libraries", default=",".join(LIBRARIES))
+    parser.add_argument("--cases", default=",".join(CASES))
+    parser.add_argument("--modes", default="default")
+    parser.add_argument("--scale", type=float, default=0.25,
+                        help="requests per run, as a share of run.py's (default: 0.25)")
+    args = parser.parse_args()
+    chosen = {}
+    for name, given, known in (("library", args.libraries, REQUESTS), ("case", args.cases, CASES),
+                               ("mode", args.modes, MODES)):
+        chosen[name] = given.split(",")
+        unknown = [item for item in chosen[name] if item not in known]
+        if unknown:
+            parser.error(f"unknown {name}: {', '.join(unknown)} (known: {', '.join(known)})")
+    if shutil.which("valgrind") is None:
+        raise SystemExit("valgrind is not installed: apt-get install valgrind")
+    print("| library | case | mode | baseline instructions/req | added | ratio | failed A/B |")
+    print("|---|---|---|---:|---:|---:|---:|")
+    with nginx() as listen:
+        url = "http://%s:%d/" % listen[0]
+        for library in chosen["library"]:
+            requests = max(50, int(REQUESTS[library] * args.scale))
+            for case in chosen["case"]:
+                for mode in chosen["mode"]:
+                    (base, failed), (plus, more) = (per_request(library, case, setup, requests,
+                                                                url) for setup in MODES[mode])
+                    print(f"| {library} | {case} | {mode} | {base:,.0f} | {plus - base:+,.0f} | "
+                          f"**{plus / base:.3f}** | {failed}/{more} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
