@@ -1,7 +1,7 @@
-"""poolscope's cost per request in CPU instructions: the same figure on any run of this machine.
+"""poolscope's cost per request in CPU instructions, a figure a VM's stolen time does not move.
 
-    python benchmarks/instructions.py --libraries urllib3 --cases sequential --modes default
-    python benchmarks/instructions.py                                     # everything (~1 h)
+    python benchmarks/instructions.py              # every library and case, default mode (~10 min)
+    python benchmarks/instructions.py --libraries urllib3 --cases sequential --modes detailed
 
 run.py times requests, and on a VM whose neighbours steal time its rounds spread by ±15 to
 ±45 %. This runs run.py's workloads (benchmarks/client.py, the same libraries, cases and modes)
@@ -28,8 +28,8 @@ _REFS = re.compile(r"I\s+refs:\s+([\d,]+)")
 
 
 def instructions(library, case, setup, requests, url):
-    """The client process's instruction count for one run of ``requests`` requests, and the
-    requests that failed (httpx saturated: httpcore#1110, with or without poolscope)."""
+    """The client process's instruction count for one run of ``requests`` requests, and
+    client.py's figures for it (failed requests, the share poolscope counted as waiting)."""
     command = ["valgrind", "--tool=cachegrind", "--cache-sim=no",
                "--cachegrind-out-file=/dev/null", sys.executable,
                os.path.join(HERE, "client.py"), library, case, setup, str(requests), url]
@@ -39,14 +39,15 @@ def instructions(library, case, setup, requests, url):
     found = _REFS.search(done.stderr)
     if done.returncode or found is None:
         raise SystemExit(f"{library} {case} {setup}: the run failed\n{done.stderr[-2000:]}")
-    return int(found.group(1).replace(",", "")), json.loads(done.stdout.splitlines()[-1])["errors"]
+    return int(found.group(1).replace(",", "")), json.loads(done.stdout.splitlines()[-1])
 
 
 def per_request(library, case, setup, requests, url):
-    """Instructions per request, and the requests that failed in the two runs."""
-    (small, failed), (large, more) = (instructions(library, case, setup, n, url)
-                                      for n in (requests, 2 * requests))
-    return (large - small) / requests, failed + more
+    """Instructions per request; the requests that failed in the two runs (httpx saturated:
+    httpcore#1110, with or without poolscope); the share that waited in the longer one."""
+    (small, one), (large, two) = (instructions(library, case, setup, n, url)
+                                  for n in (requests, 2 * requests))
+    return (large - small) / requests, one["errors"] + two["errors"], two["waited_share"]
 
 
 def main():
@@ -54,8 +55,8 @@ def main():
     parser.add_argument("--libraries", default=",".join(LIBRARIES))
     parser.add_argument("--cases", default=",".join(CASES))
     parser.add_argument("--modes", default="default")
-    parser.add_argument("--scale", type=float, default=0.25,
-                        help="requests per run, as a share of run.py's (default: 0.25)")
+    parser.add_argument("--scale", type=float, default=0.1,
+                        help="requests per run, as a share of run.py's (default: 0.1)")
     args = parser.parse_args()
     chosen = {}
     for name, given, known in (("library", args.libraries, REQUESTS), ("case", args.cases, CASES),
@@ -66,18 +67,20 @@ def main():
             parser.error(f"unknown {name}: {', '.join(unknown)} (known: {', '.join(known)})")
     if shutil.which("valgrind") is None:
         raise SystemExit("valgrind is not installed: apt-get install valgrind")
-    print("| library | case | mode | baseline instructions/req | added | ratio | failed A/B |")
-    print("|---|---|---|---:|---:|---:|---:|")
+    print("| library | case | mode | baseline instructions/req | added | ratio | waited | "
+          "failed A/B |")
+    print("|---|---|---|---:|---:|---:|---:|---:|")
     with nginx() as listen:
         url = "http://%s:%d/" % listen[0]
         for library in chosen["library"]:
             requests = max(50, int(REQUESTS[library] * args.scale))
             for case in chosen["case"]:
                 for mode in chosen["mode"]:
-                    (base, failed), (plus, more) = (per_request(library, case, setup, requests,
-                                                                url) for setup in MODES[mode])
+                    (base, failed, _), (plus, more, waited) = (
+                        per_request(library, case, setup, requests, url) for setup in MODES[mode])
                     print(f"| {library} | {case} | {mode} | {base:,.0f} | {plus - base:+,.0f} | "
-                          f"**{plus / base:.3f}** | {failed}/{more} |", flush=True)
+                          f"**{plus / base:.3f}** | {'' if waited is None else f'{waited:.1%}'} | "
+                          f"{failed}/{more} |", flush=True)
 
 
 if __name__ == "__main__":

@@ -32,11 +32,10 @@ easy handle's own.
   that is 1 ms or more: an unqueued one leaves the queue in microseconds. libcurl's figures are
   read only where they can say so: that wait is at most the time from ``add_handle`` until the
   connection (``PREREQFUNCTION``), and a transfer that had its connection sooner than 0.5 ms
-  did not wait. A transfer added to
-  such a multi is pending from ``add_handle`` until it has a connection, which a collection
-  reads from the multi's handles (no wait is told transfer by transfer). A transfer that timed
-  out with no connection (no socket opened for it, none reused: no ``PRIMARY_PORT``) timed out
-  waiting.
+  did not wait. A transfer added to such a multi is pending from ``add_handle`` until it has a
+  connection, which a collection reads from the multi's handles (no wait is told transfer by
+  transfer). A transfer that timed out with no connection (no socket opened for it, none
+  reused: no ``PRIMARY_PORT``) timed out waiting.
 - Close: libcurl closes idle cached connections on its own (``MAXAGE_CONN`` expiry, a full
   cache, a dead socket) with no callback poolscope can rely on, so each idle connection's
   socket is checked when its pool opens a new connection and when the pool closes.
