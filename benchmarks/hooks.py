@@ -160,7 +160,6 @@ def main():
             poolscope.instrument(meter_provider=meter_provider, tracer_provider=tracer_provider)
         gc.collect()
         try:
-            # the fastest of a few runs: the others were slowed by this VM's neighbours
             us = min(CYCLES[library](url, args.cycles) for _ in range(args.best_of))
             if instrumented:  # the cycles went through poolscope: one acquisition each
                 counted = _acquisitions(reader, library.split("-")[0])
