@@ -89,10 +89,10 @@ class H2Server:
                     due.remove((when, stream_id, arrived))
                     h2conn.send_headers(stream_id, [(":status", "200"), ("content-length", "2")])
                     h2conn.send_data(stream_id, b"ok", end_stream=True)
-                    sock.sendall(h2conn.data_to_send())
-                    with self._books:
+                    with self._books:  # before the client can have the response, and read these
                         self.served.append(time.monotonic() - arrived)
                         self.arrivals.append(arrived)
+                    sock.sendall(h2conn.data_to_send())
                 timeout = max(0.0, min(d[0] for d in due) - time.monotonic()) if due else None
                 if not sock.pending() and not select.select([sock], [], [], timeout)[0]:
                     continue
