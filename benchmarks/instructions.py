@@ -22,7 +22,7 @@ import subprocess
 import sys
 
 from nginx import nginx
-from run import CASES, HERE, LIBRARIES, MODES, REQUESTS
+from run import HERE, MODES, REQUESTS, add_selection, check_selection
 
 _REFS = re.compile(r"I\s+refs:\s+([\d,]+)")
 
@@ -52,19 +52,11 @@ def per_request(library, case, setup, requests, url):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--libraries", default=",".join(LIBRARIES))
-    parser.add_argument("--cases", default=",".join(CASES))
-    parser.add_argument("--modes", default="default")
+    add_selection(parser, modes=["default"])
     parser.add_argument("--scale", type=float, default=0.1,
                         help="requests per run, as a share of run.py's (default: 0.1)")
     args = parser.parse_args()
-    chosen = {}
-    for name, given, known in (("library", args.libraries, REQUESTS), ("case", args.cases, CASES),
-                               ("mode", args.modes, MODES)):
-        chosen[name] = given.split(",")
-        unknown = [item for item in chosen[name] if item not in known]
-        if unknown:
-            parser.error(f"unknown {name}: {', '.join(unknown)} (known: {', '.join(known)})")
+    check_selection(parser, args)
     if shutil.which("valgrind") is None:
         raise SystemExit("valgrind is not installed: apt-get install valgrind")
     print("| library | case | mode | baseline instructions/req | added | ratio | waited | "
@@ -72,10 +64,10 @@ def main():
     print("|---|---|---|---:|---:|---:|---:|---:|")
     with nginx() as listen:
         url = "http://%s:%d/" % listen[0]
-        for library in chosen["library"]:
+        for library in args.libraries:
             requests = max(50, int(REQUESTS[library] * args.scale))
-            for case in chosen["case"]:
-                for mode in chosen["mode"]:
+            for case in args.cases:
+                for mode in args.modes:
                     (base, failed, _), (plus, more, waited) = (
                         per_request(library, case, setup, requests, url) for setup in MODES[mode])
                     print(f"| {library} | {case} | {mode} | {base:,.0f} | {plus - base:+,.0f} | "

@@ -161,12 +161,26 @@ def overhead(args):
                 json.dump({"machine": machine(), "results": results}, f, indent=1)
 
 
-def main():
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def add_selection(parser, modes):
+    """``--libraries``, ``--cases`` and ``--modes``, comma-separated (``modes``: the default)."""
     parser.add_argument("--libraries", type=lambda s: s.split(","), default=LIBRARIES)
     parser.add_argument("--cases", type=lambda s: s.split(","), default=CASES)
-    parser.add_argument("--modes", type=lambda s: s.split(","),
-                        default=["default", "detailed", "tracing", "official"])
+    parser.add_argument("--modes", type=lambda s: s.split(","), default=modes)
+
+
+def check_selection(parser, args):
+    """A clear error for a library, case or mode the benchmark does not know."""
+    for name, values, known in (("library", args.libraries, LIBRARIES + OPTIONAL),
+                                ("case", args.cases, CASES),
+                                ("mode", args.modes, MODES)):
+        unknown = [v for v in values if v not in known]
+        if unknown:
+            parser.error(f"unknown {name} {', '.join(unknown)}; choose from {', '.join(known)}")
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_selection(parser, modes=["default", "detailed", "tracing", "official"])
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--scale", type=float, default=1.0, help="multiply requests per run")
     parser.add_argument("--json", help="also write the results to this file")
@@ -175,12 +189,7 @@ def main():
     parser.add_argument("--memory", action="store_true",
                         help="peak memory over 1M requests and with 10,000 origins")
     args = parser.parse_args()
-    for name, values, known in (("library", args.libraries, LIBRARIES + OPTIONAL),
-                                ("case", args.cases, CASES),
-                                ("mode", args.modes, MODES)):
-        unknown = [v for v in values if v not in known]
-        if unknown:
-            parser.error(f"unknown {name} {', '.join(unknown)}; choose from {', '.join(known)}")
+    check_selection(parser, args)
     if args.smoke:
         args.rounds, args.scale = 1, 0.02
     if args.memory:
