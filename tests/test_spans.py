@@ -215,11 +215,11 @@ def test_the_span_check_agrees_with_the_public_api(monkeypatch):
 
     from poolscope import _recorder
 
-    direct = _recorder._span_reader()
+    direct = _recorder._context_reader()
     with monkeypatch.context() as patched:
         patched.setattr(otel_context, "_RUNTIME_CONTEXT", object())
-        public = _recorder._span_reader()
-    assert (direct.__name__, public.__name__) == ("direct", "public")
+        public = _recorder._context_reader()
+    assert public is otel_context.get_current and direct is not public
     tracer = TracerProvider().get_tracer("test")
     recording = tracer.start_span("recording")
     ended = tracer.start_span("ended")
@@ -228,9 +228,13 @@ def test_the_span_check_agrees_with_the_public_api(monkeypatch):
     cases = [(None, None, None), (trace.INVALID_SPAN, None, None), (ended, None, None),
              (recording, None, recording), (None, in_context, recording),
              (recording, otel_context.Context(), None)]
-    for current, context, expected in cases:
-        with trace.use_span(current) if current else contextlib.nullcontext():
-            assert direct(context) is expected and public(context) is expected
+    for reader in (direct, public):
+        monkeypatch.setattr(_recorder, "current_context", reader)
+        for current, context, expected in cases:
+            with trace.use_span(current) if current else contextlib.nullcontext():
+                span = trace.get_current_span(context)
+                assert (span if span.is_recording() else None) is expected
+                assert _recorder.recording_span(context) is expected
 
 
 def test_a_failed_tls_handshake_ends_its_setup_span(traced, server):
