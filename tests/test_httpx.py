@@ -3,6 +3,8 @@ cancellation."""
 
 import asyncio
 import inspect
+import sys
+import threading
 import time
 
 import httpx
@@ -135,3 +137,89 @@ def test_a_request_cancelled_as_a_new_connection_is_made_for_it(metrics, server,
             return held
 
     assert asyncio.run(main()) in ((0, 0), (1, 0))
+
+
+def _check_handed(metrics, server, pool, done, midway):
+    """The figures after H, handed the connection first, found D had taken it (see below)."""
+    assert done == ["D", "H"]
+    assert midway == [(1, 1, 1, 1)]  # queued and busy, by httpcore and by poolscope, while D ran
+    assert pool.connections[0]._connection._request_count == 3
+    data = metrics.read()
+    assert metrics.value(data, "poolscope.connection.acquisitions") == 3
+    assert metrics.value(data, "poolscope.connection.created") == 1 == server.accepted
+    assert metrics.value(data, "poolscope.connection.waits",
+                         poolscope__wait__outcome="granted") == 1
+    count, total = metrics.histogram(data, "poolscope.connection.wait_time")
+    assert count == 1 and total >= 0.35  # H waited for A, then for D
+    assert not metrics.value(data, "poolscope.connection.pending_requests")
+    assert metrics.value(data, "http.client.open_connections",
+                         http__connection__state="active") == 0
+
+
+def _midway(metrics, pool):
+    data = metrics.read()
+    return (sum(r.is_queued() for r in pool._requests),
+            metrics.value(data, "poolscope.connection.pending_requests"),
+            sum(not c.is_idle() for c in pool.connections),
+            metrics.value(data, "http.client.open_connections", http__connection__state="active"))
+
+
+def test_a_request_handed_a_connection_another_holds_takes_it_first(metrics, server):
+    """Limit 1: H waits. A's response ends and the pool hands the connection to H; before H's
+    thread runs, D starts in A's thread, is handed the same connection and takes it (a switch
+    interval of a second keeps the GIL with D until it waits on the server). H finds it taken
+    and waits on until D is done. poolscope counts D's acquisition when D takes the connection,
+    and H's when H does; while D runs, H is pending. (httpcore2 2.16 no longer hands a
+    connection handed to one request to another.)"""
+    switch = sys.getswitchinterval()
+    with httpx.Client(limits=httpx.Limits(max_connections=1)) as client:
+        pool, done, midway = client._transport._pool, [], []
+
+        def get(name, path):
+            assert client.get(server.url + path).status_code == 200
+            done.append(name)
+
+        first = client.send(client.build_request("GET", server.url + "/"), stream=True)
+        held = threading.Thread(target=get, args=("H", "/"))
+        held.start()
+        time.sleep(0.1)
+        checked = threading.Timer(0.15, lambda: midway.append(_midway(metrics, pool)))
+        checked.start()
+        sys.setswitchinterval(1.0)
+        try:
+            first.read()  # the pool hands the connection to H
+            get("D", "/delay/0.3")
+        finally:
+            sys.setswitchinterval(switch)
+        held.join()
+        checked.join()
+        _check_handed(metrics, server, pool, done, midway)
+
+
+def test_a_request_handed_a_connection_another_holds_takes_it_first_async(metrics, server):
+    """As above, in one event loop: D starts in A's task, and the lock httpcore takes around a
+    connection's set-up lets H run only once D has the connection."""
+
+    async def main():
+        async with httpx.AsyncClient(limits=httpx.Limits(max_connections=1)) as client:
+            pool, done, midway = client._transport._pool, [], []
+
+            async def get(name, path):
+                assert (await client.get(server.url + path)).status_code == 200
+                done.append(name)
+
+            async def check():
+                await asyncio.sleep(0.15)
+                midway.append(_midway(metrics, pool))
+
+            async with client.stream("GET", server.url + "/") as first:
+                held = asyncio.ensure_future(get("H", "/"))
+                await asyncio.sleep(0.1)
+                await first.aread()  # the pool hands the connection to H, which has not run
+            checked = asyncio.ensure_future(check())
+            await get("D", "/delay/0.3")
+            await held
+            await checked
+            _check_handed(metrics, server, pool, done, midway)
+
+    asyncio.run(main())
