@@ -3,8 +3,8 @@
     python benchmarks/client.py LIBRARY CASE SETUP REQUESTS URL
 
 LIBRARY: urllib3, requests, httpx, httpx-async, aiohttp, pycurl, curl_cffi (its AsyncSession),
-and niquests where it is installed (its urllib3-future replaces urllib3: the version matrix's
-urllib3-future venv).
+httpx2, httpx2-async, and niquests where it is installed (its urllib3-future replaces urllib3:
+the version matrix's urllib3-future venv).
 CASE: sequential (one client, keep-alive, one request at a time) or saturated
 (CONCURRENCY requests at once through a pool of LIMIT).
 SETUP: plain, poolscope, detailed, traced, traced+poolscope, official.
@@ -12,6 +12,7 @@ SETUP: plain, poolscope, detailed, traced, traced+poolscope, official.
 
 import asyncio
 import gc
+import importlib
 import json
 import os
 import resource
@@ -114,8 +115,8 @@ def sync_workload(library, case, url):
             adapter = requests.adapters.HTTPAdapter(pool_maxsize=LIMIT, pool_block=True)
             session.mount("http://", adapter)
         return lambda: session.get(url).content
-    if library == "httpx":
-        import httpx
+    if library in ("httpx", "httpx2"):
+        httpx = importlib.import_module(library)
         limits = httpx.Limits(max_connections=LIMIT if case == "saturated" else None)
         client = httpx.Client(limits=limits)
         return lambda: client.get(url).content
@@ -132,8 +133,8 @@ def sync_workload(library, case, url):
 
 
 async def async_workload(library, case, url):
-    if library == "httpx-async":
-        import httpx
+    if library in ("httpx-async", "httpx2-async"):
+        httpx = importlib.import_module(library.partition("-")[0])
         limits = httpx.Limits(max_connections=LIMIT if case == "saturated" else None)
         client = httpx.AsyncClient(limits=limits)
 
@@ -264,7 +265,7 @@ def run(library, case, requests, url, tracer=None):
     """One run of the workload with a fresh client; returns the seconds of the timed part."""
     if library == "pycurl":
         return run_pycurl(case, requests, url, tracer)
-    if library in ("httpx-async", "aiohttp", "curl_cffi"):
+    if library in ("httpx-async", "httpx2-async", "aiohttp", "curl_cffi"):
         async def go():
             call = aspanned(tracer, await async_workload(library, case, url))
             return await run_async(call, case, requests)

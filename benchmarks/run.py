@@ -25,8 +25,9 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 LIBRARIES = ["urllib3", "requests", "httpx", "httpx-async", "aiohttp", "pycurl"]
 # not in the default run: niquests' urllib3-future replaces urllib3 where it is installed, so it
 # runs from its own venv (the version matrix's: .nox/urllib3-future-newest/bin/python);
-# curl_cffi runs on its own (--libraries curl_cffi)
-OPTIONAL = ["niquests", "curl_cffi"]
+# curl_cffi and httpx2 (the openai and anthropic SDKs' client) run on their own
+# (--libraries curl_cffi,httpx2,httpx2-async)
+OPTIONAL = ["niquests", "curl_cffi", "httpx2", "httpx2-async"]
 CASES = ["sequential", "saturated"]
 # mode -> (baseline setup, instrumented setup)
 # "sdk" is the OpenTelemetry SDK set up and nothing instrumented, as in a service that already
@@ -41,7 +42,7 @@ MODES = {
 # requests per run: about half a second of work on a slow machine
 REQUESTS = {"urllib3": 4000, "requests": 2000, "httpx": 3000, "httpx-async": 1500,
             "aiohttp": 4000, "pycurl": 8000, "niquests": 1500,
-            "curl_cffi": 1500}
+            "curl_cffi": 1500, "httpx2": 3000, "httpx2-async": 1500}
 
 
 def _fixed_layout():
@@ -120,7 +121,8 @@ def machine():
         pass
     versions = []
     for dist in ("poolscope", "opentelemetry-sdk", "wrapt", "urllib3", "requests", "httpx",
-                 "httpcore", "aiohttp", "pycurl", "urllib3-future", "niquests", "curl_cffi"):
+                 "httpcore", "httpx2", "httpcore2", "aiohttp", "pycurl", "urllib3-future",
+                 "niquests", "curl_cffi"):
         try:
             versions.append(f"{dist} {importlib.metadata.version(dist)}")
         except importlib.metadata.PackageNotFoundError:

@@ -55,15 +55,19 @@ def test_hooks_smoke():
     assert rows == ["urllib3", "httpx", "aiohttp", "pycurl", "pycurl-multi"], result.stdout
 
 
-def test_instructions_smoke():
+@pytest.mark.parametrize("library", ["urllib3", "httpx2-async"])
+def test_instructions_smoke(library):
     require_tool("nginx")
     require_tool("valgrind")
+    if library == "httpx2-async":
+        pytest.importorskip("httpx2")
     script = os.path.join(os.path.dirname(BENCH), "instructions.py")
-    result = subprocess.run([sys.executable, script, "--libraries", "urllib3", "--cases",
+    result = subprocess.run([sys.executable, script, "--libraries", library, "--cases",
                              "sequential", "--scale", "0.01"], capture_output=True, text=True,
                             timeout=600)
     assert result.returncode == 0, result.stderr
     rows = [line.split("|") for line in result.stdout.splitlines()
             if line.startswith("| ") and "**" in line]
-    assert [row[1:4] for row in rows] == [[" urllib3 ", " sequential ", " default "]], result.stdout
+    assert [row[1:4] for row in rows] == [[f" {library} ", " sequential ", " default "]], \
+        result.stdout
     assert int(rows[0][4].replace(",", "")) > 0, result.stdout  # instructions per request
