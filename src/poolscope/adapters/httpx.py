@@ -28,6 +28,9 @@ connection as ``_assign_requests_to_connections`` judged it: past ``_expire_at``
 ``keepalive_expired``, an idle socket the server closed is ``server_closed``, the rest are idle
 connections the pool had no room for (``idle_limit``). A connection still in use when the pool
 closes it (a race in httpcore 1.0.9, encode/httpcore#1110) fails its request: ``error``.
+httpcore2 2.17 and later check an idle connection as a request takes it instead: one the
+server closed is closed there, the request clears it and waits on, and the pool drops it
+without closing it again; it is counted ``server_closed`` where the request clears it.
 
 httpcore2 2.6 and later drop, without closing it, a connection whose request was cancelled
 before it connected (httpcore keeps it, and its slot, for good: encode/httpcore#1093); such a
@@ -388,6 +391,10 @@ class HttpxAdapter(Adapter):
         if rec is not None:  # ConnectionNotAvailable: another request took it first
             with self.serialized(rec.pool):
                 self.recorder.unacquired(rec, pool_request.__dict__.get("_poolscope_wait"))
+                if not rec.closed and conn.is_closed():
+                    # closed by its own check before the request went out: the server had
+                    # closed it while idle (httpcore2 2.17+; the pool drops it unclosed)
+                    self.recorder.closed(rec, sc.SERVER_CLOSED)
 
     def left(self, pool_request):
         """The request left its pool (under the pool's lock): its response is closed, or it
