@@ -71,3 +71,15 @@ def test_instructions_smoke(library):
     assert [row[1:4] for row in rows] == [[f" {library} ", " sequential ", " default "]], \
         result.stdout
     assert int(rows[0][4].replace(",", "")) > 0, result.stdout  # instructions per request
+
+
+def test_waits_smoke():
+    require_tool("valgrind")
+    script = os.path.join(os.path.dirname(BENCH), "waits.py")
+    result = subprocess.run([sys.executable, script, "--operations", "20"],
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr
+    rows = [line.split("|") for line in result.stdout.splitlines()
+            if line.startswith("| ") and line[2:4] in ("re", "wa")]
+    assert [row[1].strip() for row in rows] == ["record"] * 3 + ["wait"] * 3, result.stdout
+    assert all(int(row[3].replace(",", "")) > 0 for row in rows), result.stdout

@@ -693,7 +693,8 @@ class Recorder:
         """The wait is over: a connection (or a slot) was granted, it timed out (``error`` the
         library's exception, if known), or it was cancelled (the request gave up, or its pool
         went)."""
-        end = end or (monotonic(), time.time_ns())
+        if end is None and wait.active:  # a granted wait ended when it was granted
+            end = (monotonic(), time.time_ns())
         if self._reentered(self.wait_ended, wait, outcome, error, end):
             return
         with self._lock:
@@ -702,7 +703,7 @@ class Recorder:
             wait.done = True
             if wait.active:
                 self._unwait(wait)
-                wait.end, wait.end_ns = end
+                wait.end, wait.end_ns = end or (monotonic(), time.time_ns())
             _count(wait.series.waits, outcome)
             span, wait.span = wait.span, None
         seconds = wait.end - wait.start
@@ -716,6 +717,8 @@ class Recorder:
         ``ConnectionNotAvailable``), its wait then going on; :meth:`wait_ended` counts it. The
         request's span learns the wait time now, and the wait's span ends now with
         ``end_span`` (else at :meth:`wait_ended`, at the time the wait ended)."""
+        if wait.parent is None:  # untraced: no span to end, nothing to learn
+            return
         with self._lock:
             if wait.done or wait.active:
                 return
@@ -816,16 +819,18 @@ class Recorder:
 
     def _pend(self, wait, step):
         wait.series.pending += step
-        pool = wait.pool.parent
+        pool = wait.pool
+        pool.pending += step
+        if step > 0:
+            pool.waits.add(wait)
+        else:
+            pool.waits.discard(wait)
+            if not pool.live:
+                self._forget(pool)
+        pool = pool.parent
         while pool is not None:
             pool.pending += step
             pool = pool.parent
-        wait.pool.pending += step
-        if step > 0:
-            wait.pool.waits.add(wait)
-        else:
-            wait.pool.waits.discard(wait)
-            self._forget(wait.pool)
 
     def scopes(self):
         """{scope series: (limit of the pool that peaked, peak in use, pools opened)}, for the report."""

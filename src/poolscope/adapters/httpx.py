@@ -86,7 +86,7 @@ def _protocol(conn):
 
 
 # httpcore's HTTPConnectionState of an HTTP/1.1 or HTTP/2 connection (``_state``): an IntEnum
-_NEW, _ACTIVE = 0, 1
+_NEW, _ACTIVE, _CLOSED = 0, 1, 3
 
 
 def _pool_close_reason(conn):
@@ -284,7 +284,7 @@ class HttpxAdapter(Adapter):
         connection = importlib.import_module(self.root + "._sync.connection").HTTPConnection
         # httpcore2 2.6+ (which added is_connected) drops an unconnected, unclaimed connection
         self._drops_unclaimed = hasattr(connection, "is_connected")
-        self._connections, self._linking = [], False
+        self._connections, self._linking, self._by_url = [], False, {}
         for flavor in _flavors(self.root):
             self._patch_flavor(flavor)
 
@@ -364,6 +364,19 @@ class HttpxAdapter(Adapter):
         return self.recorder.series(
             self.library, (origin.scheme.decode("ascii"), origin.host.decode("ascii"), origin.port))
 
+    def _url_series(self, url):
+        """The series of a request's URL. httpcore builds a new ``Origin`` each time it is
+        asked for one, which costs a waiting request more than the rest of its wait's
+        bookkeeping, so the series is kept by the URL's own parts (up to one per origin
+        poolscope reports)."""
+        key = (url.scheme, url.host, url.port)
+        found = self._by_url.get(key)
+        if found is None:
+            found = self._series(url.origin)
+            if len(self._by_url) < self.recorder.max_origins:
+                self._by_url[key] = found
+        return found
+
     def own_lock(self, pool_obj):
         return getattr(pool_obj, "_optional_thread_lock", None)
 
@@ -407,7 +420,10 @@ class HttpxAdapter(Adapter):
         rec = conn.__dict__.get("_poolscope") if conn is not None else None
         if rec is None or rec.closed or not rec.in_use:
             return
-        if conn.is_closed():
+        inner = _protocol(conn)
+        state = getattr(inner, "_state", None)
+        closed = state == _CLOSED if inner is not None else conn.is_closed()  # two calls fewer
+        if closed:
             self.recorder.released(rec, _self_close_reason(conn) if rec.opened else sc.ERROR)
             if rec.uses > 1 and self._stale(conn, sys._getframe(2)):
                 self.recorder.stale_failure(rec, False)  # httpcore never sends it again
@@ -415,14 +431,12 @@ class HttpxAdapter(Adapter):
             # given to the request as it gave up; httpcore2 drops it unconnected
             self.recorder.released(rec, sc.ERROR)
         else:
-            if rec.in_use == 1:
-                inner = _protocol(conn)
-                if inner is None or getattr(inner, "_state", None) in (_NEW, _ACTIVE):
-                    # never used (its request cancelled before it), or cut off mid-response:
-                    # httpcore keeps it, and its slot, for good (httpcore#1093)
-                    return
+            if rec.in_use == 1 and (inner is None or state in (_NEW, _ACTIVE)):
+                # never used (its request cancelled before it), or cut off mid-response:
+                # httpcore keeps it, and its slot, for good (httpcore#1093)
+                return
             if not rec.opened:  # a proxied connection, through at last
-                http2 = hasattr(_protocol(conn), "_h2_state")
+                http2 = hasattr(inner, "_h2_state")
                 self.recorder.conn_opened(rec, protocol="2" if http2 else "1.1")
             self.recorder.released(rec)
 
@@ -458,7 +472,7 @@ class HttpxAdapter(Adapter):
             pool = getattr(pool_obj, "_poolscope", None)
             if pool is None or pool.owner is not self.recorder:
                 return None
-            wait = self.recorder.wait_started(pool, self._series(pool_request.request.url.origin))
+            wait = self.recorder.wait_started(pool, self._url_series(pool_request.request.url))
             pool_request._poolscope_wait = wait
             return wait, pool_request
         except Exception:
