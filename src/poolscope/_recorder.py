@@ -717,7 +717,7 @@ class Recorder:
         ``ConnectionNotAvailable``), its wait then going on; :meth:`wait_ended` counts it. The
         request's span learns the wait time now, and the wait's span ends now with
         ``end_span`` (else at :meth:`wait_ended`, at the time the wait ended)."""
-        if wait.parent is None:  # untraced: no span to end, nothing to learn
+        if wait.parent is None:  # untraced: no span to end or to annotate
             return
         with self._lock:
             if wait.done or wait.active:

@@ -367,8 +367,8 @@ class HttpxAdapter(Adapter):
     def _url_series(self, url):
         """The series of a request's URL. httpcore builds a new ``Origin`` each time it is
         asked for one, which costs a waiting request more than the rest of its wait's
-        bookkeeping, so the series is kept by the URL's own parts (up to one per origin
-        poolscope reports)."""
+        bookkeeping, so the series is kept by the URL's own parts (at most as many entries as
+        the origins poolscope reports)."""
         key = (url.scheme, url.host, url.port)
         found = self._by_url.get(key)
         if found is None:
@@ -401,7 +401,7 @@ class HttpxAdapter(Adapter):
     def _clear(self, pool_request, args, kwargs):
         conn = pool_request.connection
         rec = conn.__dict__.get("_poolscope") if conn is not None else None
-        if rec is not None:  # ConnectionNotAvailable: another request took it first
+        if rec is not None:  # ConnectionNotAvailable: taken by another request, or closed
             with self.serialized(rec.pool):
                 self.recorder.unacquired(rec, pool_request.__dict__.get("_poolscope_wait"))
                 if not rec.closed and conn.is_closed():
