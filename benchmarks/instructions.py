@@ -27,19 +27,26 @@ from run import HERE, MODES, REQUESTS, add_selection, check_selection
 _REFS = re.compile(r"I\s+refs:\s+([\d,]+)")
 
 
-def instructions(library, case, setup, requests, url):
-    """The client process's instruction count for one run of ``requests`` requests, and
-    client.py's figures for it (failed requests, the share poolscope counted as waiting)."""
+def cachegrind(arguments, what):
+    """(instructions, standard output) of ``python arguments…`` under cachegrind, every thread
+    of the process in user space; ``what`` names the run if it fails."""
     command = ["valgrind", "--tool=cachegrind", "--cache-sim=no",
-               "--cachegrind-out-file=/dev/null", sys.executable,
-               os.path.join(HERE, "client.py"), library, case, setup, str(requests), url]
+               "--cachegrind-out-file=/dev/null", sys.executable, *arguments]
     env = {**os.environ, "PYTHONHASHSEED": "0"}  # as run.py
     env.pop("POOLSCOPE_DETAILED_TIMINGS", None)
     done = subprocess.run(command, capture_output=True, text=True, timeout=3600, env=env)
     found = _REFS.search(done.stderr)
     if done.returncode or found is None:
-        raise SystemExit(f"{library} {case} {setup}: the run failed\n{done.stderr[-2000:]}")
-    return int(found.group(1).replace(",", "")), json.loads(done.stdout.splitlines()[-1])
+        raise SystemExit(f"{what}: the run failed\n{done.stderr[-2000:]}")
+    return int(found.group(1).replace(",", "")), done.stdout
+
+
+def instructions(library, case, setup, requests, url):
+    """The client process's instruction count for one run of ``requests`` requests, and
+    client.py's figures for it (failed requests, the share poolscope counted as waiting)."""
+    count, out = cachegrind([os.path.join(HERE, "client.py"), library, case, setup,
+                             str(requests), url], f"{library} {case} {setup}")
+    return count, json.loads(out.splitlines()[-1])
 
 
 def per_request(library, case, setup, requests, url):

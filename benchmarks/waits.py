@@ -12,13 +12,11 @@ In a saturated pool most requests wait, and each wait's time is one OpenTelemetr
 """
 
 import argparse
-import os
-import re
 import shutil
-import subprocess
 import sys
 
-_REFS = re.compile(r"I\s+refs:\s+([\d,]+)")
+from instructions import cachegrind
+
 ATTRS = {"poolscope.library": "httpx2", "url.scheme": "http", "server.address": "127.0.0.1",
          "server.port": 8080}
 CASES = [("record", "4 attributes"), ("record", "1 attribute"), ("record", "no attributes"),
@@ -63,15 +61,7 @@ def run(case, n):
 
 
 def instructions(case, n):
-    command = ["valgrind", "--tool=cachegrind", "--cache-sim=no",
-               "--cachegrind-out-file=/dev/null", sys.executable, __file__, "--run", str(case),
-               str(n)]
-    done = subprocess.run(command, capture_output=True, text=True, timeout=600,
-                          env={**os.environ, "PYTHONHASHSEED": "0"})
-    found = _REFS.search(done.stderr)
-    if done.returncode or found is None:
-        raise SystemExit(f"case {case}: the run failed\n{done.stderr[-2000:]}")
-    return int(found.group(1).replace(",", ""))
+    return cachegrind([__file__, "--run", str(case), str(n)], f"case {case}")[0]
 
 
 def main():

@@ -1,3 +1,4 @@
+import contextlib
 import os
 import shutil
 
@@ -47,13 +48,22 @@ class Metrics:
         return sum(p.count for p in points), sum(p.sum for p in points)
 
 
-@pytest.fixture
-def metrics():
+@contextlib.contextmanager
+def instrumented():
+    """poolscope instrumented into a new :class:`Metrics`, for the block."""
     m = Metrics()
     poolscope.instrument(meter_provider=m.provider)
-    yield m
-    poolscope.uninstrument()
-    m.provider.shutdown()
+    try:
+        yield m
+    finally:
+        poolscope.uninstrument()
+        m.provider.shutdown()
+
+
+@pytest.fixture
+def metrics():
+    with instrumented() as m:
+        yield m
 
 
 class Traced(Metrics):

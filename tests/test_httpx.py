@@ -10,10 +10,9 @@ import time
 import httpx
 import pytest
 
-import poolscope
 from poolscope.demo.server import DemoServer
 
-from conftest import Metrics
+from conftest import instrumented
 from drivers import DRIVERS, httpx2
 
 MODULES = pytest.mark.parametrize("httpx", [m for m in (httpx, httpx2) if m],
@@ -181,42 +180,36 @@ def test_a_request_handed_a_connection_another_holds_takes_it_first():
     to five times). A request that fails fails the test at once."""
     switch = sys.getswitchinterval()
     for _ in range(5):
-        metrics = Metrics()
-        poolscope.instrument(meter_provider=metrics.provider)
-        try:
-            with DemoServer() as server, \
-                    httpx.Client(limits=httpx.Limits(max_connections=1)) as client:
-                pool, done, midway, failed = client._transport._pool, [], [], []
+        with instrumented() as metrics, DemoServer() as server, \
+                httpx.Client(limits=httpx.Limits(max_connections=1)) as client:
+            pool, done, midway, failed = client._transport._pool, [], [], []
 
-                def get(name, path):
-                    try:
-                        assert client.get(server.url + path).status_code == 200
-                        done.append(name)
-                    except BaseException as exc:
-                        failed.append(exc)
-
-                first = client.send(client.build_request("GET", server.url + "/"), stream=True)
-                held = threading.Thread(target=get, args=("H", "/"))
-                held.start()
-                time.sleep(0.1)
-                checked = threading.Timer(0.15, lambda: midway.append(_midway(metrics, pool)))
-                checked.start()
-                sys.setswitchinterval(1.0)
+            def get(name, path):
                 try:
-                    first.read()  # the pool hands the connection to H
-                    get("D", "/delay/0.3")
-                finally:
-                    sys.setswitchinterval(switch)
-                held.join()
-                checked.join()
-                assert not failed
-                if done == ["H", "D"]:
-                    continue  # H's thread ran first: not this scenario
-                _check_handed(metrics, server, pool, done, midway)
-                return
-        finally:
-            poolscope.uninstrument()
-            metrics.provider.shutdown()
+                    assert client.get(server.url + path).status_code == 200
+                    done.append(name)
+                except BaseException as exc:
+                    failed.append(exc)
+
+            first = client.send(client.build_request("GET", server.url + "/"), stream=True)
+            held = threading.Thread(target=get, args=("H", "/"))
+            held.start()
+            time.sleep(0.1)
+            checked = threading.Timer(0.15, lambda: midway.append(_midway(metrics, pool)))
+            checked.start()
+            sys.setswitchinterval(1.0)
+            try:
+                first.read()  # the pool hands the connection to H
+                get("D", "/delay/0.3")
+            finally:
+                sys.setswitchinterval(switch)
+            held.join()
+            checked.join()
+            assert not failed
+            if done == ["H", "D"]:
+                continue  # H's thread ran first: not this scenario
+            _check_handed(metrics, server, pool, done, midway)
+            return
     pytest.fail("H's thread ran before D in every attempt")
 
 
