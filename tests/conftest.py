@@ -49,10 +49,12 @@ class Metrics:
 
 
 @contextlib.contextmanager
-def instrumented():
-    """poolscope instrumented into a new :class:`Metrics`, for the block."""
-    m = Metrics()
-    poolscope.instrument(meter_provider=m.provider)
+def instrumented(pipeline=Metrics):
+    """poolscope instrumented into a new ``pipeline`` (:class:`Metrics`, or :class:`Traced`
+    with its tracer provider), for the block."""
+    m = pipeline()
+    poolscope.instrument(meter_provider=m.provider,
+                         tracer_provider=getattr(m, "tracer_provider", None))
     try:
         yield m
     finally:
@@ -81,11 +83,8 @@ class Traced(Metrics):
 
 @pytest.fixture
 def traced():
-    t = Traced()
-    poolscope.instrument(meter_provider=t.provider, tracer_provider=t.tracer_provider)
-    yield t
-    poolscope.uninstrument()
-    t.provider.shutdown()
+    with instrumented(Traced) as t:
+        yield t
 
 
 @pytest.fixture
