@@ -11,6 +11,10 @@ with N and 2N requests after the same warm-up; the difference over N is the inst
 request, start-up and warm-up taken out. The ratio is the instrumented setup's over its
 baseline's, as run.py's ratios. An instruction is not a nanosecond (a cache miss costs more than
 an addition), so this tracks poolscope's work exactly and its time approximately.
+
+What depends on time still moves a count: in a saturated case, how often the library's queue
+turns over under valgrind. With ``--rounds R`` each row runs R rounds, baseline and
+instrumented in turn (A B A B), and gives the median of the rounds' ratios and their range.
 """
 
 import argparse
@@ -18,6 +22,7 @@ import json
 import os
 import re
 import shutil
+import statistics
 import subprocess
 import sys
 
@@ -62,24 +67,36 @@ def main():
     add_selection(parser, modes=["default"])
     parser.add_argument("--scale", type=float, default=0.1,
                         help="requests per run, as a share of run.py's (default: 0.1)")
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="rounds per row, baseline and instrumented in turn; the ratio is the "
+                             "median of the rounds' (default: 1)")
     args = parser.parse_args()
     check_selection(parser, args)
+    if args.rounds < 1:
+        parser.error("--rounds must be at least 1")
     if shutil.which("valgrind") is None:
         raise SystemExit("valgrind is not installed: apt-get install valgrind")
     print("| library | case | mode | baseline instructions/req | added | ratio | waited | "
-          "failed A/B |")
-    print("|---|---|---|---:|---:|---:|---:|---:|")
+          "failed A/B | range |")
+    print("|---|---|---|---:|---:|---:|---:|---:|---:|")
     with nginx() as listen:
         url = "http://%s:%d/" % listen[0]
         for library in args.libraries:
             requests = max(50, int(REQUESTS[library] * args.scale))
             for case in args.cases:
                 for mode in args.modes:
-                    (base, failed, _), (plus, more, waited) = (
-                        per_request(library, case, setup, requests, url) for setup in MODES[mode])
-                    print(f"| {library} | {case} | {mode} | {base:,.0f} | {plus - base:+,.0f} | "
-                          f"**{plus / base:.3f}** | {'' if waited is None else f'{waited:.1%}'} | "
-                          f"{failed}/{more} |", flush=True)
+                    rounds = [[per_request(library, case, setup, requests, url)
+                               for setup in MODES[mode]] for _ in range(args.rounds)]
+                    ratios = sorted(b[0] / a[0] for a, b in rounds)
+                    base = statistics.median(a[0] for a, _ in rounds)
+                    added = statistics.median(b[0] - a[0] for a, b in rounds)
+                    failed, more = (sum(run[1] for run in side) for side in zip(*rounds))
+                    waited = rounds[-1][1][2]
+                    spread = f"{ratios[0]:.3f}–{ratios[-1]:.3f}" if len(ratios) > 1 else ""
+                    print(f"| {library} | {case} | {mode} | {base:,.0f} | {added:+,.0f} | "
+                          f"**{statistics.median(ratios):.3f}** | "
+                          f"{'' if waited is None else f'{waited:.1%}'} | {failed}/{more} | "
+                          f"{spread} |", flush=True)
 
 
 if __name__ == "__main__":

@@ -62,15 +62,25 @@ def test_instructions_smoke(library):
     if library == "httpx2-async":
         pytest.importorskip("httpx2")
     script = os.path.join(os.path.dirname(BENCH), "instructions.py")
+    rounds = 2 if library == "urllib3" else 1  # rounds give the ratios' range
     result = subprocess.run([sys.executable, script, "--libraries", library, "--cases",
-                             "sequential", "--scale", "0.01"], capture_output=True, text=True,
-                            timeout=600)
+                             "sequential", "--scale", "0.01", "--rounds", str(rounds)],
+                            capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr
     rows = [line.split("|") for line in result.stdout.splitlines()
             if line.startswith("| ") and "**" in line]
     assert [row[1:4] for row in rows] == [[f" {library} ", " sequential ", " default "]], \
         result.stdout
     assert int(rows[0][4].replace(",", "")) > 0, result.stdout  # instructions per request
+    assert bool(rows[0][9].strip()) == (rounds > 1), result.stdout
+
+
+def test_instructions_rounds_below_one_is_a_clear_error():
+    script = os.path.join(os.path.dirname(BENCH), "instructions.py")
+    result = subprocess.run([sys.executable, script, "--rounds", "0"], capture_output=True,
+                            text=True, timeout=60)
+    assert result.returncode == 2
+    assert "--rounds must be at least 1" in result.stderr and "Traceback" not in result.stderr
 
 
 def test_waits_smoke():
