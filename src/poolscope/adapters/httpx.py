@@ -162,12 +162,34 @@ def _observed_assign(assign_to_connection, adapter):
     return observed
 
 
+def _observed_clear(clear_connection, adapter):
+    """``PoolRequest.clear_connection``, observed: the request found the connection it was
+    given taken by another request, or closed (``ConnectionNotAvailable``), and waits on, on a
+    new ``Event``, which is given its wait here (a wait found again costs no look-up of the
+    request's frame)."""
+
+    @functools.wraps(clear_connection)
+    def observed(pool_request):
+        try:
+            adapter.cleared(pool_request)
+        except Exception:
+            internal_error("httpx:PoolRequest.clear_connection")
+        clear_connection(pool_request)
+        found = pool_request.__dict__
+        wait = found.get("_poolscope_wait")
+        if wait is not None:
+            event = found.get("_connection_acquired")
+            if isinstance(event, adapter._events):
+                event._poolscope_wait = wait
+    return observed
+
+
 def _observed_event(base, adapter):
     """A subclass of httpcore's ``Event`` (or ``AsyncEvent``) whose ``wait``, called by
     ``PoolRequest.wait_for_connection`` only when the request has no connection, is a wait."""
     if inspect.iscoroutinefunction(base.wait):
         async def wait(self, timeout=None):
-            waiting = adapter.waiting(sys._getframe(1))
+            waiting = adapter.waiting(self, sys._getframe(1))
             try:
                 result = await base.wait(self, timeout)
             except BaseException as exc:
@@ -177,7 +199,7 @@ def _observed_event(base, adapter):
             return result
     else:
         def wait(self, timeout=None):
-            waiting = adapter.waiting(sys._getframe(1))
+            waiting = adapter.waiting(self, sys._getframe(1))
             try:
                 result = base.wait(self, timeout)
             except BaseException as exc:
@@ -185,7 +207,8 @@ def _observed_event(base, adapter):
                 raise
             adapter.wait_granted(waiting)
             return result
-    return type(base.__name__, (base,), {"wait": wait, "__module__": base.__module__})
+    return type(base.__name__, (base,), {"wait": wait, "__module__": base.__module__,
+                                         "_poolscope_wait": None})
 
 
 def _observed_semaphore(base, adapter):
@@ -284,9 +307,10 @@ class HttpxAdapter(Adapter):
         connection = importlib.import_module(self.root + "._sync.connection").HTTPConnection
         # httpcore2 2.6+ (which added is_connected) drops an unconnected, unclaimed connection
         self._drops_unclaimed = hasattr(connection, "is_connected")
-        self._connections, self._linking, self._by_url = [], False, {}
+        self._connections, self._linking, self._by_url, self._events = [], False, {}, []
         for flavor in _flavors(self.root):
             self._patch_flavor(flavor)
+        self._events = tuple(self._events)
 
     def _patch_flavor(self, f):
         package = f["package"]
@@ -308,8 +332,11 @@ class HttpxAdapter(Adapter):
         request_cls = getattr(pools, f["request"])
         self.replace(request_cls, "assign_to_connection",
                      _observed_assign(request_cls.assign_to_connection, self))
-        self.wrap(request_cls, "clear_connection", before=self._clear)
-        self.replace(pools, f["event"], _observed_event(getattr(pools, f["event"]), self))
+        self.replace(request_cls, "clear_connection",
+                     _observed_clear(request_cls.clear_connection, self))
+        event = _observed_event(getattr(pools, f["event"]), self)
+        self.replace(pools, f["event"], event)
+        self._events.append(event)
         try:
             http2 = importlib.import_module(package + ".http2")
         except ImportError:  # h2 not installed: no HTTP/2
@@ -398,7 +425,8 @@ class HttpxAdapter(Adapter):
 
     # -- requests ---------------------------------------------------------
 
-    def _clear(self, pool_request, args, kwargs):
+    def cleared(self, pool_request):
+        """The request found its connection taken by another request, or closed, and waits on."""
         conn = pool_request.connection
         rec = conn.__dict__.get("_poolscope") if conn is not None else None
         if rec is not None:  # ConnectionNotAvailable: taken by another request, or closed
@@ -458,10 +486,14 @@ class HttpxAdapter(Adapter):
 
     # -- waits ------------------------------------------------------------
 
-    def waiting(self, frame):
+    def waiting(self, event, frame):
         """(wait, pool request) of the request whose ``wait_for_connection`` is ``frame`` (None
-        if it is not one poolscope observes)."""
+        if it is not one poolscope observes); the request is None for an untraced wait that goes
+        on after ``ConnectionNotAvailable``, found on ``event``."""
         try:
+            wait = event._poolscope_wait
+            if wait is not None and not wait.done and wait.parent is None:
+                return wait, None
             if frame.f_code.co_name != "wait_for_connection":
                 return None
             pool_request = frame.f_locals["self"]
@@ -506,7 +538,7 @@ class HttpxAdapter(Adapter):
         """The request has a connection. It is counted when the request leaves the pool; its
         span ends now unless another request was handed the same connection too (httpcore
         1.0), when one of the two will find it taken and wait on."""
-        if waiting is None:
+        if waiting is None or waiting[1] is None:  # an untraced wait: nothing to end now
             return
         wait, pool_request = waiting
         try:
