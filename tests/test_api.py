@@ -84,10 +84,13 @@ def test_uninstrument_restores_the_very_same_objects():
                        if not isinstance(k[0], types.ModuleType)
                        and before[k] is not None)
             assert all(issubclass(during[(pycurl, n)], before[(pycurl, n)]) for n in REPLACED[0][1])
+            # a class-level default the pool's queue reads, added and taken away again
+            assert vars(urllib3.connection.HTTPConnection)["_poolscope"] is None
         finally:
             poolscope.uninstrument()
         after = snapshot()
         assert all(after[k] is before[k] for k in before)
+        assert "_poolscope" not in vars(urllib3.connection.HTTPConnection)
         assert gc.callbacks == callbacks
 
 

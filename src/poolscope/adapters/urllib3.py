@@ -60,13 +60,17 @@ class _ObservedQueue:
         if type(getattr(self, "not_empty", None)) is threading.Condition:
             self.not_empty = _ObservedCondition(self.mutex)
         self._poolscope = None
+        _own_methods(self)
 
     def _get(self):
         get = self._poolscope_get
         item = self.queue.pop() if get is None else get(self)
         observed = self._poolscope
         if observed is not None and item is not None:
-            rec = item.__dict__.get("_poolscope")
+            try:
+                rec = item._poolscope
+            except AttributeError:  # not a urllib3 connection
+                rec = None
             if rec is not None and not rec.closed and item.sock is not None:
                 try:
                     observed[0].acquired(rec)
@@ -80,13 +84,23 @@ class _ObservedQueue:
             self.queue.append(item)
         else:
             put(self, item)
-        if self._poolscope is not None and item is not None:
-            rec = item.__dict__.get("_poolscope")
+        observed = self._poolscope
+        if observed is not None and item is not None:
+            try:
+                rec = item._poolscope
+            except AttributeError:
+                rec = None
             if rec is not None and rec.in_use and not rec.closed:
                 try:
-                    self._poolscope[0].released(rec)
+                    observed[0].released(rec)
                 except Exception:
                     internal_error("urllib3:pool queue")
+
+
+def _own_methods(q):
+    """The queue's own ``_get``/``_put`` (None: ``LifoQueue``'s, done inline), as attributes of
+    the queue itself: read from its class, they cost each request a slow look-up."""
+    q._poolscope_get, q._poolscope_put = q._poolscope_get, q._poolscope_put
 
 
 class _ObservedCondition(threading.Condition):
@@ -194,6 +208,7 @@ def _observe_queue(pool_obj, observed):
             old.__class__ = new_class
             if type(getattr(old, "not_empty", None)) is threading.Condition:
                 old.not_empty.__class__ = _ObservedCondition
+            _own_methods(old)
             old._poolscope = observed
             return
         except TypeError:
@@ -225,6 +240,8 @@ def _detach(q, restore=False):
     if restore and type(q) in _observed_classes.values():
         try:
             q.__class__ = type(q).__mro__[2]
+            for name in ("_poolscope_get", "_poolscope_put"):
+                q.__dict__.pop(name, None)
             if type(getattr(q, "not_empty", None)) is _ObservedCondition:
                 q.not_empty.__class__ = threading.Condition
         except TypeError:
@@ -264,6 +281,8 @@ class Urllib3Adapter(Adapter):
         # the socket's opening (name resolution and TCP connect); the rest of an HTTPS
         # connection's connect is its TLS handshake
         self._https = connection.HTTPSConnection
+        # its poolscope state (a Conn, set at connect), read by the pool's queue on each request
+        self.replace(connection.HTTPConnection, "_poolscope", None)
         self.wrap(connection.HTTPConnection, "_new_conn", *phase_timer(sc.CONNECT))
         self.wrap(_collections.RecentlyUsedContainer, "__setitem__", before=self._evicting)
 
