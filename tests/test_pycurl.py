@@ -1,10 +1,12 @@
 """pycurl specifics: one reused easy handle, MAXAGE_CONN, FORBID_REUSE, a share, chained callbacks."""
 
 import os
+import threading
 import time
 
 import pycurl
 import pytest
+from poolscope.demo.server import DemoServer
 
 LIB = {"poolscope__library": "pycurl"}
 
@@ -249,12 +251,17 @@ def test_a_dropped_handle_closes_its_sockets_at_once(metrics, server):
 
 @pytest.mark.skipif(not hasattr(pycurl, "CONN_ID"), reason="pycurl 7.49's CONN_ID")
 def test_reading_libcurl_after_a_close_is_unchanged(metrics, server):
-    """A connection closed with its transfer: CONN_ID still reads as the application's own."""
+    """A connection closed with its transfer, new or reused: CONN_ID still reads as the
+    application's own (libcurl forgets it once ACTIVESOCKET is read for a connection gone)."""
     curl = pycurl.Curl()
     assert fetch(curl, server.url + "/close") == 200
-    assert curl.getinfo(pycurl.CONN_ID) >= 0
+    assert curl.getinfo(pycurl.CONN_ID) == 0
+    assert fetch(curl, server.url + "/") == 200
+    assert fetch(curl, server.url + "/close") == 200
+    assert curl.getinfo(pycurl.CONN_ID) == 1
     _, v = figures(metrics)
-    assert v("poolscope.connection.closed", poolscope__close__reason="server_closed") == 1
+    assert v("poolscope.connection.closed", poolscope__close__reason="server_closed") == 2
+    assert v("poolscope.connection.acquisitions", poolscope__connection__reused=True) == 1
     curl.close()
 
 
@@ -342,3 +349,128 @@ def test_info_read_inside_the_multis_callback(metrics, server):
     assert v("http.client.open_connections", http__connection__state="idle") == 1
     curl.close()
     multi.close()
+
+
+@pytest.mark.parametrize("alone", [True, False], ids=["alone", "with-prereq"])
+def test_a_handle_performing_alone_counts_what_the_servers_saw(metrics, alone):
+    """A handle that performs on its own is observed from perform and getinfo (no
+    PREREQFUNCTION); with the application's PREREQFUNCTION, poolscope's is chained on every
+    transfer. Both count exactly what the servers saw."""
+    with DemoServer(idle_timeout=1.0) as a, DemoServer() as b:
+        curl = pycurl.Curl()
+        if not alone:
+            calls = []
+            curl.setopt(pycurl.PREREQFUNCTION, lambda *args: calls.append(args) or 0)
+        for url in (a.url + "/", a.url + "/", b.url + "/", a.url + "/", a.url + "/close",
+                    a.url + "/", b.url + "/"):
+            assert fetch(curl, url) == 200
+        time.sleep(1.4)
+        assert fetch(curl, a.url + "/") == 200
+        with DemoServer() as gone:
+            refused = gone.url + "/"
+        with pytest.raises(pycurl.error):
+            fetch(curl, refused)
+        assert fetch(curl, b.url + "/") == 200
+        _, v = figures(metrics)
+        origin = lambda s: {"server__port": s.port}  # noqa: E731
+        assert v("poolscope.connection.created", **origin(a)) == a.accepted == 3
+        assert v("poolscope.connection.created", **origin(b)) == b.accepted == 1
+        assert v("poolscope.connection.acquisitions", poolscope__connection__reused=False) == 4
+        assert v("poolscope.connection.acquisitions", poolscope__connection__reused=True,
+                 **origin(a)) == 3
+        assert v("poolscope.connection.acquisitions", poolscope__connection__reused=True,
+                 **origin(b)) == 2
+        assert v("poolscope.connection.closed", poolscope__close__reason="server_closed") == 2
+        assert v("http.client.open_connections", http__connection__state="idle") == 2
+        assert v("http.client.open_connections", http__connection__state="active") == 0
+        assert a.answered + b.answered == 9
+        if not alone:
+            assert len(calls) == 9
+        curl.close()
+        data, v = figures(metrics)
+        assert v("poolscope.connection.closed", poolscope__close__reason="pool_closed") == 2
+        assert v("http.client.open_connections") == 0
+        # the requests on each connection, as poolscope and the servers counted them
+        deadline = time.monotonic() + 5
+        while len(a.per_connection) + len(b.per_connection) < 4 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        [(_, point)] = [(at, p) for at, p in data["poolscope.connection.requests"]
+                        if at["server.port"] == a.port]
+        assert sorted(a.per_connection) == [1, 1, 4]
+        assert point.count == 3 and point.sum == 6
+        [(_, point)] = [(at, p) for at, p in data["poolscope.connection.requests"]
+                        if at["server.port"] == b.port]
+        assert b.per_connection == [3] and point.count == 1 and point.sum == 3
+
+
+def test_a_transfer_performing_alone_shows_active_while_under_way(metrics, server):
+    """Without PREREQFUNCTION the transfer's connection is known when it ends; while it is
+    under way, a collection reads the connection it holds as active from perform's start."""
+    curl = pycurl.Curl()
+    assert fetch(curl, server.url + "/") == 200
+    curl.setopt(pycurl.URL, server.url + "/delay/1.0")
+    worker = threading.Thread(target=curl.perform)
+    worker.start()
+    time.sleep(0.5)
+    _, v = figures(metrics)
+    assert v("http.client.open_connections", http__connection__state="active") == 1
+    assert v("http.client.open_connections", http__connection__state="idle") == 0
+    assert 0.4 <= v("poolscope.connection.oldest_active_age") <= 0.9
+    worker.join(5)
+    _, v = figures(metrics)
+    assert v("http.client.open_connections", http__connection__state="active") == 0
+    assert v("http.client.open_connections", http__connection__state="idle") == 1
+    assert v("poolscope.connection.acquisitions", poolscope__connection__reused=True) == 1
+    assert v("poolscope.connection.oldest_active_age") == 0
+    assert server.accepted == 1
+    curl.close()
+
+
+@pytest.mark.parametrize("alone", [True, False], ids=["alone", "with-prereq"])
+def test_a_retry_after_a_stale_connection(metrics, alone):
+    """The server resets a request on a connection left idle 0.3 s; libcurl retries it on a
+    new connection, and the application sees one transfer. With PREREQFUNCTION poolscope sees
+    the stale connection taken; a handle performing alone tells only that it closed and that
+    the transfer had a new connection (the one known difference between the two)."""
+    with DemoServer(stale_after=0.3) as server:
+        curl = pycurl.Curl()
+        if not alone:
+            curl.setopt(pycurl.PREREQFUNCTION, lambda *args: pycurl.PREREQFUNC_OK)
+        for pause in (0, 0, 0.5):
+            time.sleep(pause)
+            assert fetch(curl, server.url + "/") == 200
+        _, v = figures(metrics)
+        assert server.reset == 1 and server.answered == 3
+        assert v("poolscope.connection.created") == server.accepted == 2
+        assert v("poolscope.connection.acquisitions", poolscope__connection__reused=False) == 2
+        assert v("poolscope.connection.acquisitions",
+                 poolscope__connection__reused=True) == (1 if alone else 2)
+        assert v("poolscope.connection.closed", poolscope__close__reason="server_closed") == 1
+        assert v("http.client.open_connections", http__connection__state="idle") == 1
+        data = metrics.read()
+        count, total = metrics.histogram(data, "poolscope.connection.create_time", **LIB)
+        assert count == 2 and 0 < total < 0.5
+        curl.close()
+
+
+def test_a_handle_performing_alone_under_spans(traced, server):
+    """Each transfer's span says whether its connection was reused, and how long it was
+    idle; the transfer that set the connection up has its set-up span, the later one a link
+    to it (as with PREREQFUNCTION)."""
+    tracer = traced.tracer_provider.get_tracer("app")
+    curl = pycurl.Curl()
+    for name, pause in (("first", 0), ("second", 0.2)):
+        time.sleep(pause)
+        with tracer.start_as_current_span(name):
+            assert fetch(curl, server.url + "/") == 200
+    curl.close()
+    [setup] = traced.finished("HTTP connection_setup")
+    [first] = traced.finished("first")
+    [second] = traced.finished("second")
+    assert setup.parent.span_id == first.context.span_id
+    assert first.attributes["poolscope.connection.reused"] is False
+    assert second.attributes["poolscope.connection.reused"] is True
+    assert 0.2 <= second.attributes["poolscope.connection.idle_time"] < 0.4
+    assert [link.context.span_id for link in second.links] == [setup.context.span_id]
+    _, v = figures(traced)
+    assert v("poolscope.connection.acquisitions") == 2 and server.accepted == 1

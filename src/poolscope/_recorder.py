@@ -129,7 +129,7 @@ class Pool:
     """
 
     __slots__ = ("owner", "library", "scope", "max", "idle_max", "active", "pending", "peak",
-                 "sat_since", "saturated", "full_at", "conns", "waits", "queued", "live",
+                 "sat_since", "saturated", "full_at", "conns", "waits", "queued", "busy", "live",
                  "close_reason", "ref", "parent", "lock", "__weakref__")
 
     def __init__(self, owner, library, scope, max_, idle_max, parent=None, lock=None):
@@ -147,6 +147,9 @@ class Pool:
         self.conns = set()
         self.waits = set()
         self.queued = None  # or a function giving (series, since) of each queued request
+        # or a function giving (connection, since) of each one a request holds that the
+        # adapter learns of only when the request ends
+        self.busy = None
         self.live = True
         self.close_reason = None
         self.ref = None
@@ -485,11 +488,11 @@ class Recorder:
             self._shift(pool, 1, monotonic())
         return conn
 
-    def conn_opened(self, conn, seconds=None, protocol="1.1", streams=None):
+    def conn_opened(self, conn, seconds=None, protocol="1.1", streams=None, now=None):
         """The connection is established; ``seconds`` is its TCP (+TLS) set-up time if measured,
         ``protocol`` its HTTP version (None: not known). ``streams``, for an HTTP/2 or HTTP/3
         connection: a function giving its (active streams, stream limit) from the library's
-        own books, read at collection."""
+        own books, read at collection. ``now``: when, where the adapter learns of it later."""
         with self._lock:
             if conn.opened or conn.closed:
                 return
@@ -498,10 +501,10 @@ class Recorder:
             conn.streams = streams
             if streams is not None:
                 conn.series.multiplexed = True
-            conn.born = monotonic()
+            conn.born = now = monotonic() if now is None else now
             conn.series.created += 1
             if conn.in_use == 0:
-                self._shift(conn.pool, -1, monotonic())
+                self._shift(conn.pool, -1, now)
         if seconds is not None:
             self._create_time.record(seconds, conn.series.attrs)
 
@@ -511,18 +514,20 @@ class Recorder:
         tells it only once a transfer on the connection has a response)."""
         conn.protocol = protocol
 
-    def acquired(self, conn, wait=None, context=None, span=_CURRENT, link=True):
+    def acquired(self, conn, wait=None, context=None, span=_CURRENT, link=True, now=None):
         """A request got ``conn``; returns whether it was reused. Ends ``wait`` if given.
 
         ``context``: the request's, where it is not the current one (see :meth:`context`); or
         ``span``: the request's span (None: none), where the library hands the connection to
         the request from another thread or task. The connection's set-up span is linked from
         the request's span, unless ``link`` is False: the library may yet take the connection
-        back, and the adapter calls :meth:`link` once it is sure.
+        back, and the adapter calls :meth:`link` once it is sure. ``now``: when, where the
+        adapter learns of it later.
         The healthy request (a reuse, no wait) changes only the connection and its pool, under
         the pool's lock.
         """
-        now = monotonic()
+        if now is None:
+            now = monotonic()
         pool = conn.pool
         lock = pool.lock if conn.uses and wait is None else self._lock
         if lock is not None:
@@ -904,7 +909,7 @@ class Recorder:
         observe(updown, sc.POOL_COUNT, self._pool_sums(lambda p: 1))
         observe(counter, sc.SATURATION_TIME, self._observe_saturation)
         observe(gauge, sc.OLDEST_ACTIVE_AGE, self._observe_ages(
-            lambda c: c.acquired_at if c.in_use else None, lambda w: None))
+            lambda c: c.acquired_at if c.in_use else None, lambda w: None, busy=True))
         observe(gauge, sc.OLDEST_PENDING_AGE, self._observe_ages(
             lambda c: None, lambda w: w.start, queued=True))
 
@@ -932,6 +937,15 @@ class Recorder:
             if pool.queued is not None:
                 yield from pool.queued()
 
+    def _busy(self):
+        """{connection: since} of the connections held by requests the adapter learns of only
+        when they end (``Pool.busy``)."""
+        busy = {}
+        for pool in self._pools:
+            if pool.busy is not None:
+                busy.update(pool.busy())
+        return busy
+
     def _observe_pending(self, options):
         with self._lock:
             pending = {s: s.pending for s in self._series.values() if s.is_origin}
@@ -946,10 +960,11 @@ class Recorder:
         with self._lock:
             counts = dict.fromkeys(self._open_keys, 0)
             live = self._live_conns()
+            busy = self._busy()
             for s, conns in live.items():
                 for c in conns:
-                    _count(counts, (s, sc.STATE_ACTIVE if c.active else sc.STATE_IDLE,
-                                    c.protocol))
+                    _count(counts, (s, sc.STATE_ACTIVE if c.active or c in busy
+                                    else sc.STATE_IDLE, c.protocol))
             self._open_keys.update(counts)
             states = {key[:2] for key in counts}
             for s in live:
@@ -1024,7 +1039,7 @@ class Recorder:
                 s.saturated_seen = totals[s] = max(s.saturated_seen, total)
         return [Observation(v, s.attrs) for s, v in totals.items()]
 
-    def _observe_ages(self, conn_start, wait_start, queued=False):
+    def _observe_ages(self, conn_start, wait_start, queued=False, busy=False):
         """Age of the oldest item per origin; 0 for an origin with none."""
         def callback(options):
             now = monotonic()
@@ -1039,6 +1054,9 @@ class Recorder:
                 for series, start in self._queued() if queued else ():
                     if start < oldest.get(series, now):
                         oldest[series] = start
+                for conn, start in self._busy().items() if busy else ():
+                    if not conn.closed and start < oldest.get(conn.series, now):
+                        oldest[conn.series] = start
             return [Observation(now - start, s.attrs) for s, start in oldest.items()]
         return callback
 

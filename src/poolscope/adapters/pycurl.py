@@ -20,7 +20,15 @@ easy handle's own.
   the start of its set-up; ``PREREQFUNCTION`` (below) its end (TCP, plus TLS).
 - Acquire: ``PREREQFUNCTION``, called once a transfer has its connection (new or reused), names
   the connection by its addresses and ports. The application's own callbacks are chained,
-  never replaced.
+  never replaced. It is a call into Python on every transfer, so a handle that performs on
+  its own (no multi, no share, no ``FOLLOWLOCATION``, no ``PREREQFUNCTION`` of the
+  application's, no detailed timings) goes without it: ``perform`` tells the transfer, and
+  libcurl's ``ACTIVESOCKET`` after it, that it reused the handle's last connection, which is
+  still open (with no socket opened, no other connection in the handle's cache can have that
+  socket). Any other end reads the connection's addresses from libcurl then; a transfer that
+  retried on a new connection after its reused one failed counts as that new connection's
+  alone (the failed one closes, ``server_closed``). A connection such a transfer holds reads as
+  active from the start of ``perform``, at collection.
 - Release: when the transfer completes (``perform`` returns, or the multi's ``info_read``
   reports it; else ``remove_handle`` or ``close``). The connection closed with the transfer
   when its socket is gone.
@@ -47,17 +55,22 @@ import socket
 import sys
 import time
 import weakref
+from time import monotonic
 
 import pycurl
+from opentelemetry.trace.propagation import _SPAN_KEY
 
 from .. import _semconv as sc
 from .._config import internal_error
-from .._recorder import CANCELLED, TIMED_OUT
+from .._recorder import CANCELLED, TIMED_OUT, current_context
 from ._base import CURL_HTTP_VERSIONS, Adapter, curl_phases, url_origin
 
 _QUEUED = 0.001
 _DEFAULT_MAXAGE = 118.0  # libcurl's MAXAGE_CONN default, seconds
 _ORIGINAL = {name: getattr(pycurl, name) for name in ("Curl", "CurlMulti")}
+_getinfo = pycurl.Curl.getinfo
+_get_blocking = os.get_blocking
+_ACTIVESOCKET = pycurl.ACTIVESOCKET
 
 _adapter = None  # the active PycurlAdapter
 
@@ -153,7 +166,7 @@ class _Handle:
 
     __slots__ = ("curl", "url", "origin", "prereq", "sockopt", "forbid_reuse", "share", "multi",
                  "cache", "conn", "queued_at", "held", "context", "sockets", "setup", "errno",
-                 "__weakref__")
+                 "follow", "prereq_on", "last", "fd", "by", "since", "fresh", "__weakref__")
 
     def __init__(self, curl):
         self.curl = weakref.ref(curl)
@@ -161,15 +174,19 @@ class _Handle:
         self.origin = None
         self.prereq = self.sockopt = self.share = self.multi = None
         self.cache = _Cache()  # the handle's own, when it is in no multi and shares none
-        self.forbid_reuse = False
+        self.forbid_reuse = self.follow = self.prereq_on = False
         self.conn = self.queued_at = self.held = self.context = self.sockets = self.errno = None
         self.setup = 0.0
+        # a transfer performed without PREREQFUNCTION: the connection the handle last used
+        # (still open when it ended), its socket and the adapter that saw it; the start of
+        # the one under way, and the connection it opens
+        self.last = self.fd = self.by = self.since = self.fresh = None
 
     def copy(self, curl):
         """The state of ``curl``, a duplicate of this handle."""
         dup = _Handle(curl)
         dup.url, dup.origin, dup.prereq, dup.sockopt = self.url, self.origin, self.prereq, self.sockopt
-        dup.forbid_reuse, dup.share = self.forbid_reuse, self.share
+        dup.forbid_reuse, dup.share, dup.follow = self.forbid_reuse, self.share, self.follow
         dup.cache.maxage = self.cache.maxage
         return dup
 
@@ -178,6 +195,10 @@ class _Handle:
             opened = fd, time.monotonic(), time.time_ns()
             if self.sockets is None:
                 self.sockets = [opened]
+                adapter = _adapter
+                if self.since is not None and adapter is not None:  # no PREREQFUNCTION
+                    self.last = None  # not the healthy transfer
+                    _guard("pycurl:SOCKOPTFUNCTION", adapter.creating, self)
             else:
                 self.sockets.append(opened)
         app = self.sockopt
@@ -210,10 +231,32 @@ class _Handle:
         self.held, self.queued_at = time.monotonic() - self.queued_at, None
 
     def install(self, curl):
-        """Set poolscope's callbacks on ``curl`` (through pycurl's own ``setopt``)."""
-        setopt = _ORIGINAL["Curl"].setopt
-        setopt(curl, pycurl.PREREQFUNCTION, self.granted)
-        setopt(curl, pycurl.SOCKOPTFUNCTION, self.socket)
+        """Set poolscope's callbacks on ``curl`` (through pycurl's own ``setopt``):
+        ``PREREQFUNCTION`` only where ``perform`` cannot tell (see the module's docstring);
+        once set, it stays until the handle is reset."""
+        cls = _ORIGINAL["Curl"]
+        self.prereq_on = self.prereq_on or bool(
+            self.multi is not None or self.share is not None or self.follow
+            or self.prereq is not None or _adapter is not None and _adapter.recorder.detailed)
+        if self.prereq_on:
+            cls.setopt(curl, pycurl.PREREQFUNCTION, self.granted)
+        else:
+            cls.unsetopt(curl, pycurl.PREREQFUNCTION)
+        cls.setopt(curl, pycurl.SOCKOPTFUNCTION, self.socket)
+
+    def busy(self):
+        """(connection, since) of the transfer under way without ``PREREQFUNCTION``: it holds
+        the handle's last connection (if to the same origin) from the start of ``perform``."""
+        since, fresh, rec = self.since, self.fresh, self.last
+        if since is not None and fresh is not None:
+            yield fresh, since
+        elif since is not None and rec is not None:
+            try:
+                origin = self.origin or url_origin(self.url)
+            except ValueError:
+                return
+            if rec.series.key[1:] == origin:
+                yield rec, since
 
     def series(self, recorder):
         """The series of the handle's origin (its URL parsed once)."""
@@ -242,23 +285,70 @@ def _read(curl, *infos):
         return None
 
 
+def _told(perform, curl, state):
+    """A transfer whose connection ``PREREQFUNCTION`` tells: its end told when it returns."""
+    errno = 0
+    try:
+        return perform(curl)
+    except pycurl.error as exc:
+        errno = exc.args[0] if exc.args else -1
+        raise
+    finally:
+        if _adapter is not None:
+            _guard("pycurl:Curl.perform", _adapter.finished, state, errno)
+
+
+def _ended(adapter, state, curl, errno, since):
+    """A transfer performed alone ended other than the healthy way."""
+    if _adapter is adapter:
+        _guard("pycurl:Curl.perform", adapter.performed, state, curl, errno, since)
+
+
 def _observed(perform):
     """``Curl.perform`` (or ``perform_rb``, ``perform_rs``), with the transfer's end told."""
 
     @functools.wraps(perform)
     def method(self):
-        errno = 0
-        try:
+        state = self._ps
+        adapter = _adapter
+        if adapter is None:
             return perform(self)
-        except pycurl.error as exc:
-            errno = exc.args[0] if exc.args else -1
+        if state.prereq_on:
+            return _told(perform, self, state)
+        since = state.since = monotonic()
+        try:
+            result = perform(self)
+        except BaseException as exc:
+            state.since = None
+            errno = (exc.args[0] if exc.args else -1) if isinstance(exc, pycurl.error) else 0
+            _ended(adapter, state, self, errno, since)
             raise
-        finally:
-            if _adapter is not None:
-                try:
-                    _adapter.finished(self._ps, errno)
-                except Exception:
-                    internal_error("pycurl:Curl.perform")
+        state.since = None
+        try:
+            rec = state.last  # None once the transfer opened a socket (see _Handle.socket)
+            # healthy: it reused the handle's last connection, still open. get_blocking
+            # raises for a closed socket, which tells without ACTIVESOCKET (see _open)
+            if (rec is not None and state.by is adapter and _get_blocking(state.fd) is not None
+                    and _getinfo(self, _ACTIVESOCKET) == state.fd):
+                span = current_context().get(_SPAN_KEY)
+                if span is None or not span.is_recording():
+                    # What Recorder.acquired and released do for a reuse with no wait and no
+                    # span, in a pool with no limit whose events the handle serializes (its
+                    # count in use goes up and back down; the acquisition time is read only
+                    # while in use, and collection reads the transfer's from ``since``)
+                    rec.uses += 1
+                    rec.released_at = monotonic()
+                else:
+                    adapter.recorder.acquired(rec, span=span, now=since)
+                    adapter.recorder.released(rec)
+                return result
+        except OSError:
+            pass
+        except Exception:
+            internal_error("pycurl:Curl.perform")
+            return result
+        _ended(adapter, state, self, 0, since)
+        return result
     return method
 
 
@@ -297,6 +387,10 @@ class Curl(pycurl.Curl):
             state.forbid_reuse = bool(value)
         elif option == pycurl.SHARE:
             state.share = weakref.ref(value) if value is not None else None
+            state.install(self)
+        elif option == pycurl.FOLLOWLOCATION:
+            state.follow = bool(value)
+            state.install(self)
         return result
 
     def unsetopt(self, *args, **kwargs):
@@ -316,7 +410,8 @@ class Curl(pycurl.Curl):
         result = super().reset(*args, **kwargs)
         state = self._ps
         state.prereq = state.sockopt = state.share = None
-        state.url, state.origin, state.forbid_reuse = "", None, False
+        state.url, state.origin = "", None
+        state.forbid_reuse = state.follow = state.prereq_on = False
         state.cache.maxage = _DEFAULT_MAXAGE
         state.install(self)
         return result
@@ -377,8 +472,11 @@ class CurlMulti(pycurl.CurlMulti):
         return result
 
     def add_handle(self, *args, **kwargs):
-        result = super().add_handle(*args, **kwargs)
         state = _state(args[0]) if args else None
+        if state is not None and not state.prereq_on:
+            state.prereq_on = True  # a transfer in a multi is told by PREREQFUNCTION
+            _guard("pycurl:CurlMulti.add_handle", state.install, args[0])
+        result = super().add_handle(*args, **kwargs)
         if state is not None:
             cache = self._ps
             state.multi = cache.ref, cache
@@ -483,6 +581,8 @@ class PycurlAdapter(Adapter):
         if isinstance(owner, CurlMulti):
             owner._ps.pool = pool
             pool.queued = functools.partial(owner._ps.queued, self.recorder)
+        elif isinstance(owner, Curl):
+            pool.busy = owner._ps.busy
 
     def limit_changed(self, multi):
         pool = multi._ps.pool
@@ -501,7 +601,52 @@ class PycurlAdapter(Adapter):
             if pool is None or not pool.live or pool.owner is not self.recorder:
                 self.pool_state(multi)
 
-    def granted(self, state, key):
+    def performed(self, state, curl, errno, since):
+        """A transfer performed without ``PREREQFUNCTION`` ended, other than the healthy way
+        (``since``: when ``perform`` began). Which connection it had, if it reached one,
+        is read from libcurl now."""
+        state.last = state.fd = None
+        info = _read(curl, pycurl.LOCAL_IP, pycurl.LOCAL_PORT, pycurl.PRIMARY_IP,
+                     pycurl.PRIMARY_PORT, pycurl.PRETRANSFER_TIME_T, pycurl.TOTAL_TIME_T,
+                     pycurl.NAMELOOKUP_TIME_T, pycurl.CONNECT_TIME_T, pycurl.APPCONNECT_TIME_T)
+        if info is None or info[1] <= 0 or info[3] <= 0:  # it had no connection
+            self.finished(state, errno)
+            return
+        (local_ip, local_port, peer_ip, peer_port, pretransfer_us, total_us, dns_us, connect_us,
+         tls_us) = info
+        # A transfer that failed had its connection (reached PREREQFUNCTION's moment) if it
+        # reused one, or if its new one connected (and finished TLS, for https)
+        if errno and state.sockets is not None and not (
+                connect_us > 0 and (tls_us > 0 or state.url[:6].lower() != "https:")):
+            self.finished(state, errno)
+            return
+        # acquired when PREREQFUNCTION would have been called: a new connection once set up
+        # (its socket opened after the name lookup; libcurl's times run from an attempt's
+        # start, and where it retried, not all from the same one), a reused one at pretransfer
+        key = local_ip, local_port, peer_ip, peer_port
+        if state.sockets is not None:
+            self.granted(state, key, setup=max(0, max(connect_us, tls_us) - dns_us) / 1e6)
+        else:
+            at = time.monotonic() - (total_us - pretransfer_us) / 1e6
+            self.granted(state, key, max(since, at))
+        taken = state.conn
+        self.finished(state, errno)
+        if taken is not None:
+            rec, key, cache = taken
+            sock = cache.socks.get(key)
+            if not rec.closed and sock is not None:
+                state.last, state.fd, state.by = rec, sock[0], self
+
+    def creating(self, state):
+        """A transfer performed without ``PREREQFUNCTION`` opens a new connection: it shows
+        from now, though which one it is will be known only when the transfer ends."""
+        owner, _ = state.owner()
+        state.fresh = self.recorder.conn_created(self.pool_state(owner),
+                                                 state.series(self.recorder))
+
+    def granted(self, state, key, at=None, setup=None):
+        """The transfer of ``state`` has the connection ``key``: since ``at``, if before now;
+        ``setup``: a new connection's set-up time, where it ended before now."""
         if state.queued_at is not None:
             state.dequeued()
         if state.conn is not None:  # libcurl retried on a new connection, or followed a redirect
@@ -512,17 +657,21 @@ class PycurlAdapter(Adapter):
         sockets, state.sockets = state.sockets, None
         if sockets or rec is None or rec.closed:
             self._sweep(cache, fresh_key=key)
-            rec = self.recorder.conn_created(self.pool_state(owner),
-                                             state.series(self.recorder))
+            rec, state.fresh = state.fresh, None
+            if rec is None:
+                rec = self.recorder.conn_created(self.pool_state(owner),
+                                                 state.series(self.recorder))
             cache.conns[key] = rec
             if sockets:
-                self._opened(state, rec, key, cache, sockets)
+                ready = self._opened(state, rec, key, cache, sockets, setup)
+                at = ready if setup is not None else at
         state.conn = rec, key, cache
-        self.recorder.acquired(rec, context=state.context)
+        self.recorder.acquired(rec, context=state.context, now=at)
 
-    def _opened(self, state, rec, key, cache, sockets):
+    def _opened(self, state, rec, key, cache, sockets, setup=None):
         """A new connection is ready: its socket (of those opened for the transfer, the one
-        bound to its local port) and its set-up, from the socket's opening until now."""
+        bound to its local port) and its set-up, from the socket's opening until now (or for
+        ``setup`` seconds); returns when it was ready."""
         fd, started, started_ns = sockets[-1]
         if len(sockets) > 1:  # several addresses tried
             for opened in sockets:
@@ -538,10 +687,15 @@ class PycurlAdapter(Adapter):
                 finally:
                     sock.detach()
         cache.socks[key] = fd, _inode(fd)
-        state.setup = time.monotonic() - started
-        self.recorder.conn_opened(rec, state.setup, protocol=None)  # known once it answers
+        now = time.monotonic()
+        ready = now if setup is None else min(now, started + setup)
+        state.setup = ready - started
+        # its protocol is known once it answers
+        self.recorder.conn_opened(rec, state.setup, protocol=None, now=ready)
         span = self.recorder.setup_started(rec, state.context, started_ns)
-        self.recorder.setup_ended(span, peer=key[2] if span else None)
+        self.recorder.setup_ended(span, peer=key[2] if span else None,
+                                  end_ns=started_ns + int(state.setup * 1e9))
+        return ready
 
     def finished(self, state, errno, final=True, attached=True):
         """A transfer ended: ``errno`` 0 when it succeeded, None when not known.
@@ -577,6 +731,9 @@ class PycurlAdapter(Adapter):
                     self.recorder.waited(series, waited, state.context, outcome=outcome,
                                          error=error)
             state.sockets = None
+            if state.fresh is not None:  # never established: dropped uncounted
+                self.recorder.closed(state.fresh, sc.ERROR)
+                state.fresh = None
             return
         rec, key, cache = taken
         if rec.protocol is None and curl is not None:
