@@ -688,6 +688,7 @@ class PycurlAdapter(Adapter):
                     sock.detach()
         cache.socks[key] = fd, _inode(fd)
         now = time.monotonic()
+        # never after now: the socket's opening is read in SOCKOPTFUNCTION, which may run late
         ready = now if setup is None else min(now, started + setup)
         state.setup = ready - started
         # its protocol is known once it answers
