@@ -285,13 +285,20 @@ def _read(curl, *infos):
         return None
 
 
+def _errno(exc):
+    """libcurl's error code in a ``pycurl.error`` (-1 if it has none); 0 for any other error."""
+    if not isinstance(exc, pycurl.error):
+        return 0
+    return exc.args[0] if exc.args else -1
+
+
 def _told(perform, curl, state):
     """A transfer whose connection ``PREREQFUNCTION`` tells: its end told when it returns."""
     errno = 0
     try:
         return perform(curl)
     except pycurl.error as exc:
-        errno = exc.args[0] if exc.args else -1
+        errno = _errno(exc)
         raise
     finally:
         if _adapter is not None:
@@ -320,8 +327,7 @@ def _observed(perform):
             result = perform(self)
         except BaseException as exc:
             state.since = None
-            errno = (exc.args[0] if exc.args else -1) if isinstance(exc, pycurl.error) else 0
-            _ended(adapter, state, self, errno, since)
+            _ended(adapter, state, self, _errno(exc), since)
             raise
         state.since = None
         try:
