@@ -237,6 +237,49 @@ def test_the_span_check_agrees_with_the_public_api(monkeypatch):
                 assert _recorder.recording_span(context) is expected
 
 
+class OtherSpan(trace.NonRecordingSpan):
+    """A recording span of another tracing implementation: only the API's methods."""
+
+    def __init__(self, context):
+        super().__init__(context)
+        self.links = []
+
+    def is_recording(self):
+        return True
+
+    def add_link(self, context, attributes=None):
+        self.links.append((context, attributes))
+
+
+def test_a_request_links_to_its_connections_setup_through_any_spans_api(traced, server):
+    """The SDK's spans take the connection's Link as built; a span of another implementation
+    gets it through the API's ``add_link``. Either way, what a reader sees is what ``add_link``
+    would have made."""
+    import urllib3
+
+    tracer = traced.tracer_provider.get_tracer("app")
+    with urllib3.HTTPConnectionPool("127.0.0.1", server.port, maxsize=1) as pool:
+        with tracer.start_as_current_span("first"):
+            assert pool.request("GET", "/").status == 200
+        with tracer.start_as_current_span("second"):
+            assert pool.request("GET", "/").status == 200
+        other = OtherSpan(trace.SpanContext(1, 2, is_remote=False))
+        with trace.use_span(other):
+            assert pool.request("GET", "/").status == 200
+    assert server.accepted == 1
+    [setup] = traced.finished(SETUP)
+    first, second = (traced.finished(name)[0] for name in ("first", "second"))
+    assert setup.parent.span_id == first.context.span_id
+    expected = TracerProvider().get_tracer("x").start_span("expected")
+    expected.add_link(setup.context)
+    for span in (first, second):
+        [link] = span.links
+        assert link.context == setup.context
+        assert dict(link.attributes) == {} and link.dropped_attributes == 0
+        assert type(link.attributes) is type(expected.links[0].attributes)
+    assert other.links == [(setup.context, None)]
+
+
 def test_a_failed_tls_handshake_ends_its_setup_span(traced, server):
     """HTTPS to a plain-HTTP server: the handshake fails and the socket is closed before the
     set-up ends (``getpeername()`` raises); the span still ends, with the error."""

@@ -21,9 +21,15 @@ import weakref
 
 from opentelemetry import context as otel_context
 from opentelemetry import metrics, trace
+from opentelemetry.attributes import BoundedAttributes
 from opentelemetry.metrics import Observation
 from opentelemetry.trace import SpanKind, StatusCode
 from opentelemetry.trace.propagation import _SPAN_KEY
+
+try:
+    from opentelemetry.sdk.trace import Span as _SdkSpan
+except ImportError:  # pragma: no cover - the SDK is a dependency
+    _SdkSpan = None
 
 from . import _semconv as sc
 from ._config import internal_error, logger
@@ -59,6 +65,20 @@ _CURRENT = object()
 
 _URL = re.compile(r"""(\b[a-zA-Z][\w+.-]*://)(?:[^/@\s'"]*@)?([^/?#\s'"]*)[^\s'"]*""")
 _PATH = re.compile(r"""(?<![\w.:/])/[^\s'"]*""")
+
+
+_SDK_ADD_LINK = getattr(_SdkSpan, "add_link", None)
+_NO_ATTRIBUTES = BoundedAttributes(immutable=True)
+
+
+def _add_link(span, link):
+    """Add ``link``, built once for its connection, to ``span``. An SDK span takes it as built
+    (its ``_add_link``), where ``add_link`` builds a new Link and attribute set for each
+    request: 8,000 instructions against 36,000 (opentelemetry-sdk 1.45)."""
+    if type(span).add_link is _SDK_ADD_LINK:
+        span._add_link(link)
+    else:
+        span.add_link(link.context)
 
 
 def _count(counts, key):
@@ -168,7 +188,7 @@ class Conn:
         self.in_use = self.uses = 0
         self.opened = self.closed = self.warned = False
         self.born = self.acquired_at = self.released_at = 0.0
-        # its connection_setup span's context, and the span id of the request it was set up for
+        # a Link to its connection_setup span, and the span id of the request it was set up for
         self.site = self.setup = self.setup_by = None
         self.protocol = None  # "1.1", "2", "3" once known
         # a multiplexed connection's (active streams, stream limit), read from the library
@@ -579,7 +599,7 @@ class Recorder:
         """Link a request's span to the set-up span of the connection that served it (the
         request that set it up was linked at :meth:`setup_started`)."""
         if conn.setup is not None and conn.setup_by != span.get_span_context().span_id:
-            span.add_link(conn.setup)
+            _add_link(span, conn.setup)
 
     def unacquired(self, conn, wait=None):
         """Undo :meth:`acquired`: the connection turned out not to be available after all."""
@@ -782,9 +802,9 @@ class Recorder:
         span = self._tracer.start_span(sc.SPAN_SETUP, context=context, kind=SpanKind.INTERNAL,
                                        attributes=self._span_attrs(conn.series),
                                        start_time=start_ns)
-        conn.setup = span.get_span_context()
+        conn.setup = trace.Link(span.get_span_context(), _NO_ATTRIBUTES)
         conn.setup_by = parent.get_span_context().span_id
-        parent.add_link(conn.setup)
+        _add_link(parent, conn.setup)
         return span
 
     def setup_phases(self, conn, phases):
@@ -797,7 +817,7 @@ class Recorder:
             if conn.setup is None:
                 continue
             if parent is None:
-                parent = trace.set_span_in_context(trace.NonRecordingSpan(conn.setup))
+                parent = trace.set_span_in_context(trace.NonRecordingSpan(conn.setup.context))
             span = self._tracer.start_span(sc.SETUP_PHASE_SPANS[phase], context=parent,
                                            kind=SpanKind.INTERNAL,
                                            attributes=self._span_attrs(conn.series),
