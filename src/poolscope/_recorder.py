@@ -74,7 +74,7 @@ _NO_ATTRIBUTES = BoundedAttributes(immutable=True)
 def _add_link(span, link):
     """Add ``link``, built once for its connection, to ``span``. An SDK span takes it as built
     (its ``_add_link``), where ``add_link`` builds a new Link and attribute set for each
-    request: 8,000 instructions against 36,000 (opentelemetry-sdk 1.45)."""
+    request: 8,400 instructions against 19,700 (opentelemetry-sdk 1.45)."""
     if type(span).add_link is _SDK_ADD_LINK:
         span._add_link(link)
     else:
