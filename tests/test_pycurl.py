@@ -403,6 +403,82 @@ def test_a_handle_performing_alone_counts_what_the_servers_saw(metrics, alone):
         assert b.per_connection == [3] and point.count == 1 and point.sum == 3
 
 
+def test_a_handle_with_two_connections_to_one_origin(metrics, server):
+    """FRESH_CONNECT leaves two connections to one origin in the handle's cache, and libcurl
+    then reuses the first, not the last: which one a transfer had is libcurl's to tell."""
+    curl = pycurl.Curl()
+    assert fetch(curl, server.url + "/") == 200
+    curl.setopt(pycurl.FRESH_CONNECT, 1)
+    assert fetch(curl, server.url + "/") == 200
+    curl.setopt(pycurl.FRESH_CONNECT, 0)
+    assert fetch(curl, server.url + "/close") == 200  # on the first, which the server closes
+    assert fetch(curl, server.url + "/") == 200  # on the second, the one left
+    _, v = figures(metrics)
+    assert v("poolscope.connection.created") == server.accepted == 2
+    assert v("poolscope.connection.acquisitions", poolscope__connection__reused=False) == 2
+    assert v("poolscope.connection.acquisitions", poolscope__connection__reused=True) == 2
+    assert v("poolscope.connection.closed", poolscope__close__reason="server_closed") == 1
+    assert v("http.client.open_connections", http__connection__state="idle") == 1
+    curl.close()
+    data, _ = figures(metrics)
+    deadline = time.monotonic() + 5
+    while len(server.per_connection) < 2 and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert server.per_connection == [2, 2]
+    [(_, point)] = data["poolscope.connection.requests"]
+    assert point.count == 2 and point.sum == 4
+
+
+def test_a_file_transfer_between_two_requests_uses_no_connection(metrics, server, tmp_path):
+    """A ``file:`` transfer opens no socket and leaves the handle's one connection open, as a
+    reuse would: it is not one."""
+    path = tmp_path / "local"
+    path.write_bytes(b"local")
+    curl = pycurl.Curl()
+    assert fetch(curl, server.url + "/") == 200
+    assert fetch(curl, path.as_uri()) == 0
+    assert fetch(curl, server.url + "/") == 200
+    _, v = figures(metrics)
+    assert v("poolscope.connection.acquisitions", poolscope__connection__reused=False) == 1
+    assert v("poolscope.connection.acquisitions", poolscope__connection__reused=True) == 1
+    assert server.answered == 2 and server.accepted == 1
+    curl.close()
+
+
+def test_a_closed_connections_descriptor_taken_at_once_by_another_file(metrics, server):
+    """The server closes the reused connection, and before ``perform`` returns another file
+    has its descriptor number (here the application's CLOSESOCKETFUNCTION opens one; in a busy
+    process any thread may): an open descriptor is not the connection, libcurl tells."""
+    taken = []
+
+    def closesocket(fd):
+        os.close(fd)
+        other = os.open(os.devnull, os.O_RDONLY)
+        if other != fd:
+            os.dup2(other, fd)
+            os.close(other)
+        taken.append(fd)
+        return 0
+
+    curl = pycurl.Curl()
+    curl.setopt(pycurl.CLOSESOCKETFUNCTION, closesocket)
+    try:
+        assert fetch(curl, server.url + "/") == 200
+        fd = curl.getinfo(pycurl.ACTIVESOCKET)
+        assert fetch(curl, server.url + "/close") == 200
+        assert taken == [fd] and os.get_blocking(fd)  # the connection's number, open
+        _, v = figures(metrics)
+        assert v("poolscope.connection.acquisitions", poolscope__connection__reused=False) == 1
+        assert v("poolscope.connection.acquisitions", poolscope__connection__reused=True) == 1
+        assert v("poolscope.connection.closed", poolscope__close__reason="server_closed") == 1
+        assert v("http.client.open_connections") == 0
+        assert server.accepted == 1 and server.answered == 2
+    finally:
+        curl.close()
+        for fd in taken:
+            os.close(fd)
+
+
 def test_a_transfer_performing_alone_shows_active_while_under_way(metrics, server):
     """Without PREREQFUNCTION the transfer's connection is known when it ends; while it is
     under way, a collection reads the connection it holds as active from perform's start."""
