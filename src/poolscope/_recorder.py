@@ -23,13 +23,9 @@ from opentelemetry import context as otel_context
 from opentelemetry import metrics, trace
 from opentelemetry.attributes import BoundedAttributes
 from opentelemetry.metrics import Observation
+from opentelemetry.sdk.trace import Span as _SdkSpan
 from opentelemetry.trace import SpanKind, StatusCode
 from opentelemetry.trace.propagation import _SPAN_KEY
-
-try:
-    from opentelemetry.sdk.trace import Span as _SdkSpan
-except ImportError:  # pragma: no cover - the SDK is a dependency
-    _SdkSpan = None
 
 from . import _semconv as sc
 from ._config import internal_error, logger
@@ -67,7 +63,7 @@ _URL = re.compile(r"""(\b[a-zA-Z][\w+.-]*://)(?:[^/@\s'"]*@)?([^/?#\s'"]*)[^\s'"
 _PATH = re.compile(r"""(?<![\w.:/])/[^\s'"]*""")
 
 
-_SDK_ADD_LINK = getattr(_SdkSpan, "add_link", None)
+_SDK_ADD_LINK = _SdkSpan.add_link
 _NO_ATTRIBUTES = BoundedAttributes(immutable=True)
 
 
