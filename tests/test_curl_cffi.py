@@ -116,6 +116,83 @@ def test_a_full_cache_makes_room(metrics, server):
     assert closes(metrics) == {"pool_full": 1, "pool_closed": 1}
 
 
+def test_a_full_multi_cache_closes_the_connection_handed_back(metrics, server):
+    """A multi with ``MAXCONNECTS`` 1, two transfers at once: the first to end hands its
+    connection back to a cache over its limit where it is the only idle one, and libcurl
+    closes it (``pool_full``) while ``perform`` has not yet told the transfer ended; the
+    server sees that connection close after its one request."""
+    from curl_cffi.aio import AsyncCurl
+    from curl_cffi.const import CurlMOpt
+    from curl_cffi.curl import ffi, lib
+
+    async def run():
+        acurl = AsyncCurl(loop=asyncio.get_running_loop())
+        # AsyncCurl.setopt passes MAXCONNECTS as a pointer (curl_cffi 0.13 to 0.17)
+        assert lib.curl_multi_setopt(acurl._curlm, CurlMOpt.MAXCONNECTS,
+                                     ffi.cast("void *", 1)) == 0
+        async with curl_cffi_requests.AsyncSession(async_curl=acurl, max_clients=2) as s:
+            answers = await asyncio.gather(s.get(server.url + "/delay/0.2"),
+                                           s.get(server.url + "/delay/0.5"))
+            assert [a.status_code for a in answers] == [200, 200]
+            found = closes(metrics), metrics.read()
+        if acurl._curlm is not None:  # curl_cffi 0.17 leaves a multi it was given open
+            await acurl.close()
+        return found
+    closed, data = _run(run())
+    assert closed == {"pool_full": 1}
+    assert metrics.value(data, "http.client.open_connections") == 1
+    assert metrics.value(data, "poolscope.connection.created") == server.accepted == 2
+    deadline = time.monotonic() + 5
+    while len(server.per_connection) < 2 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert sorted(server.per_connection) == [1, 1]
+
+
+def test_forbid_reuse_is_the_sessions_own_limit(metrics, server):
+    """``FORBID_REUSE``: libcurl closes each connection as its transfer ends, the server has
+    not closed it and did not ask to: ``idle_limit``, the session's choice."""
+    from curl_cffi.const import CurlOpt
+
+    with curl_cffi_requests.Session(curl_options={CurlOpt.FORBID_REUSE: 1}) as s:
+        assert [s.get(server.url + "/").status_code for _ in range(2)] == [200, 200]
+        assert closes(metrics) == {"idle_limit": 2}
+    assert server.accepted == 2
+
+
+@pytest.mark.parametrize("status, headers, kept", [
+    ("HTTP/1.1 200 OK", "Connection: close\r\n", False),
+    ("HTTP/1.0 200 OK", "", False),
+    ("HTTP/1.0 200 OK", "Connection: keep-alive\r\n", True)])
+def test_an_answer_that_says_close(metrics, status, headers, kept):
+    """The answer tells libcurl to close (``Connection: close``, HTTP/1.0 without keep-alive)
+    and the server closes its end only 0.5 s later: libcurl has closed the connection before
+    the server did, and it is ``server_closed`` all the same, not a full cache's."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    answer = ("%s\r\n%sContent-Length: 2\r\n\r\nok" % (status, headers)).encode()
+    accepted = []
+
+    def serve():
+        conn, _ = listener.accept()
+        accepted.append(conn)
+        conn.recv(65536)
+        conn.sendall(answer)
+        time.sleep(0.5)
+        conn.close()
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    try:
+        with curl_cffi_requests.Session() as s:
+            assert s.get("http://127.0.0.1:%d/" % listener.getsockname()[1]).status_code == 200
+            closed = closes(metrics)
+            data = metrics.read()
+    finally:
+        thread.join(2)
+        listener.close()
+    assert closed == ({} if kept else {"server_closed": 1})
+    assert metrics.value(data, "http.client.open_connections") == (1 if kept else 0)
+    assert len(accepted) == 1
+
+
 def test_an_https_server_closing_an_idle_connection(metrics, tmp_path):
     """The server ends an idle TLS connection with a close alert, then its end of the stream
     (a test certificate made here): libcurl finds it dead at the next request."""

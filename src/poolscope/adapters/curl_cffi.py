@@ -1,4 +1,4 @@
-"""curl_cffi 0.13 to 0.17, through its ``Curl``, ``AsyncCurl`` and ``AsyncSession`` and two
+"""curl_cffi 0.13 to 0.17, through its ``Curl``, ``AsyncCurl`` and ``AsyncSession`` and three
 libcurl callbacks set on each transfer through curl_cffi's own ``curl_easy_setopt``.
 
 A pool is a libcurl connection cache and the requests that share it: an ``AsyncSession``'s
@@ -17,18 +17,27 @@ own cache (a ``CurlShare``'s when the handle has one).
   (``remove_handle``, the multi's ``close``).
 - Close: libcurl's ``CLOSESOCKETFUNCTION``, which libcurl keeps with each connection it opened
   while the callback was set and calls whenever it closes it (the callback closes the socket,
-  as libcurl would); the socket's own addresses name the connection. Closed during a
-  transfer: ``server_closed`` (``Connection: close``) or ``error`` when the transfer failed.
+  as libcurl would). The socket's descriptor names the connection: ``SOCKOPTFUNCTION`` gives
+  it as libcurl opens the socket, and the new connection's addresses pick it out. (A socket's
+  addresses would not do: one the peer reset has no peer address, and its local port may be
+  another destination's connection's too.) Closed during a transfer: ``error`` when the
+  transfer failed; else ``server_closed`` when the server had closed it or its last answer
+  said it would (``Connection: close``, HTTP/1.0 without keep-alive, read in libcurl's own
+  header store), ``idle_limit`` for the session's ``FORBID_REUSE``, else ``pool_full``:
+  libcurl, handed the connection back into a cache over ``MAXCONNECTS``, closed it as the
+  oldest idle one.
   Closed idle: ``server_closed`` when the server had closed it first (libcurl found it dead),
   ``keepalive_expired`` past ``MAXAGE_CONN`` (118 s unless the session's ``curl_options`` say
   otherwise), else ``pool_full`` (libcurl makes room in a full cache); with its pool,
   ``pool_closed``.
 
-poolscope sets ``PREREQFUNCTION``, ``PREREQDATA`` and ``CLOSESOCKETFUNCTION`` at the start of
-each transfer; curl_cffi's API sets none of them. The close callback outlives
-``uninstrument()`` on the connections opened before it (it then only closes their sockets).
+poolscope sets ``PREREQFUNCTION``, ``PREREQDATA``, ``SOCKOPTFUNCTION`` and
+``CLOSESOCKETFUNCTION`` at the start of each transfer; curl_cffi's API sets none of them. The
+close callback outlives ``uninstrument()`` on the connections opened before it (it then only
+closes their sockets).
 """
 
+import ctypes
 import functools
 import os
 import socket
@@ -50,13 +59,17 @@ ffi, lib = curl.ffi, curl.lib
 setopt = lib._curl_easy_setopt
 _DEFAULT_MAXAGE = 118.0  # libcurl's MAXAGE_CONN default, seconds
 _OK = 0
+_HTTP_1_0 = 1  # CURL_HTTP_VERSION_1_0, as CURLINFO_HTTP_VERSION reads it
 # the method that calls pop_curl with the request's URL (before 0.15: request itself)
 _REQUEST_ONCE = getattr(sessions.AsyncSession, "_request_once",
                         sessions.AsyncSession.request).__code__
 
 _adapter = None  # the active CurlCffiAdapter
 _by_key = {}  # (local ip, local port, peer ip, peer port) of each open connection -> its Conn
-_lost = set()  # Conns closed while a transfer held them: released when the transfer ends
+_by_fd = {}  # the descriptor of each open connection's socket -> its key
+_new_fds = set()  # sockets libcurl opened (SOCKOPTFUNCTION) not yet known as a connection
+# Conns closed while a transfer held them, released when it ends -> whether the peer had closed
+_lost = {}
 
 
 class _Transfer:
@@ -98,10 +111,17 @@ def _prereq(data, peer_ip, local_ip, peer_port, local_port):
     return _OK
 
 
+@ffi.callback("int(void *, int, int)", onerror=lambda *exc: 0)
+def _sockopt(data, fd, purpose):
+    if _adapter is not None:
+        _new_fds.add(fd)
+    return _OK
+
+
 @ffi.callback("int(void *, int)", onerror=lambda *exc: 1)
 def _closesocket(data, fd):
     adapter = _adapter
-    if adapter is not None and _by_key:
+    if adapter is not None and (_by_fd or _new_fds):
         try:
             adapter.socket_closing(fd)
         except Exception:
@@ -110,16 +130,59 @@ def _closesocket(data, fd):
     return _OK
 
 
-def _key(sock):
-    """The key of the connection on ``sock``, from the socket's own addresses. A socket the
-    peer reset has none: the one open connection from its local address, if any."""
-    local = sock.getsockname()
-    try:
-        peer = sock.getpeername()
-    except OSError:
-        ip, port = local[0].encode(), local[1]
-        return next((key for key in _by_key if key[0] == ip and key[1] == port), None)
-    return local[0].encode(), local[1], peer[0].encode(), peer[1]
+def _descriptor(key):
+    """The descriptor of the socket libcurl opened for the connection ``key`` (connected: its
+    addresses are its own), or None."""
+    for fd in list(_new_fds):
+        sock = None
+        try:
+            sock = socket.socket(fileno=fd)
+            local, peer = sock.getsockname(), sock.getpeername()
+        except OSError:
+            continue
+        finally:
+            if sock is not None:
+                sock.detach()
+        if (local[0].encode(), local[1], peer[0].encode(), peer[1]) == key:
+            _new_fds.discard(fd)
+            return fd
+    return None
+
+
+class _Header(ctypes.Structure):
+    _fields_ = [("name", ctypes.c_char_p), ("value", ctypes.c_char_p), ("amount", ctypes.c_size_t),
+                ("index", ctypes.c_size_t), ("origin", ctypes.c_uint), ("anchor", ctypes.c_void_p)]
+
+
+@functools.lru_cache(maxsize=None)
+def _easy_header():
+    """libcurl's ``curl_easy_header`` (7.84+), which curl_cffi's module exports but does not
+    bind."""
+    from curl_cffi import _wrapper
+
+    function = ctypes.CDLL(_wrapper.__file__).curl_easy_header
+    function.argtypes = [ctypes.c_void_p, ctypes.c_char_p, ctypes.c_size_t, ctypes.c_uint,
+                         ctypes.c_int, ctypes.POINTER(ctypes.POINTER(_Header))]
+    function.restype = ctypes.c_int
+    return function
+
+
+def _header(handle, name):
+    """The lower-cased values of the last response's ``name`` headers, joined."""
+    easy = int(ffi.cast("uintptr_t", handle._curl))
+    found = ctypes.POINTER(_Header)()
+    values, index, amount = [], 0, 1
+    while index < amount and _easy_header()(easy, name, index, 1, -1, ctypes.byref(found)) == 0:
+        values.append(found.contents.value.decode("latin-1").lower())
+        amount, index = found.contents.amount, index + 1
+    return ",".join(values)
+
+
+def _said_close(handle):
+    """Whether the transfer's last answer told libcurl to close its connection."""
+    said = _header(handle, b"Connection") + "," + _header(handle, b"Proxy-Connection")
+    return "close" in said or (handle.getinfo(CurlInfo.HTTP_VERSION) == _HTTP_1_0
+                               and "keep-alive" not in said)
 
 
 def _peer_closed(sock):
@@ -154,6 +217,8 @@ class CurlCffiAdapter(Adapter):
         if _adapter is self:
             _adapter = None
             _by_key.clear()
+            _by_fd.clear()
+            _new_fds.clear()
             _lost.clear()
         super().unpatch()
 
@@ -217,6 +282,7 @@ class CurlCffiAdapter(Adapter):
         c = handle._curl
         setopt(c, CurlOpt.PREREQFUNCTION, _prereq)
         setopt(c, CurlOpt.PREREQDATA, handle._poolscope_data)
+        setopt(c, CurlOpt.SOCKOPTFUNCTION, _sockopt)
         setopt(c, CurlOpt.CLOSESOCKETFUNCTION, _closesocket)
         return state
 
@@ -262,7 +328,8 @@ class CurlCffiAdapter(Adapter):
             self.finished(state)
         if rec is None:
             handle = state.curl()
-            if not handle.getinfo(CurlInfo.NUM_CONNECTS):
+            fd = _descriptor(key) if handle.getinfo(CurlInfo.NUM_CONNECTS) else None
+            if fd is None:
                 return  # a connection opened before poolscope was instrumented: not observed
             pool = self.pool_state(state.owner)
             url = handle.getinfo(CurlInfo.EFFECTIVE_URL).decode("utf-8", "replace")
@@ -272,7 +339,7 @@ class CurlCffiAdapter(Adapter):
                 CurlInfo.NAMELOOKUP_TIME_T, CurlInfo.CONNECT_TIME_T, CurlInfo.APPCONNECT_TIME_T)]
             setup = max(0, max(times[1], times[2]) - times[0]) / 1e6
             self.recorder.conn_opened(rec, setup, protocol=None)  # known once it answers
-            _by_key[key] = rec
+            _by_key[key], _by_fd[fd] = rec, key
             now = time.time_ns()
             span = self.recorder.setup_started(rec, state.context, now - int(setup * 1e9))
             self.recorder.setup_ended(span, peer=key[2].decode() if span else None)
@@ -290,25 +357,36 @@ class CurlCffiAdapter(Adapter):
             if handle is not None:
                 self.recorder.protocol_known(
                     rec, CURL_HTTP_VERSIONS.get(handle.getinfo(CurlInfo.HTTP_VERSION)))
-        if rec in _lost:
-            _lost.discard(rec)
-            self.recorder.released(rec, sc.ERROR if failed else sc.SERVER_CLOSED)
-        else:
+        peer_closed = _lost.pop(rec, None)
+        if peer_closed is None:
             self.recorder.released(rec)
+        elif failed:
+            self.recorder.released(rec, sc.ERROR)
+        else:
+            handle = state.curl()
+            if peer_closed or handle is None or _said_close(handle):
+                reason = sc.SERVER_CLOSED
+            elif _option(rec, CurlOpt.FORBID_REUSE, 0):
+                reason = sc.IDLE_LIMIT
+            else:
+                reason = sc.POOL_FULL
+            self.recorder.released(rec, reason)
 
     def socket_closing(self, fd):
         """libcurl is closing socket ``fd``: a connection's, if poolscope saw it open."""
+        _new_fds.discard(fd)
+        rec = _by_key.pop(_by_fd.pop(fd, None), None)
+        if rec is None:
+            return
         sock = socket.socket(fileno=fd)
         try:
-            rec = _by_key.pop(_key(sock), None)
-            if rec is None:
-                return
             if rec.in_use:
-                _lost.add(rec)
+                _lost[rec] = _peer_closed(sock)
                 return
             if _peer_closed(sock):
                 reason = sc.SERVER_CLOSED
-            elif rec.released_at and time.monotonic() - rec.released_at >= _maxage(rec) - 0.01:
+            elif (rec.released_at and time.monotonic() - rec.released_at
+                  >= float(_option(rec, CurlOpt.MAXAGE_CONN, _DEFAULT_MAXAGE)) - 0.01):
                 reason = sc.KEEPALIVE_EXPIRED
             else:
                 reason = sc.POOL_FULL
@@ -317,10 +395,10 @@ class CurlCffiAdapter(Adapter):
         self.recorder.closed(rec, reason)
 
 
-def _maxage(rec):
-    """The ``MAXAGE_CONN`` of the connection's pool: its session's ``curl_options``, else
-    libcurl's default."""
+def _option(rec, option, default):
+    """An option of the connection's pool as its session's ``curl_options`` set it, else
+    ``default`` (libcurl's)."""
     owner = rec.pool.ref()
     options = (getattr(owner, "curl_options", None)
                or getattr(owner, "_poolscope_options", None) or {})
-    return float(options.get(CurlOpt.MAXAGE_CONN, _DEFAULT_MAXAGE))
+    return options.get(option, default)
