@@ -346,12 +346,12 @@ def test_clients_collected_at_any_allocation(library):
                             timeout=180)
     assert result.returncode == 0, result.stderr[-3000:]
     seen = json.loads(result.stdout)
-    assert not seen["hung"]
-    assert seen["accepted"] == 300
+    assert not seen["hung"], seen
+    assert seen["accepted"] == 300, seen
     once = seen["once"]  # a client may outlive one collection (a thread may hold it for a moment)
-    assert once["http.client.open_connections"] == once["clients"]
-    assert once["poolscope.connection.closed"] == 300 - once["clients"]
-    assert seen["clients"] == 0
-    assert seen["poolscope.connection.created"] == seen["poolscope.connection.closed"] == 300
-    assert seen["http.client.connection.duration"] == 300
-    assert seen["http.client.open_connections"] == 0
+    assert once["http.client.open_connections"] == once["clients"], seen
+    assert once["poolscope.connection.closed"] == 300 - once["clients"], seen
+    assert seen["clients"] == 0, seen
+    assert seen["poolscope.connection.created"] == seen["poolscope.connection.closed"] == 300, seen
+    assert seen["http.client.connection.duration"] == 300, seen
+    assert seen["http.client.open_connections"] == 0, seen
