@@ -83,6 +83,27 @@ def test_keepalive_delay_expiry(metrics, server):
     manager.clear()
 
 
+def test_the_idle_watcher_closing_a_connection_the_server_dropped(metrics, short_keepalive_server):
+    """urllib3-future's own background thread peeks at idle connections and closes one the
+    server has dropped, with no request in flight: ``server_closed``, the pool left empty."""
+    import urllib3
+
+    server = short_keepalive_server
+    manager = urllib3.PoolManager(background_watch_delay=0.05)
+    assert manager.request("GET", server.url + "/").status == 200
+    [pool] = manager.pools._registry.values()
+    [conn] = pool.pool._registry.values()
+    deadline = time.monotonic() + 3
+    while pool.pool._registry and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert (len(pool.pool._registry), conn.sock) == (0, None)  # the library's own books
+    assert closes(metrics) == {"server_closed": 1}
+    data = metrics.read()
+    assert metrics.value(data, "http.client.open_connections") == 0
+    assert metrics.value(data, "poolscope.connection.created") == server.accepted == 1
+    manager.clear()
+
+
 def test_a_pool_the_manager_drops_for_another_is_evicted(metrics, server):
     """``PoolManager(num_pools=1)``, two origins: the first pool makes room for the second."""
     import urllib3_future
