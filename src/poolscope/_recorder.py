@@ -1,11 +1,12 @@
-"""Pool events in, OpenTelemetry out: the per-pool live state and every instrument.
+"""Pool events in, OpenTelemetry out: the per-pool live state, the spans, and the records
+into the histograms ``_instruments`` makes.
 
-Adapters call the event methods below; nothing else in poolscope touches the
-metrics API. A healthy request (a pooled connection reused, no wait) changes
+Adapters call the event methods below; only this module and ``_instruments`` touch
+the metrics API. A healthy request (a pooled connection reused, no wait) changes
 plain integers on its connection and its pool only, serialized by the
 library's own lock where the pool has one; the per-origin counts and gauges
-are summed from the pools' connections when a reader collects, so a request
-costs no SDK call. Rarer events (a new connection, a close, a wait) also take
+are summed from the pools' connections when a reader collects (``_instruments``), so a
+request costs no SDK call. Rarer events (a new connection, a close, a wait) also take
 the recorder's lock. Histograms record only waits, new connections and closes
 (and, with detailed timings, use and idle times).
 """
@@ -22,13 +23,13 @@ import weakref
 from opentelemetry import context as otel_context
 from opentelemetry import metrics, trace
 from opentelemetry.attributes import BoundedAttributes
-from opentelemetry.metrics import Observation
 from opentelemetry.sdk.trace import Span as _SdkSpan
 from opentelemetry.trace import SpanKind, StatusCode
 from opentelemetry.trace.propagation import _SPAN_KEY
 
 from . import _semconv as sc
 from ._config import internal_error, logger
+from ._instruments import make_instruments
 from ._version import __version__
 
 monotonic = time.monotonic
@@ -220,14 +221,6 @@ class _Limits:
 
 
 _recorders = weakref.WeakSet()  # the recorders not closed
-# meter -> {instrument name: its histogram, or the latest recorder's callback of its observable
-# instrument}. OpenTelemetry keeps an observable instrument's callbacks for good and hands back
-# the first instrument made with a name: a recorder on a meter that already has poolscope's
-# (instrument, uninstrument, instrument again) reports through the instruments made first.
-_made = weakref.WeakKeyDictionary()
-# the same for the global meter provider: one for good, as OpenTelemetry's stand-in for it
-# (each meter taken from it before it is set is a new object) ends up as the provider set
-_made_global = {}
 _collecting = None  # the thread running the cycle collector, while it runs
 
 
@@ -281,16 +274,14 @@ class Recorder:
         self._origins = {}
         self._pools = set()
         self._scopes = {}  # scope series -> _Limits seen on its pools
-        self._open_keys = set()  # (series, state, protocol) reported for open connections
         self._deferred = queue.SimpleQueue()  # (event, args) from finalizers, see _reap
         self.detailed = detailed
         self.max_origins = max_origins
         self.on_first_pool = None  # called once, when this process's first pool opens
         meter = metrics.get_meter(sc.INSTRUMENTATION_NAME, __version__, meter_provider)
-        if meter_provider is None or meter_provider is metrics.get_meter_provider():
-            self._make_instruments(meter, _made_global)
-        else:
-            self._make_instruments(meter, _made.setdefault(meter, {}))
+        (self._wait_time, self._create_time, self._phase_time, self._use_time, self._idle_time,
+         self._duration, self._requests) = make_instruments(
+            self, meter, meter_provider is None or meter_provider is metrics.get_meter_provider())
         self._tracer = trace.get_tracer(sc.INSTRUMENTATION_NAME, __version__, tracer_provider)
         _recorders.add(self)
         if _gc_phase not in gc.callbacks:
@@ -879,202 +870,6 @@ class Recorder:
                 pool.lock = self._lock
             if pool.sat_since is not None:
                 pool.sat_since = now
-
-    # -- instruments ------------------------------------------------------
-
-    def _make_instruments(self, meter, made):
-        def histogram(spec, buckets=sc.DURATION_BUCKETS):
-            name, unit, description = spec
-            if name not in made:
-                made[name] = meter.create_histogram(
-                    name, unit=unit, description=description,
-                    explicit_bucket_boundaries_advisory=list(buckets))
-            return made[name]
-
-        def observe(create, spec, callback):
-            def reaped(options):
-                self._reap()
-                return callback(options)
-            name, unit, description = spec
-            if name not in made:
-                create(name, callbacks=[lambda options: made[name](options)], unit=unit,
-                       description=description)
-            made[name] = reaped
-
-        self._wait_time = histogram(sc.WAIT_TIME)
-        self._create_time = histogram(sc.CREATE_TIME)
-        self._phase_time = histogram(sc.SETUP_PHASE_TIME)
-        self._use_time = histogram(sc.USE_TIME)
-        self._idle_time = histogram(sc.IDLE_TIME)
-        self._duration = histogram(sc.CONNECTION_DURATION, sc.LIFETIME_BUCKETS)
-        self._requests = histogram(sc.REQUESTS_PER_CONNECTION, sc.REQUEST_BUCKETS)
-        updown, counter, gauge = (meter.create_observable_up_down_counter,
-                                  meter.create_observable_counter, meter.create_observable_gauge)
-        observe(updown, sc.OPEN_CONNECTIONS, self._observe_open)
-        observe(updown, sc.PENDING_REQUESTS, self._observe_pending)
-        observe(updown, sc.ACTIVE_STREAMS, self._observe_streams(0))
-        observe(updown, sc.MAX_STREAMS, self._observe_streams(1))
-        observe(counter, sc.ACQUISITIONS, self._observe_acquisitions)
-        observe(counter, sc.CREATED, self._origin_values(lambda s: s.created))
-        observe(counter, sc.TIMEOUTS, self._origin_values(lambda s: s.waits.get(TIMED_OUT, 0)))
-        observe(counter, sc.WAITS, self._observe_by(lambda s: s.waits, sc.WAIT_OUTCOME))
-        observe(counter, sc.CLOSED, self._observe_by(lambda s: s.closed, sc.CLOSE_REASON))
-        observe(counter, sc.STALE_FAILURES, self._observe_by(lambda s: s.stale, sc.RETRIED))
-        observe(updown, sc.MAX, self._pool_sums(lambda p: p.max))
-        observe(updown, sc.IDLE_MAX, self._pool_sums(lambda p: p.idle_max))
-        observe(updown, sc.POOL_COUNT, self._pool_sums(lambda p: 1))
-        observe(counter, sc.SATURATION_TIME, self._observe_saturation)
-        observe(gauge, sc.OLDEST_ACTIVE_AGE, self._observe_ages(
-            lambda c: c.acquired_at if c.in_use else None, lambda w: None, busy=True))
-        observe(gauge, sc.OLDEST_PENDING_AGE, self._observe_ages(
-            lambda c: None, lambda w: w.start, queued=True))
-
-    def _origin_series(self):
-        with self._lock:
-            return [s for s in self._series.values() if s.is_origin]
-
-    def _origin_values(self, value):
-        def callback(options):
-            return [Observation(value(s), s.attrs) for s in self._origin_series()]
-        return callback
-
-    def _live_conns(self):
-        """{origin series: [its live connections]}, every origin series included."""
-        by_series = {s: [] for s in self._series.values() if s.is_origin}
-        for pool in self._pools:
-            for conn in pool.conns:
-                by_series.setdefault(conn.series, []).append(conn)
-        return by_series
-
-    def _queued(self):
-        """(series, since) of each request a library holds back in a pool whose queue is read
-        at collection (``Pool.queued``) instead of being told wait by wait."""
-        for pool in self._pools:
-            if pool.queued is not None:
-                yield from pool.queued()
-
-    def _busy(self):
-        """{connection: since} of the connections held by requests the adapter learns of only
-        when they end (``Pool.busy``)."""
-        busy = {}
-        for pool in self._pools:
-            if pool.busy is not None:
-                busy.update(pool.busy())
-        return busy
-
-    def _observe_pending(self, options):
-        with self._lock:
-            pending = {s: s.pending for s in self._series.values() if s.is_origin}
-            for series, _ in self._queued():
-                pending[series] = pending.get(series, 0) + 1
-        return [Observation(n, s.attrs) for s, n in pending.items()]
-
-    def _observe_open(self, options):
-        """Per origin, state and HTTP version (none for a connection still being set up).
-        A count once reported reads 0 when it has no connection, and so does an origin with
-        no connection in a state at all."""
-        with self._lock:
-            counts = dict.fromkeys(self._open_keys, 0)
-            live = self._live_conns()
-            busy = self._busy()
-            for s, conns in live.items():
-                for c in conns:
-                    _count(counts, (s, sc.STATE_ACTIVE if c.active or c in busy
-                                    else sc.STATE_IDLE, c.protocol))
-            self._open_keys.update(counts)
-            states = {key[:2] for key in counts}
-            for s in live:
-                for state in (sc.STATE_ACTIVE, sc.STATE_IDLE):
-                    if (s, state) not in states:
-                        counts[(s, state, None)] = 0
-        for (s, state, protocol), n in counts.items():
-            yield Observation(n, s.attr((sc.CONNECTION_STATE, state),
-                                        (sc.PROTOCOL_VERSION, protocol)))
-
-    def _observe_streams(self, which):
-        """Active streams (``which`` 0) or stream limits (1), summed over an origin's
-        multiplexed connections; 0 for an origin that had such connections and has none."""
-        def callback(options):
-            with self._lock:
-                sums = {s: 0 for s in self._series.values() if s.multiplexed}
-                for pool in self._pools:
-                    for conn in pool.conns:
-                        if conn.streams is not None and not conn.closed:
-                            sums[conn.series] += conn.streams()[which]
-            return [Observation(n, s.attrs) for s, n in sums.items()]
-        return callback
-
-    def _observe_acquisitions(self, options):
-        with self._lock:
-            values = []
-            for s, conns in self._live_conns().items():
-                # An acquisition undone (httpcore's ConnectionNotAvailable) must not make
-                # the exported counter go backwards: report the high-water mark.
-                seen = s.acquired_seen
-                reused = s.acquired[1] + sum(c.reuses for c in conns)
-                seen[0], seen[1] = max(seen[0], s.acquired[0]), max(seen[1], reused)
-                values.append((s, seen[0], seen[1]))
-        for s, new, reused in values:
-            yield Observation(new, s.attr((sc.REUSED, False)))
-            yield Observation(reused, s.attr((sc.REUSED, True)))
-
-    def _observe_by(self, counts, attribute):
-        """A counter kept per origin as {attribute value: count}."""
-        def callback(options):
-            with self._lock:
-                values = [(s, dict(counts(s))) for s in self._series.values() if s.is_origin]
-            return [Observation(n, s.attr((attribute, value)))
-                    for s, by in values for value, n in by.items()]
-        return callback
-
-    def _pool_sums(self, value):
-        def callback(options):
-            with self._lock:
-                # a scope that ever had such a pool reads 0 when they are gone, not nothing
-                sums = {s: 0 for s, values in self._scopes.items() if value(values) is not None}
-                for pool in self._pools:
-                    v = value(pool)
-                    if pool.live and v is not None:
-                        sums[pool.scope] = sums.get(pool.scope, 0) + v
-            return [Observation(v, s.attrs) for s, v in sums.items()]
-        return callback
-
-    def _observe_saturation(self, options):
-        now = monotonic()
-        with self._lock:
-            totals = {s: s.saturated for s in self._series.values() if s.saturated}
-            for pool in self._pools:
-                if pool.max is not None:
-                    since = pool.sat_since
-                    ongoing = pool.saturated + (now - since if since is not None else 0.0)
-                    totals[pool.scope] = totals.get(pool.scope, pool.scope.saturated) + ongoing
-            for s, total in totals.items():
-                # A saturation that ends is closed at the time its event read the clock, which
-                # can be before this collection's: the counter must not go backwards, so it
-                # reports its high-water mark (time moves on past it).
-                s.saturated_seen = totals[s] = max(s.saturated_seen, total)
-        return [Observation(v, s.attrs) for s, v in totals.items()]
-
-    def _observe_ages(self, conn_start, wait_start, queued=False, busy=False):
-        """Age of the oldest item per origin; 0 for an origin with none."""
-        def callback(options):
-            now = monotonic()
-            with self._lock:
-                oldest = {s: now for s in self._series.values() if s.is_origin}
-                for pool in self._pools:
-                    for items, start_of in ((pool.conns, conn_start), (pool.waits, wait_start)):
-                        for item in items:
-                            start = start_of(item)
-                            if start is not None and start < oldest.get(item.series, now):
-                                oldest[item.series] = start
-                for series, start in self._queued() if queued else ():
-                    if start < oldest.get(series, now):
-                        oldest[series] = start
-                for conn, start in self._busy().items() if busy else ():
-                    if not conn.closed and start < oldest.get(conn.series, now):
-                        oldest[conn.series] = start
-            return [Observation(now - start, s.attrs) for s, start in oldest.items()]
-        return callback
 
 
 def _after_fork():
