@@ -8,6 +8,7 @@ import logging
 import socket
 import threading
 import time
+import weakref
 
 import pytest
 
@@ -324,6 +325,54 @@ def test_a_sync_session_per_thread(metrics, server):
     assert metrics.value(data, "poolscope.connection.closed",
                          poolscope__close__reason="pool_closed") == 2
     session.close()
+
+
+def test_a_dropped_handle_or_session_is_freed_at_once(metrics, server):
+    """No reference cycle through poolscope: with no garbage collection, a ``Curl`` that made
+    a request is freed when dropped, and the server sees its connection close then, as
+    without poolscope; an ``AsyncSession`` left unclosed is freed with its handle, and its
+    connection stays open in its multi, which curl_cffi keeps running until it is closed."""
+    from curl_cffi import Curl, CurlOpt
+
+    async def session_dropped():
+        session = curl_cffi_requests.AsyncSession()
+        assert (await session.get(server.url + "/")).status_code == 200
+        handle = session.pool.get_nowait()
+        session.pool.put_nowait(handle)
+        gone = weakref.ref(session), weakref.ref(handle), session.acurl
+        del session, handle
+        return gone
+
+    gc.collect()
+    gc.disable()
+    try:
+        curl = Curl()
+        curl.setopt(CurlOpt.URL, (server.url + "/").encode())
+        curl.setopt(CurlOpt.WRITEFUNCTION, len)
+        curl.perform()
+        gone = weakref.ref(curl)
+        del curl
+        assert gone() is None
+        deadline = time.monotonic() + 5
+        while not server.per_connection and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert len(server.per_connection) == 1
+        loop = asyncio.new_event_loop()
+        session, handle, multi = loop.run_until_complete(session_dropped())
+        assert session() is None and handle() is None
+    finally:
+        gc.enable()
+    assert server.accepted == 2
+    assert closes(metrics) == {"pool_closed": 1}
+    assert metrics.value(metrics.read(), "http.client.open_connections",
+                         http__connection__state="idle") == 1 == 2 - len(server.per_connection)
+    loop.run_until_complete(multi.close())
+    loop.close()
+    deadline = time.monotonic() + 5
+    while len(server.per_connection) < 2 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert len(server.per_connection) == 2
+    assert closes(metrics) == {"pool_closed": 2}
 
 
 def test_a_version_outside_the_range_is_one_line(monkeypatch, caplog):

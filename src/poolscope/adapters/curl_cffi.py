@@ -74,7 +74,10 @@ _lost = {}
 
 class _Transfer:
     """poolscope's state of one curl handle's transfer; the libcurl callbacks find it through
-    ``PREREQDATA``."""
+    ``PREREQDATA``. ``owner``: its pool's owner (a multi, a share or the handle itself), or,
+    from its session's handing it out until it is added to a multi, the session. It holds
+    both weakly: the handle holds it, and a dropped handle or session must be freed at once,
+    as without poolscope."""
 
     __slots__ = ("curl", "owner", "context", "conn", "__weakref__")
 
@@ -201,7 +204,6 @@ class CurlCffiAdapter(Adapter):
     def patch(self):
         global _adapter
         self.wrap(sessions.AsyncSession, "pop_curl", self._wait_for_handle, self._handed)
-        self.wrap(sessions.AsyncSession, "close", self._pool_close)
         self.wrap(aio.AsyncCurl, "add_handle", self._added)
         self.wrap(aio.AsyncCurl, "set_result", functools.partial(self._ended, False))
         self.wrap(aio.AsyncCurl, "set_exception", functools.partial(self._ended, True))
@@ -223,31 +225,34 @@ class CurlCffiAdapter(Adapter):
         super().unpatch()
 
     def limits(self, owner):
-        # a session's or a multi's events come from its event loop; a handle serves one
-        # thread at a time
-        if isinstance(owner, sessions.AsyncSession):
-            return {"max_connections": owner.max_clients, "serialized": True}
-        return {"serialized": isinstance(owner, (aio.AsyncCurl, curl.Curl))}
+        # a multi's events come from its event loop; a handle serves one thread at a time; a
+        # share, several
+        return {"max_connections": getattr(owner, "_poolscope_max", None),
+                "serialized": isinstance(owner, (aio.AsyncCurl, curl.Curl))}
 
     def registered(self, owner, pool):
         """A sync ``Session``'s handle: the session's ``curl_options`` (its ``MAXAGE_CONN``)
-        are found in the frames that called ``perform``, once."""
+        are found in the frames that called ``perform``, once. Only the session module's
+        frames are read: before Python 3.13, reading a frame's ``f_locals`` keeps its locals
+        alive until it returns, and the application's own must not be."""
         if isinstance(owner, curl.Curl):
             frame = sys._getframe(1)
             for _ in range(16):
                 if frame is None:
                     break
-                session = frame.f_locals.get("self")
-                if isinstance(session, sessions.BaseSession):
-                    owner._poolscope_options = session.curl_options
-                    break
+                if frame.f_globals is vars(sessions):
+                    session = frame.f_locals.get("self")
+                    if isinstance(session, sessions.BaseSession):
+                        owner._poolscope_options = session.curl_options
+                        break
                 frame = frame.f_back
 
     # -- waits --------------------------------------------------------------
 
     def _wait_for_handle(self, session, args, kwargs):
         if session.pool.empty():
-            return self.recorder.wait_started(self.pool_state(session), self._series(session))
+            return self.recorder.wait_started(self.pool_state(_session_multi(session)),
+                                              self._series(session))
         return False
 
     def _series(self, session):
@@ -269,7 +274,7 @@ class CurlCffiAdapter(Adapter):
             else:
                 self.recorder.wait_ended(wait, CANCELLED, exc)
         if exc is None:
-            _transfer(handle).owner = session
+            _transfer(handle).owner = weakref.ref(session)
 
     # -- transfers ----------------------------------------------------------
 
@@ -277,7 +282,7 @@ class CurlCffiAdapter(Adapter):
         """A transfer starts on ``handle`` for the pool ``owner``: poolscope's callbacks are
         set (a reset or a duplicated handle may have dropped or copied them)."""
         state = _transfer(handle)
-        state.owner = owner
+        state.owner = weakref.ref(owner)
         state.context = self.recorder.context()
         c = handle._curl
         setopt(c, CurlOpt.PREREQFUNCTION, _prereq)
@@ -289,10 +294,10 @@ class CurlCffiAdapter(Adapter):
     def _added(self, multi, args, kwargs):
         handle = args[0]
         state = getattr(handle, "_poolscope_transfer", None)
-        owner = state.owner if state is not None else None
-        if not isinstance(owner, sessions.AsyncSession) or owner._acurl is not multi:
-            owner = multi
-        self._start(handle, owner)
+        session = state.owner() if state is not None and state.owner is not None else None
+        if isinstance(session, sessions.AsyncSession) and session._acurl is multi:
+            _session_multi(session)
+        self._start(handle, multi)
 
     def _perform(self, handle, args, kwargs):
         share = getattr(handle, "_share", None)  # curl_cffi 0.16+
@@ -331,7 +336,10 @@ class CurlCffiAdapter(Adapter):
             fd = _descriptor(key) if handle.getinfo(CurlInfo.NUM_CONNECTS) else None
             if fd is None:
                 return  # a connection opened before poolscope was instrumented: not observed
-            pool = self.pool_state(state.owner)
+            owner = state.owner()
+            if owner is None:
+                return  # its owner is being freed
+            pool = self.pool_state(owner)
             url = handle.getinfo(CurlInfo.EFFECTIVE_URL).decode("utf-8", "replace")
             rec = self.recorder.conn_created(pool, self.recorder.series(self.library,
                                                                          url_origin(url)))
@@ -399,6 +407,13 @@ def _option(rec, option, default):
     """An option of the connection's pool as its session's ``curl_options`` set it, else
     ``default`` (libcurl's)."""
     owner = rec.pool.ref()
-    options = (getattr(owner, "curl_options", None)
-               or getattr(owner, "_poolscope_options", None) or {})
+    options = getattr(owner, "_poolscope_options", None) or {}
     return options.get(option, default)
+
+
+def _session_multi(session):
+    """The session's multi, which keeps the session's connections (its pool, alive as long as
+    the multi, which may outlive the session), told the session's limit and options."""
+    multi = session.acurl
+    multi._poolscope_max, multi._poolscope_options = session.max_clients, session.curl_options
+    return multi
