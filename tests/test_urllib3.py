@@ -159,3 +159,29 @@ def test_a_collected_pool_still_has_urllib3_drain_its_queue(metrics, server, mon
     data = metrics.read()
     assert metrics.value(data, "poolscope.connection.closed",
                          poolscope__close__reason="pool_closed") == 1
+
+
+def test_a_connection_used_without_a_pool_leaves_the_callers_locals_alone(metrics, server):
+    """A connection opened outside any pool is looked up among the pool methods that may be
+    opening it, without reading the caller's frame: its locals are freed when it drops them
+    (before Python 3.13, reading a frame's locals keeps them alive until it returns)."""
+    import gc
+    import weakref
+
+    class Held:
+        pass
+
+    conn = urllib3.connection.HTTPConnection("127.0.0.1", server.port)
+    held = Held()
+    gone = weakref.ref(held)
+    conn.request("GET", "/")
+    assert conn.getresponse().status == 200
+    gc.disable()
+    try:
+        del held
+        assert gone() is None
+    finally:
+        gc.enable()
+    conn.close()
+    assert server.accepted == 1
+    assert v(metrics, "poolscope.connection.created") in (None, 0)  # no pool: not observed

@@ -267,6 +267,7 @@ def _close_reason(conn, rec):
 class Urllib3Adapter(Adapter):
     library = "urllib3"
     _https = ()  # the connection class whose connect is TCP then TLS (urllib3's, not its fork's)
+    _pool_methods = frozenset()  # the names of the pool classes' methods
 
     def patch(self):
         global _EMPTY_POOL, _GET_CONN, _PUT_CONN, _URLOPEN
@@ -288,6 +289,8 @@ class Urllib3Adapter(Adapter):
 
     def patch_pools(self, pool_cls, connection):
         """The pool's life and its connections' set-up and close (shared with urllib3-future)."""
+        self._pool_methods = frozenset(name for cls in (pool_cls, *pool_cls.__subclasses__())
+                                       for name in vars(cls))
         self.wrap(pool_cls, "__init__", after=self._pool_init)
         self.wrap(pool_cls, "_new_conn", after=self._new_conn)
         self.wrap(pool_cls, "close", before=self._pool_close)
@@ -347,7 +350,9 @@ class Urllib3Adapter(Adapter):
     def _pool_of(self, conn, rec):
         """The live pool state of a connection object about to open a socket: its last
         socket's, its tag from ``_new_conn``, or (made before ``instrument()``) the pool found
-        as the ``self`` of the pool method that is connecting it."""
+        as the ``self`` of the pool method that is connecting it. Only such methods' frames are
+        read: before Python 3.13, reading a frame's ``f_locals`` keeps its locals alive until
+        it returns, and the application's own must not be."""
         for pool in (rec.pool if rec is not None else None, conn.__dict__.get("_poolscope_pool")):
             if pool is not None and pool.live and pool.owner is self.recorder:
                 return pool
@@ -355,9 +360,11 @@ class Urllib3Adapter(Adapter):
         for _ in range(8):
             if frame is None:
                 return None
-            owner = frame.f_locals.get("self")
-            if owner is not None and hasattr(owner, "_get_conn") and frame.f_locals.get("conn") is conn:
-                return self.pool_state(owner)
+            code = frame.f_code
+            if code.co_name in self._pool_methods and "conn" in code.co_varnames:
+                owner = frame.f_locals.get("self")
+                if hasattr(owner, "_get_conn") and frame.f_locals.get("conn") is conn:
+                    return self.pool_state(owner)
             frame = frame.f_back
         return None
 
