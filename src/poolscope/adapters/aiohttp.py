@@ -98,7 +98,8 @@ def _stale(rec):
         if frame is None or frame.f_code is request:
             break
         frame = frame.f_back
-    retried = frame is not None and bool(frame.f_locals.get("retry_persistent_connection"))
+    retried = (frame is not None and frame.f_code is request
+               and bool(frame.f_locals.get("retry_persistent_connection")))
     rec.pool.owner.stale_failure(rec, retried)
 
 

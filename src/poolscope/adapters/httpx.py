@@ -519,7 +519,9 @@ class HttpxAdapter(Adapter):
                 return None
             for _ in range(3):  # up to the httpcore connection, past a proxy's
                 frame = frame.f_back
-                rec = getattr(frame.f_locals.get("self"), "_poolscope", None) if frame else None
+                if frame is None or not self._in_handle(frame):
+                    return None  # (only httpcore's frames are read: see urllib3's _pool_of)
+                rec = getattr(frame.f_locals.get("self"), "_poolscope", None)
                 if rec is not None:
                     return self.recorder.wait_started(rec.pool, rec.series), None
             return None
