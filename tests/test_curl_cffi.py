@@ -375,6 +375,48 @@ def test_a_dropped_handle_or_session_is_freed_at_once(metrics, server):
     assert closes(metrics) == {"pool_closed": 2}
 
 
+def test_sessions_sharing_a_multi_are_one_pool(metrics, server):
+    """Two sessions given one ``AsyncCurl`` (``async_curl=``) share its connection cache: one
+    pool, its limit their handles together (1 + 2). Three requests at once on each: the first
+    session's wait for its one handle twice, the second's once. A session that does not own
+    the multi takes its handles out as it closes (curl_cffi 0.17; 0.13 closes the multi); the
+    connections, the ones the server accepted, close with the multi."""
+    from curl_cffi.aio import AsyncCurl
+
+    async def run():
+        multi = AsyncCurl()
+        one = curl_cffi_requests.AsyncSession(async_curl=multi, max_clients=1)
+        two = curl_cffi_requests.AsyncSession(async_curl=multi, max_clients=2)
+        answers = await asyncio.gather(*(session.get(server.url + "/delay/0.2")
+                                         for session in (one, one, one, two, two, two)))
+        assert [answer.status_code for answer in answers] == [200] * 6
+        during = metrics.read()
+        await one.close()
+        after_one = metrics.read()
+        owned = getattr(one, "_owns_acurl", True)
+        if not owned:  # else the multi is closed already, and closing it again fails
+            await two.close()
+            await multi.close()
+        return during, after_one, owned
+    during, after_one, owned = _run(run())
+    assert metrics.value(during, "poolscope.pool.count") == 1
+    assert metrics.value(during, "poolscope.connection.max") == 3
+    assert metrics.value(during, "poolscope.connection.waits",
+                         poolscope__wait__outcome="granted") == 3
+    assert metrics.value(during, "poolscope.connection.acquisitions") == server.answered == 6
+    created = metrics.value(during, "poolscope.connection.created")
+    assert created == server.accepted and 1 <= created <= 3
+    if not owned:  # the multi is still open, with the second session's 2 handles
+        assert metrics.value(after_one, "poolscope.connection.max") == 2
+        assert metrics.value(after_one, "http.client.open_connections",
+                             http__connection__state="idle") == created
+    deadline = time.monotonic() + 5
+    while len(server.per_connection) < created and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert len(server.per_connection) == created
+    assert closes(metrics) == {"pool_closed": created}
+
+
 def test_a_version_outside_the_range_is_one_line(monkeypatch, caplog):
     from curl_cffi import aio
 

@@ -204,6 +204,7 @@ class CurlCffiAdapter(Adapter):
     def patch(self):
         global _adapter
         self.wrap(sessions.AsyncSession, "pop_curl", self._wait_for_handle, self._handed)
+        self.wrap(sessions.AsyncSession, "close", self._session_close)
         self.wrap(aio.AsyncCurl, "add_handle", self._added)
         self.wrap(aio.AsyncCurl, "set_result", functools.partial(self._ended, False))
         self.wrap(aio.AsyncCurl, "set_exception", functools.partial(self._ended, True))
@@ -227,7 +228,7 @@ class CurlCffiAdapter(Adapter):
     def limits(self, owner):
         # a multi's events come from its event loop; a handle serves one thread at a time; a
         # share, several
-        return {"max_connections": getattr(owner, "_poolscope_max", None),
+        return {"max_connections": _handles(owner),
                 "serialized": isinstance(owner, (aio.AsyncCurl, curl.Curl))}
 
     def registered(self, owner, pool):
@@ -251,9 +252,36 @@ class CurlCffiAdapter(Adapter):
 
     def _wait_for_handle(self, session, args, kwargs):
         if session.pool.empty():
-            return self.recorder.wait_started(self.pool_state(_session_multi(session)),
+            return self.recorder.wait_started(self.pool_state(self._session_multi(session)),
                                               self._series(session))
         return False
+
+    def _session_multi(self, session):
+        """The session's multi. Its connection cache is the pool of the sessions that share it
+        (``async_curl=``), alive as long as the multi, which may outlive them; their handles
+        are its limit, and the session's ``curl_options`` its options."""
+        multi = session.acurl
+        sessions_ = multi.__dict__.get("_poolscope_sessions")
+        if sessions_ is None:
+            sessions_ = multi._poolscope_sessions = weakref.WeakSet()
+        if session not in sessions_:
+            sessions_.add(session)
+            multi._poolscope_options = session.curl_options
+            self._limit_changed(multi)
+        return multi
+
+    def _session_close(self, session, args, kwargs):
+        """A session closing takes its handles out of its multi's pool (which closes with the
+        multi, when the session owns it)."""
+        sessions_ = getattr(session._acurl, "_poolscope_sessions", None)
+        if sessions_ is not None and session in sessions_:
+            sessions_.discard(session)
+            self._limit_changed(session._acurl)
+
+    def _limit_changed(self, multi):
+        pool = multi.__dict__.get("_poolscope")
+        if pool is not None and pool.live and pool.owner is self.recorder:
+            self.recorder.limit_changed(pool, _handles(multi))
 
     def _series(self, session):
         """The series of the URL the waiting request is for (read from the request's frame:
@@ -296,7 +324,7 @@ class CurlCffiAdapter(Adapter):
         state = getattr(handle, "_poolscope_transfer", None)
         session = state.owner() if state is not None and state.owner is not None else None
         if isinstance(session, sessions.AsyncSession) and session._acurl is multi:
-            _session_multi(session)
+            self._session_multi(session)
         self._start(handle, multi)
 
     def _perform(self, handle, args, kwargs):
@@ -411,9 +439,8 @@ def _option(rec, option, default):
     return options.get(option, default)
 
 
-def _session_multi(session):
-    """The session's multi, which keeps the session's connections (its pool, alive as long as
-    the multi, which may outlive the session), told the session's limit and options."""
-    multi = session.acurl
-    multi._poolscope_max, multi._poolscope_options = session.max_clients, session.curl_options
-    return multi
+def _handles(multi):
+    """The curl handles of the sessions that share ``multi``: the limit of its pool (None for
+    a multi used without a session, a handle or a share)."""
+    sessions_ = getattr(multi, "_poolscope_sessions", None)
+    return sum(session.max_clients for session in sessions_) if sessions_ else None
