@@ -93,13 +93,8 @@ def _stale(rec):
     # aiohttp.client imports the connector: read only now, not at patch
     session = getattr(sys.modules.get("aiohttp.client"), "ClientSession", None)
     request = getattr(getattr(session, "_request", None), "__code__", None)
-    frame = sys._getframe(2)
-    for _ in range(12):
-        if frame is None or frame.f_code is request:
-            break
-        frame = frame.f_back
-    retried = (frame is not None and frame.f_code is request
-               and bool(frame.f_locals.get("retry_persistent_connection")))
+    frame = calling(request, depth=12)
+    retried = frame is not None and bool(frame.f_locals.get("retry_persistent_connection"))
     rec.pool.owner.stale_failure(rec, retried)
 
 
