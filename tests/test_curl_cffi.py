@@ -417,6 +417,45 @@ def test_sessions_sharing_a_multi_are_one_pool(metrics, server):
     assert closes(metrics) == {"pool_closed": created}
 
 
+def test_a_session_dropped_unclosed_takes_its_handles_out_of_its_multis_limit(metrics, server):
+    """A session sharing a multi and dropped without ``close()`` is freed; its handle leaves
+    the multi's limit as it goes, while the multi keeps the connections open, as the server
+    sees, until it closes."""
+    from curl_cffi.aio import AsyncCurl
+
+    async def run():
+        multi = AsyncCurl()
+        kept = curl_cffi_requests.AsyncSession(async_curl=multi, max_clients=2)
+        dropped = curl_cffi_requests.AsyncSession(async_curl=multi, max_clients=1)
+        for session in (kept, dropped):
+            assert (await session.get(server.url + "/")).status_code == 200
+        before = metrics.read()
+        gone = weakref.ref(dropped)
+        del dropped, session
+        gc.collect()
+        assert gone() is None
+        after = metrics.read()
+        closed_at_drop = len(server.per_connection)
+        owned = getattr(kept, "_owns_acurl", True)
+        await kept.close()  # curl_cffi 0.13 closes the multi it was given, 0.17 does not
+        if not owned:
+            await multi.close()
+        return before, after, closed_at_drop
+    before, after, closed_at_drop = _run(run())
+    assert metrics.value(before, "poolscope.connection.max") == 3
+    assert metrics.value(after, "poolscope.connection.max") == 2
+    assert metrics.value(after, "poolscope.pool.count") == 1
+    assert closed_at_drop == 0
+    created = metrics.value(after, "poolscope.connection.created")
+    assert created == server.accepted
+    assert metrics.value(after, "http.client.open_connections",
+                         http__connection__state="idle") == created
+    deadline = time.monotonic() + 5
+    while len(server.per_connection) < created and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert closes(metrics) == {"pool_closed": created} and len(server.per_connection) == created
+
+
 def test_a_version_outside_the_range_is_one_line(monkeypatch, caplog):
     from curl_cffi import aio
 

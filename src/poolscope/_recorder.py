@@ -407,7 +407,7 @@ class Recorder:
     def pool_closed(self, pool, reason=sc.POOL_CLOSED, now=None):
         """The application closed the pool: it stops counting as live and saturated."""
         now = now or monotonic()
-        if self._reentered(self.pool_closed, pool, reason, now):
+        if self.deferred(self.pool_closed, pool, reason, now):
             return
         with self._lock:
             if pool.close_reason is None:
@@ -436,7 +436,7 @@ class Recorder:
         finally:
             otel_context.detach(token)
 
-    def _reentered(self, event, *args):
+    def deferred(self, event, *args):
         """Whether a finalizer (urllib3 closes a collected pool's connections in one, curl_cffi
         a collected handle's) may have interrupted a locked section of this thread: poolscope's
         own, or, while the cycle collector runs, the SDK's (its locks are not reentrant). The
@@ -637,7 +637,7 @@ class Recorder:
                 lock.release()
         if close_reason is not None:
             self.closed(conn, close_reason, now)
-        if used is not None and not self._reentered(self._use_time.record, used,
+        if used is not None and not self.deferred(self._use_time.record, used,
                                                     conn.series.attrs):
             self._use_time.record(used, conn.series.attrs)
 
@@ -645,7 +645,7 @@ class Recorder:
         """The connection closed. One never established is dropped without being counted; one
         closed with or after its pool counts under the pool's close reason."""
         now = now or monotonic()
-        if self._reentered(self.closed, conn, reason, now):
+        if self.deferred(self.closed, conn, reason, now):
             return
         with self._lock:
             if conn.closed:
@@ -707,7 +707,7 @@ class Recorder:
         went)."""
         if end is None and wait.active:  # a granted wait ended when it was granted
             end = (monotonic(), time.time_ns())
-        if self._reentered(self.wait_ended, wait, outcome, error, end):
+        if self.deferred(self.wait_ended, wait, outcome, error, end):
             return
         with self._lock:
             if wait.done:

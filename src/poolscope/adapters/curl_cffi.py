@@ -268,6 +268,8 @@ class CurlCffiAdapter(Adapter):
             sessions_.add(session)
             multi._poolscope_options = session.curl_options
             self._limit_changed(multi)
+            # a session dropped unclosed takes its handles out as it is freed
+            weakref.finalize(session, self._session_gone, weakref.ref(multi)).atexit = False
         return multi
 
     def _session_close(self, session, args, kwargs):
@@ -277,6 +279,14 @@ class CurlCffiAdapter(Adapter):
         if sessions_ is not None and session in sessions_:
             sessions_.discard(session)
             self._limit_changed(session._acurl)
+
+    def _session_gone(self, multi_ref):
+        """A session sharing the multi was freed unclosed: its handles leave the limit. A
+        finalizer: deferred while this thread is inside poolscope's or the SDK's lock."""
+        if _adapter is self and not self.recorder.deferred(self._session_gone, multi_ref):
+            multi = multi_ref()
+            if multi is not None:
+                self._limit_changed(multi)
 
     def _limit_changed(self, multi):
         pool = multi.__dict__.get("_poolscope")
