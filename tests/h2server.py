@@ -47,6 +47,10 @@ class H2Server:
         return self
 
     def __exit__(self, *exc):
+        try:
+            self._listener.shutdown(socket.SHUT_RDWR)  # wakes the accept; a close alone does not
+        except OSError:
+            pass
         self._listener.close()
         for sock in list(self._conns):
             try:
