@@ -13,7 +13,7 @@ import pytest
 
 import poolscope
 from conftest import Metrics
-from drivers import URLLIB3_FUTURE
+from drivers import URLLIB3_FUTURE, _in_threads
 from test_launcher import six_requests_limit_two
 
 pytestmark = pytest.mark.skipif(not URLLIB3_FUTURE, reason="`import urllib3` gives urllib3 here "
@@ -171,6 +171,105 @@ def test_a_response_never_closed_is_a_held_connection(metrics, server):
     data = metrics.read()
     assert metrics.value(data, "poolscope.connection.oldest_active_age") == 0
     session.close()
+
+
+def test_threads_sharing_an_http2_connection_give_it_back_idle(metrics):
+    """Six threads on one niquests session over HTTP/2 (a pool of one connection, the server's
+    limit two streams): the requests go out on the one connection, several at once, and each
+    gives it back as its response is read. Once all are answered the connection is idle (it
+    stayed active forever when two threads gave it back with a response still to read)."""
+    import warnings
+
+    import niquests
+    from h2server import H2Server
+
+    with H2Server(max_streams=2, delay=0.2) as h2, niquests.Session(
+            disable_http3=True, pool_maxsize=1) as session:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the test server's certificate, not verified
+            answers = _in_threads(lambda _: session.get(h2.url + "/slow", verify=False),
+                                  list(range(6)))
+        assert [(a.status_code, a.http_version) for a in answers] == [(200, 20)] * 6
+        assert h2.accepted == 1 and h2.peak_streams == 2 and len(h2.served) == 6
+        data = metrics.read()
+        assert metrics.value(data, "poolscope.connection.created") == h2.accepted
+        assert sum(p.value for _, p in data["poolscope.connection.acquisitions"]) == 6
+        assert metrics.value(data, "http.client.open_connections",
+                             http__connection__state="active") == 0
+        assert metrics.value(data, "http.client.open_connections",
+                             http__connection__state="idle", network__protocol__version="2") == 1
+        assert metrics.value(data, "poolscope.connection.oldest_active_age") == 0
+    assert closes(metrics) == {"pool_closed": 1}
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_many_threads_on_http2_connections_leave_them_idle(metrics, seed):
+    """Twelve threads, three waves of three requests each, slow and quick at random, on a
+    pool of two HTTP/2 connections of three streams: every request is one acquisition (the
+    server's answers), every connection one the server accepted, and once all are answered
+    none is active, as urllib3-future's books (``is_idle``) say too."""
+    import random
+    import warnings
+
+    import niquests
+    from h2server import H2Server
+
+    rng = random.Random(seed)
+    paths = [[rng.choice(["/slow", "/"]) for _ in range(3)] for _ in range(12)]
+    with H2Server(max_streams=3, delay=0.05) as h2, niquests.Session(
+            disable_http3=True, pool_maxsize=2) as session:
+        def requests(thread_paths):
+            return [session.get(h2.url + path, verify=False).status_code
+                    for path in thread_paths]
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the test server's certificate, not verified
+            statuses = _in_threads(requests, paths)
+        assert statuses == [[200] * 3] * 12 and not h2.errors
+        pools = session.get_adapter(h2.url).poolmanager.pools._container.values()
+        library_idle = [conn.is_idle for pool in pools for conn in pool.pool._registry.values()]
+        data = metrics.read()
+    assert len(h2.served) == 36
+    assert library_idle == [True] * h2.accepted
+    assert sum(p.value for _, p in data["poolscope.connection.acquisitions"]) == 36
+    assert metrics.value(data, "poolscope.connection.created") == h2.accepted
+    assert metrics.value(data, "http.client.open_connections",
+                         http__connection__state="active") == 0
+    assert metrics.value(data, "http.client.open_connections",
+                         http__connection__state="idle") == h2.accepted
+    assert closes(metrics) == {"pool_closed": h2.accepted}
+
+
+def test_requests_sent_ahead_on_http2_keep_the_connection_active_until_read(metrics):
+    """niquests' ``multiplexed=True``: requests sent on HTTP/2 and their responses read
+    later (``gather``). The connection is in use while a response is still to come or to be
+    read, as urllib3-future's own books say (``is_idle``), and idle once all are read."""
+    import warnings
+
+    import niquests
+    from h2server import H2Server
+
+    def library_idle():
+        pools = session.get_adapter(h2.url).poolmanager.pools._container.values()
+        return [conn.is_idle for pool in pools for conn in pool.pool._registry.values()]
+
+    with H2Server(max_streams=2, delay=0.3) as h2, niquests.Session(
+            disable_http3=True, pool_maxsize=1, multiplexed=True) as session:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the test server's certificate, not verified
+            answers = [session.get(h2.url + "/slow", verify=False) for _ in range(2)]
+            sent, idle_when_sent = metrics.read(), library_idle()
+            session.gather()
+        assert [(a.status_code, a.http_version) for a in answers] == [(200, 20)] * 2
+        read, idle_when_read = metrics.read(), library_idle()
+    assert h2.accepted == 1 and len(h2.served) == 2
+    assert idle_when_sent == [False] and idle_when_read == [True]
+    for data, active in ((sent, 1), (read, 0)):
+        assert metrics.value(data, "http.client.open_connections",
+                             http__connection__state="active") == active
+        assert metrics.value(data, "http.client.open_connections",
+                             http__connection__state="idle") == 1 - active
+    assert sum(p.value for _, p in read["poolscope.connection.acquisitions"]) == 2
+    assert closes(metrics) == {"pool_closed": 1}
 
 
 @pytest.mark.parametrize("libraries, observed", [(["urllib3-future"], True), (["urllib3"], True),

@@ -9,10 +9,12 @@ poolscope reads those books where the police changes them:
   request's new socket is acquired at ``connect``) or reserves a slot for a new one (acquired
   at ``connect``, as urllib3's).
 - Release: ``_next_signal_or_container_insert``, where the police takes a thread's connection
-  back, into its container or straight to a waiting thread; or, where a response is still to
-  be read on it then (niquests reads every body after that, a ``stream=True`` response when
-  the application does), once the last one is: the connection's ``_pending_responses``, where
-  urllib3-future keeps them, is observed from ``connect`` on.
+  back, into its container or straight to a waiting thread, the first time after the thread
+  acquired it (it takes it back again each time the thread locates it to read a response).
+  Where a response is still to come or to be read then (an HTTP/2 stream in flight; niquests
+  reads every body after that, a ``stream=True`` response when the application does), the
+  release waits until none is: the connection's ``_pending_responses``, where urllib3-future
+  keeps them, is observed from ``connect`` on, and its ``_promises`` read.
 - Wait: a ``get`` that registers a signal waits; the wait ends when that ``get`` returns
   (granted: a connection, or a slot to open one) or raises (``UnavailableTraffic``: timed
   out). A thread the police wakes without a connection and that waits again goes on waiting
@@ -23,9 +25,9 @@ poolscope reads those books where the police changes them:
   connection) and close with ``close``; a pool the ``PoolManager``'s police sacrifices for a
   new one is ``evicted``.
 
-Only HTTP/1.1 and sync pools are covered: a multiplexed (HTTP/2 or HTTP/3) connection serves
-several threads through ``locate``/``borrow``, and the async pools (niquests'
-``AsyncSession``) keep other books; neither is observed yet (an async pool is one log line). The module tree is data
+Sync pools are covered, HTTP/1.1 and HTTP/2 (a connection several threads' requests share, a
+stream each); the async pools (niquests' ``AsyncSession``) keep other books and are not
+observed yet (an async pool is one log line). The module tree is data
 (``root``): the same adapter observes ``urllib3_future`` and, where urllib3-future installed
 itself as ``urllib3``, that copy.
 """
@@ -53,28 +55,35 @@ _REMOTE_CLOSED = "Remote end closed connection without response"
 
 
 class _PendingResponses(dict):
-    """A connection's responses still to be read (urllib3-future's ``_pending_responses``).
-    ``returned``: its thread gave the connection back with one pending, so the release waits
-    for the last to be read. Decided under the police's lock on both sides."""
+    """A connection's responses still to be read (urllib3-future's ``_pending_responses``;
+    ``promises``: its ``_promises``, the requests sent and not yet answered). ``returned``:
+    the requests that gave the connection back while a response was still to come or to be
+    read (several on a multiplexed connection): they are released once none is. Decided under
+    the police's lock on both sides."""
 
-    __slots__ = ("recorder", "rec", "lock", "returned")
+    __slots__ = ("recorder", "rec", "lock", "promises", "returned")
 
     def __delitem__(self, key):
         dict.__delitem__(self, key)
-        if not self and self.returned:
-            self._settle()
+        if not self:
+            self.settle()
 
     def pop(self, *args):
         value = dict.pop(self, *args)
-        if not self and self.returned:
-            self._settle()
+        if not self:
+            self.settle()
         return value
 
-    def _settle(self):
+    def owned(self):
+        """Whether a response is still to come or to be read (urllib3-future's
+        ``_has_response_owner``, for this connection's own)."""
+        return bool(self) or bool(self.promises)
+
+    def settle(self):
         try:
             with self.lock:
-                if self.returned and not self:
-                    self.returned = False
+                while self.returned and not self.owned():
+                    self.returned -= 1
                     self.recorder.released(self.rec)
         except Exception:
             internal_error("urllib3-future:response read")
@@ -118,18 +127,21 @@ class Urllib3FutureAdapter(Urllib3Adapter):
 
     def registered(self, pool_obj, state):
         if pool_obj.pool is not None:
-            pool_obj.pool._poolscope = (self.recorder, state, {})  # the last: open waits by thread
+            # then open waits by thread, and each thread's acquisition not yet given back
+            pool_obj.pool._poolscope = (self.recorder, state, {}, threading.local())
 
     def own_lock(self, pool_obj):
         return None
 
     def _observed_get(self, get):
         """The police's ``get``: the acquisition of a pooled connection, and the end of a
-        wait begun inside it."""
+        wait begun inside it. A ``get`` woken without a connection calls itself again: its
+        caller observes it."""
+        get_code = _code(get)
 
         def observed_get(police, *args, **kwargs):
             observed = police.__dict__.get("_poolscope")
-            if observed is None:
+            if observed is None or sys._getframe(1).f_code is get_code:
                 return get(police, *args, **kwargs)
             try:
                 conn = get(police, *args, **kwargs)
@@ -148,6 +160,7 @@ class Urllib3FutureAdapter(Urllib3Adapter):
                     rec = conn.__dict__.get("_poolscope")
                     if rec is not None and not rec.closed and conn.sock is not None:
                         observed[0].acquired(rec)
+                        observed[3].rec = rec
             except Exception:
                 internal_error("urllib3-future:police get")
             return conn
@@ -156,27 +169,37 @@ class Urllib3FutureAdapter(Urllib3Adapter):
         return observed_get
 
     def _observed_insert(self, insert):
-        """The police's ``_next_signal_or_container_insert``: a thread's connection is back."""
+        """The police's ``_next_signal_or_container_insert``: a thread's connection is back,
+        once after its acquisition (the release, or the start of the wait for its response),
+        and after each time the thread located it again to read a response."""
 
         def observed_insert(police, *args, **kwargs):
             observed = police.__dict__.get("_poolscope")
             if observed is None:  # a PoolManager's police of pools, on every request
                 return insert(police, *args, **kwargs)
             try:  # the thread's key: an argument from urllib3-future 2.24 on
-                cursor = police._cursor.get(args[0] if args else get_ident())
+                key = args[0] if args else get_ident()
+                cursor = police._cursor.get(key)
             except Exception:
                 cursor = None
             insert(police, *args, **kwargs)
             if cursor is not None:
                 try:
                     attrs = getattr(cursor.conn_or_pool, "__dict__", {})
-                    rec = attrs.get("_poolscope")
-                    if rec is not None and rec.in_use and not rec.closed:
-                        pending = attrs.get("_pending_responses")
-                        if pending and type(pending) is _PendingResponses:
-                            pending.returned = True
+                    pending = attrs.get("_pending_responses")
+                    if type(pending) is not _PendingResponses:
+                        pending = None
+                    held = getattr(observed[3], "rec", None)
+                    if held is None or held is not attrs.get("_poolscope"):
+                        if pending is not None and pending.returned:
+                            pending.settle()
+                        return
+                    observed[3].rec = None
+                    if held.in_use and not held.closed:
+                        if pending is not None and pending.owned():
+                            pending.returned += 1
                         else:
-                            observed[0].released(rec)
+                            observed[0].released(held)
                 except Exception:
                     internal_error("urllib3-future:police release")
 
@@ -187,11 +210,14 @@ class Urllib3FutureAdapter(Urllib3Adapter):
         super()._connected(token, conn, result, exc)
         rec = token[0]
         police = getattr(rec.pool.ref(), "pool", None)
-        if (exc is None and police is not None
-                and type(getattr(conn, "_pending_responses", None)) is dict):
+        observed = getattr(police, "__dict__", {}).get("_poolscope")
+        if exc is not None or observed is None:
+            return
+        observed[3].rec = rec  # acquired at connect: given back at the thread's insert
+        if type(getattr(conn, "_pending_responses", None)) is dict:
             pending = _PendingResponses(conn._pending_responses)
             pending.recorder, pending.rec, pending.lock = self.recorder, rec, police._lock
-            pending.returned = False
+            pending.promises, pending.returned = getattr(conn, "_promises", {}), 0
             conn._pending_responses = pending
 
     @staticmethod
