@@ -199,6 +199,8 @@ def test_threads_sharing_an_http2_connection_give_it_back_idle(metrics):
         assert metrics.value(data, "http.client.open_connections",
                              http__connection__state="idle", network__protocol__version="2") == 1
         assert metrics.value(data, "poolscope.connection.oldest_active_age") == 0
+        assert metrics.value(data, "poolscope.connection.active_streams") == 0
+        assert metrics.value(data, "poolscope.connection.max_streams") == h2.max_streams
     assert closes(metrics) == {"pool_closed": 1}
 
 
@@ -263,11 +265,13 @@ def test_requests_sent_ahead_on_http2_keep_the_connection_active_until_read(metr
         read, idle_when_read = metrics.read(), library_idle()
     assert h2.accepted == 1 and len(h2.served) == 2
     assert idle_when_sent == [False] and idle_when_read == [True]
-    for data, active in ((sent, 1), (read, 0)):
+    for data, active, streams in ((sent, 1, 2), (read, 0, 0)):  # 2 sent, not yet read
         assert metrics.value(data, "http.client.open_connections",
                              http__connection__state="active") == active
         assert metrics.value(data, "http.client.open_connections",
                              http__connection__state="idle") == 1 - active
+        assert metrics.value(data, "poolscope.connection.active_streams") == streams
+        assert metrics.value(data, "poolscope.connection.max_streams") == h2.max_streams
     assert sum(p.value for _, p in read["poolscope.connection.acquisitions"]) == 2
     assert closes(metrics) == {"pool_closed": 1}
 

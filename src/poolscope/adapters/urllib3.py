@@ -375,7 +375,8 @@ class Urllib3Adapter(Adapter):
         try:
             if exc is None:
                 with self.serialized(rec.pool):
-                    self.recorder.conn_opened(rec, ended - started, self.http_version(conn))
+                    self.recorder.conn_opened(rec, ended - started, self.http_version(conn),
+                                              self.streams(conn))
                 if (phases and isinstance(conn, self._https)
                         and not getattr(conn, "_tunnel_host", None)):
                     phases.append((sc.TLS, (ended_ns - phases[-1][2]) / 1e9, ended_ns))
@@ -388,6 +389,11 @@ class Urllib3Adapter(Adapter):
     def http_version(conn):
         """The HTTP version a connection speaks (network.protocol.version)."""
         return "1.1"
+
+    def streams(self, conn):
+        """For a multiplexed connection, a function giving its (active streams, stream limit)
+        (see :meth:`Recorder.conn_opened`); None for urllib3's."""
+        return None
 
     def _conn_close(self, conn, args, kwargs):
         rec = conn.__dict__.get("_poolscope")

@@ -36,6 +36,7 @@ import importlib
 import sys
 import threading
 import time
+import weakref
 
 from .. import _semconv as sc
 from .._config import internal_error, logger
@@ -225,6 +226,21 @@ class Urllib3FutureAdapter(Urllib3Adapter):
         """HTTP/1.1, 2 or 3, as urllib3-future negotiated it (``HttpVersion``: "HTTP/2.0")."""
         version = getattr(conn, "_svn", None)
         return _VERSIONS.get(getattr(version, "value", None))
+
+    def streams(self, conn):
+        """An HTTP/2 connection's streams: its requests with a response still to come or to be
+        read (urllib3-future's ``_promises`` and ``_pending_responses``), and the server's
+        limit (its protocol's ``max_stream_count``)."""
+        if self.http_version(conn) != "2":
+            return None
+        ref = weakref.ref(conn)
+
+        def streams():
+            conn = ref()
+            books = conn.__dict__ if conn is not None else {}
+            return (len(books.get("_promises", ())) + len(books.get("_pending_responses", ())),
+                    getattr(books.get("_protocol"), "max_stream_count", 0))
+        return streams
 
     def _async_pool_made(self, token, pool_obj, result, exc):
         """An async pool (niquests' ``AsyncSession``): not observed yet, said once."""
