@@ -638,7 +638,7 @@ class Recorder:
         if close_reason is not None:
             self.closed(conn, close_reason, now)
         if used is not None and not self.deferred(self._use_time.record, used,
-                                                    conn.series.attrs):
+                                                  conn.series.attrs):
             self._use_time.record(used, conn.series.attrs)
 
     def closed(self, conn, reason, now=None):
