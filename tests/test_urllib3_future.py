@@ -173,22 +173,29 @@ def test_a_response_never_closed_is_a_held_connection(metrics, server):
     session.close()
 
 
+def library_idle(session, url):
+    """urllib3-future's own word on each connection of ``session``'s pools for ``url``."""
+    pools = session.get_adapter(url).poolmanager.pools._container.values()
+    return [conn.is_idle for pool in pools for conn in pool.pool._registry.values()]
+
+
+# the HTTP/2 test server's certificate is not verified
+unverified = pytest.mark.filterwarnings("ignore:Unverified HTTPS request")
+
+
+@unverified
 def test_threads_sharing_an_http2_connection_give_it_back_idle(metrics):
     """Six threads on one niquests session over HTTP/2 (a pool of one connection, the server's
     limit two streams): the requests go out on the one connection, several at once, and each
     gives it back as its response is read. Once all are answered the connection is idle (it
     stayed active forever when two threads gave it back with a response still to read)."""
-    import warnings
-
     import niquests
     from h2server import H2Server
 
     with H2Server(max_streams=2, delay=0.2) as h2, niquests.Session(
             disable_http3=True, pool_maxsize=1) as session:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # the test server's certificate, not verified
-            answers = _in_threads(lambda _: session.get(h2.url + "/slow", verify=False),
-                                  list(range(6)))
+        answers = _in_threads(lambda _: session.get(h2.url + "/slow", verify=False),
+                              list(range(6)))
         assert [(a.status_code, a.http_version) for a in answers] == [(200, 20)] * 6
         assert h2.accepted == 1 and h2.peak_streams == 2 and len(h2.served) == 6
         data = metrics.read()
@@ -204,6 +211,7 @@ def test_threads_sharing_an_http2_connection_give_it_back_idle(metrics):
     assert closes(metrics) == {"pool_closed": 1}
 
 
+@unverified
 @pytest.mark.parametrize("seed", range(3))
 def test_many_threads_on_http2_connections_leave_them_idle(metrics, seed):
     """Twelve threads, three waves of three requests each, slow and quick at random, on a
@@ -211,8 +219,6 @@ def test_many_threads_on_http2_connections_leave_them_idle(metrics, seed):
     server's answers), every connection one the server accepted, and once all are answered
     none is active, as urllib3-future's books (``is_idle``) say too."""
     import random
-    import warnings
-
     import niquests
     from h2server import H2Server
 
@@ -223,15 +229,12 @@ def test_many_threads_on_http2_connections_leave_them_idle(metrics, seed):
         def requests(thread_paths):
             return [session.get(h2.url + path, verify=False).status_code
                     for path in thread_paths]
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # the test server's certificate, not verified
-            statuses = _in_threads(requests, paths)
+        statuses = _in_threads(requests, paths)
         assert statuses == [[200] * 3] * 12 and not h2.errors
-        pools = session.get_adapter(h2.url).poolmanager.pools._container.values()
-        library_idle = [conn.is_idle for pool in pools for conn in pool.pool._registry.values()]
+        idle = library_idle(session, h2.url)
         data = metrics.read()
     assert len(h2.served) == 36
-    assert library_idle == [True] * h2.accepted
+    assert idle == [True] * h2.accepted
     assert sum(p.value for _, p in data["poolscope.connection.acquisitions"]) == 36
     assert metrics.value(data, "poolscope.connection.created") == h2.accepted
     assert metrics.value(data, "http.client.open_connections",
@@ -241,28 +244,21 @@ def test_many_threads_on_http2_connections_leave_them_idle(metrics, seed):
     assert closes(metrics) == {"pool_closed": h2.accepted}
 
 
+@unverified
 def test_requests_sent_ahead_on_http2_keep_the_connection_active_until_read(metrics):
     """niquests' ``multiplexed=True``: requests sent on HTTP/2 and their responses read
     later (``gather``). The connection is in use while a response is still to come or to be
     read, as urllib3-future's own books say (``is_idle``), and idle once all are read."""
-    import warnings
-
     import niquests
     from h2server import H2Server
 
-    def library_idle():
-        pools = session.get_adapter(h2.url).poolmanager.pools._container.values()
-        return [conn.is_idle for pool in pools for conn in pool.pool._registry.values()]
-
     with H2Server(max_streams=2, delay=0.3) as h2, niquests.Session(
             disable_http3=True, pool_maxsize=1, multiplexed=True) as session:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # the test server's certificate, not verified
-            answers = [session.get(h2.url + "/slow", verify=False) for _ in range(2)]
-            sent, idle_when_sent = metrics.read(), library_idle()
-            session.gather()
+        answers = [session.get(h2.url + "/slow", verify=False) for _ in range(2)]
+        sent, idle_when_sent = metrics.read(), library_idle(session, h2.url)
+        session.gather()
         assert [(a.status_code, a.http_version) for a in answers] == [(200, 20)] * 2
-        read, idle_when_read = metrics.read(), library_idle()
+        read, idle_when_read = metrics.read(), library_idle(session, h2.url)
     assert h2.accepted == 1 and len(h2.served) == 2
     assert idle_when_sent == [False] and idle_when_read == [True]
     for data, active, streams in ((sent, 1, 2), (read, 0, 0)):  # 2 sent, not yet read
