@@ -13,7 +13,7 @@ from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor, SpanExporter
 
 import poolscope
-from poolscope import _config, _instrument, _recorder
+from poolscope import _config, _instrument, _recorder, _spans
 from conftest import Metrics, Traced
 from drivers import DRIVERS
 import urllib3
@@ -75,6 +75,12 @@ def lenient(monkeypatch):
     monkeypatch.setattr(_config, "_reported", set())
 
 
+def always_recording(parent, monkeypatch):
+    """Make ``parent`` the recording span poolscope's recorder and spans find current."""
+    for module in (_recorder, _spans):
+        monkeypatch.setattr(module, "recording_span", lambda context=None: parent)
+
+
 def inject(kind, monkeypatch):
     """Instrument with the fault ``kind``; returns what must be shut down afterwards."""
     if kind == "exporter":
@@ -83,7 +89,7 @@ def inject(kind, monkeypatch):
         tracers = TracerProvider()
         tracers.add_span_processor(SimpleSpanProcessor(BrokenSpanExporter()))
         parent = tracers.get_tracer("app").start_span("app request")
-        monkeypatch.setattr(_recorder, "recording_span", lambda context=None: parent)
+        always_recording(parent, monkeypatch)
         poolscope.instrument(meter_provider=meters, tracer_provider=tracers)
         return [meters, tracers]
     metrics = Metrics()
@@ -96,7 +102,7 @@ def inject(kind, monkeypatch):
         for name in HISTOGRAMS:
             monkeypatch.setattr(getattr(recorder, name), "record", boom)
         parent = TracerProvider().get_tracer("app").start_span("app request")
-        monkeypatch.setattr(_recorder, "recording_span", lambda context=None: parent)
+        always_recording(parent, monkeypatch)
         monkeypatch.setattr(recorder._tracer, "start_span", boom)
     return [metrics.provider]
 

@@ -213,12 +213,12 @@ def test_the_span_check_agrees_with_the_public_api(monkeypatch):
     runtime context poolscope must use the public API."""
     from opentelemetry import context as otel_context
 
-    from poolscope import _recorder
+    from poolscope import _spans
 
-    direct = _recorder._context_reader()
+    direct = _spans._context_reader()
     with monkeypatch.context() as patched:
         patched.setattr(otel_context, "_RUNTIME_CONTEXT", object())
-        public = _recorder._context_reader()
+        public = _spans._context_reader()
     assert public is otel_context.get_current and direct is not public
     tracer = TracerProvider().get_tracer("test")
     recording = tracer.start_span("recording")
@@ -229,12 +229,12 @@ def test_the_span_check_agrees_with_the_public_api(monkeypatch):
              (recording, None, recording), (None, in_context, recording),
              (recording, otel_context.Context(), None)]
     for reader in (direct, public):
-        monkeypatch.setattr(_recorder, "current_context", reader)
+        monkeypatch.setattr(_spans, "current_context", reader)
         for current, context, expected in cases:
             with trace.use_span(current) if current else contextlib.nullcontext():
                 span = trace.get_current_span(context)
                 assert (span if span.is_recording() else None) is expected
-                assert _recorder.recording_span(context) is expected
+                assert _spans.recording_span(context) is expected
 
 
 class OtherSpan(trace.NonRecordingSpan):

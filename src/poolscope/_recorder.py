@@ -1,5 +1,5 @@
-"""Pool events in, OpenTelemetry out: the per-pool live state, the spans, and the records
-into the histograms ``_instruments`` makes.
+"""Pool events in, OpenTelemetry out: the per-pool live state, the records into the
+histograms ``_instruments`` makes, and when to make the spans ``_spans`` makes.
 
 Adapters call the event methods below; only this module and ``_instruments`` touch
 the metrics API. A healthy request (a pooled connection reused, no wait) changes
@@ -14,7 +14,6 @@ the recorder's lock. Histograms record only waits, new connections and closes
 import gc
 import os
 import queue
-import re
 import sys
 import threading
 import time
@@ -22,72 +21,22 @@ import weakref
 
 from opentelemetry import context as otel_context
 from opentelemetry import metrics, trace
-from opentelemetry.attributes import BoundedAttributes
-from opentelemetry.sdk.trace import Span as _SdkSpan
-from opentelemetry.trace import SpanKind, StatusCode
 from opentelemetry.trace.propagation import _SPAN_KEY
 
 from . import _semconv as sc
 from ._config import internal_error, logger
 from ._instruments import make_instruments
+from ._spans import Tracing, current_context, recording_span
 from ._version import __version__
 
 monotonic = time.monotonic
 
-
-def _context_reader():
-    """The function giving the current OpenTelemetry context. Where OpenTelemetry's default
-    runtime context is in use it is the context variable's own ``get``, two Python calls fewer
-    than ``context.get_current()``; every request reads it."""
-    try:
-        from opentelemetry.context import _RUNTIME_CONTEXT
-        from opentelemetry.context.contextvars_context import ContextVarsRuntimeContext
-        if type(_RUNTIME_CONTEXT) is ContextVarsRuntimeContext:
-            return _RUNTIME_CONTEXT._current_context.get
-    except (ImportError, AttributeError):
-        pass
-    return otel_context.get_current
-
-
-current_context = _context_reader()
-
-
-def recording_span(context=None):
-    """The current span (or ``context``'s) if it is recording, else None."""
-    span = (current_context() if context is None else context).get(_SPAN_KEY)
-    return span if span is not None and span.is_recording() else None
-
 GRANTED, TIMED_OUT, CANCELLED = sc.GRANTED, sc.TIMED_OUT, sc.CANCELLED
 _CURRENT = object()
-
-_URL = re.compile(r"""(\b[a-zA-Z][\w+.-]*://)(?:[^/@\s'"]*@)?([^/?#\s'"]*)[^\s'"]*""")
-_PATH = re.compile(r"""(?<![\w.:/])/[^\s'"]*""")
-
-
-_SDK_ADD_LINK = _SdkSpan.add_link
-_NO_ATTRIBUTES = BoundedAttributes(immutable=True)
-
-
-def _add_link(span, link):
-    """Add ``link``, built once for its connection, to ``span``. An SDK span takes it as built
-    (its ``_add_link``), where ``add_link`` builds a new Link and attribute set for each
-    request: 8,400 instructions against 19,700 (opentelemetry-sdk 1.45)."""
-    if type(span).add_link is _SDK_ADD_LINK:
-        span._add_link(link)
-    else:
-        span.add_link(link.context)
 
 
 def _count(counts, key):
     counts[key] = counts.get(key, 0) + 1
-
-
-def _record_error(span, error):
-    """An ``exception`` event with the type and message, every URL in the message cut to its
-    origin and every path to ``/…`` (no user info, path or query), and no stack trace."""
-    message = _PATH.sub("/…", _URL.sub(r"\1\2", str(error)))
-    span.add_event(sc.EVENT_EXCEPTION, {sc.EXCEPTION_TYPE: type(error).__name__,
-                                        sc.EXCEPTION_MESSAGE: message})
 
 
 class Series:
@@ -260,8 +209,9 @@ def _origin_text(series):
             f"{attrs.get(sc.SERVER_PORT)} ({attrs[sc.LIBRARY]})")
 
 
-class Recorder:
-    """Owns poolscope's state and instruments; adapters report pool events to it."""
+class Recorder(Tracing):
+    """Owns poolscope's state and instruments; adapters report pool events to it (its spans:
+    :class:`~poolscope._spans.Tracing`)."""
 
     def __init__(self, meter_provider=None, tracer_provider=None, detailed=False, max_origins=1000,
                  leak_after=None):
@@ -581,13 +531,6 @@ class Recorder:
             conn.site = _caller()
         return uses > 0
 
-    @staticmethod
-    def link(span, conn):
-        """Link a request's span to the set-up span of the connection that served it (the
-        request that set it up was linked at :meth:`setup_started`)."""
-        if conn.setup is not None and conn.setup_by != span.get_span_context().span_id:
-            _add_link(span, conn.setup)
-
     def unacquired(self, conn, wait=None):
         """Undo :meth:`acquired`: the connection turned out not to be available after all."""
         with self._lock:
@@ -603,8 +546,7 @@ class Recorder:
                 wait.end = wait.end_ns = None
                 self._pend(wait, 1)
         if resumed and wait.parent is not None and wait.span is None:  # its span had ended
-            wait.span = self._tracer.start_span(sc.SPAN_WAIT, kind=SpanKind.INTERNAL,
-                                                attributes=self._span_attrs(wait.series))
+            wait.span = self._wait_span(wait.series)
 
     def released(self, conn, close_reason=None):
         """The request is done with ``conn``; ``close_reason`` if the connection closed with it."""
@@ -694,11 +636,7 @@ class Recorder:
                                for c in p.conns)
                     snapshot = (pool.active, idle, pool.pending, pool.max)
                 wait.parent = parent
-                wait.span = self._tracer.start_span(
-                    sc.SPAN_WAIT, kind=SpanKind.INTERNAL,
-                    attributes={**self._span_attrs(wait.series),
-                                **{k: v for k, v in zip(sc.POOL_SNAPSHOT, snapshot)
-                                   if v is not None}})
+                wait.span = self._wait_span(wait.series, snapshot)
         return wait
 
     def wait_ended(self, wait, outcome=GRANTED, error=None, end=None):
@@ -739,19 +677,6 @@ class Recorder:
                 wait.span = None
         self._end_wait_span(span, wait.parent, GRANTED, wait.end - wait.start, None, wait.end_ns)
 
-    def _end_wait_span(self, span, parent, outcome, seconds, error, end_ns):
-        """End the wait's span (if any); a granted wait's time goes on the request's span."""
-        if outcome == GRANTED and parent is not None and parent.is_recording():
-            parent.set_attribute(sc.SPAN_WAIT_TIME, seconds)
-        if span is None:
-            return
-        span.set_attribute(sc.WAIT_OUTCOME, outcome)
-        if outcome == TIMED_OUT:
-            span.set_status(StatusCode.ERROR, "pool timeout: no connection within the timeout")
-            if error is not None:
-                _record_error(span, error)
-        span.end(end_time=end_ns)
-
     def waited(self, series, seconds, context=None, end_ns=None, outcome=GRANTED, error=None):
         """A wait known only after it ended (pycurl): ``seconds`` long, ending at ``end_ns``
         (now if None), traced under ``context`` (see :meth:`context`). Only a granted wait's
@@ -763,67 +688,17 @@ class Recorder:
         parent = recording_span(context)
         if parent is not None:
             end_ns = end_ns or time.time_ns()
-            span = self._tracer.start_span(sc.SPAN_WAIT, context=context, kind=SpanKind.INTERNAL,
-                                           attributes=self._span_attrs(series),
-                                           start_time=end_ns - int(seconds * 1e9))
+            span = self._wait_span(series, context=context, start_ns=end_ns - int(seconds * 1e9))
             self._end_wait_span(span, parent, outcome, seconds, error, end_ns)
-
-    # -- spans ------------------------------------------------------------
-
-    @staticmethod
-    def context():
-        """The current context if a recording span is current, else None: for adapters whose
-        library runs a request outside the context it was made in (a pycurl multi)."""
-        return otel_context.get_current() if recording_span() is not None else None
-
-    @staticmethod
-    def _span_attrs(series):
-        return {k: v for k, v in series.attrs.items() if k in sc.SPAN_ATTRIBUTES}
-
-    def setup_started(self, conn, context=None, start_ns=None):
-        """An ``HTTP connection_setup`` span for ``conn`` if a recording span is current (or in
-        ``context``); that span, and each later request's on the connection, links to it."""
-        parent = recording_span(context)
-        if parent is None:
-            return None
-        span = self._tracer.start_span(sc.SPAN_SETUP, context=context, kind=SpanKind.INTERNAL,
-                                       attributes=self._span_attrs(conn.series),
-                                       start_time=start_ns)
-        conn.setup = trace.Link(span.get_span_context(), _NO_ATTRIBUTES)
-        conn.setup_by = parent.get_span_context().span_id
-        _add_link(parent, conn.setup)
-        return span
 
     def setup_phases(self, conn, phases):
         """How ``conn``'s set-up divided: ``phases`` are ``(phase, seconds, end_ns)``, each
         recorded in the phase histogram and, where the set-up was traced, as a child span of
         its ``HTTP connection_setup`` span."""
-        parent = None
-        for phase, seconds, end_ns in phases:
+        for phase, seconds, _ in phases:
             self._phase_time.record(seconds, conn.series.attr((sc.SETUP_PHASE, phase)))
-            if conn.setup is None:
-                continue
-            if parent is None:
-                parent = trace.set_span_in_context(trace.NonRecordingSpan(conn.setup.context))
-            span = self._tracer.start_span(sc.SETUP_PHASE_SPANS[phase], context=parent,
-                                           kind=SpanKind.INTERNAL,
-                                           attributes=self._span_attrs(conn.series),
-                                           start_time=end_ns - int(seconds * 1e9))
-            span.end(end_time=end_ns)
-
-    @staticmethod
-    def setup_ended(span, error=None, peer=None, end_ns=None):
-        """End a span from :meth:`setup_started` (a no-op for None)."""
-        if span is None:
-            return
-        try:
-            if peer:
-                span.set_attribute(sc.NETWORK_PEER_ADDRESS, peer)
-            if error is not None:
-                span.set_status(StatusCode.ERROR, type(error).__name__)
-                _record_error(span, error)
-        finally:
-            span.end(end_time=end_ns)
+        if conn.setup is not None:
+            self._phase_spans(conn, phases)
 
     def _unwait(self, wait):
         wait.active = False

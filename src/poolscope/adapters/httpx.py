@@ -47,7 +47,8 @@ import weakref
 
 from .. import _semconv as sc
 from .._config import internal_error
-from .._recorder import CANCELLED, TIMED_OUT, recording_span
+from .._recorder import CANCELLED, TIMED_OUT
+from .._spans import recording_span
 from ._base import Adapter, arg, disconnected, phase_ended, phases_begin, phases_end
 
 

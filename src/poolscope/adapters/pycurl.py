@@ -62,7 +62,8 @@ from opentelemetry.trace.propagation import _SPAN_KEY
 
 from .. import _semconv as sc
 from .._config import internal_error
-from .._recorder import CANCELLED, TIMED_OUT, current_context
+from .._recorder import CANCELLED, TIMED_OUT
+from .._spans import current_context
 from ._base import CURL_HTTP_VERSIONS, Adapter, curl_phases, url_origin
 
 _QUEUED = 0.001
