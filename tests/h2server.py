@@ -3,8 +3,8 @@
 ``/slow`` answers after ``delay`` seconds, anything else at once. The server allows
 ``max_streams`` concurrent streams per connection (``SETTINGS_MAX_CONCURRENT_STREAMS``) and
 keeps its own books: connections accepted, the peak of streams open at once on any one
-connection, and for each request when it arrived and the seconds from then to its response's
-end.
+connection, and for each request when it arrived, the seconds from then to its response's
+end, and the connection that served it.
 """
 
 import select
@@ -28,6 +28,7 @@ class H2Server:
         self.peak_streams = 0
         self.served = []  # seconds each request took the server, arrival to response end
         self.arrivals = []  # when each request arrived (time.monotonic)
+        self.served_on = []  # the connection (1 for the first accepted) that served each
         self.errors = []
         self._books = threading.Lock()
         self._conns = []
@@ -68,9 +69,10 @@ class H2Server:
                 return
             with self._books:
                 self.accepted += 1
-            threading.Thread(target=self._serve, args=(raw,), daemon=True).start()
+                number = self.accepted
+            threading.Thread(target=self._serve, args=(raw, number), daemon=True).start()
 
-    def _serve(self, raw):
+    def _serve(self, raw, number):
         """One connection, all its I/O on this thread (an SSL socket is not for two threads):
         read what comes, answer each request when it is due."""
         try:
@@ -96,6 +98,7 @@ class H2Server:
                     with self._books:  # before the client can have the response, and read these
                         self.served.append(time.monotonic() - arrived)
                         self.arrivals.append(arrived)
+                        self.served_on.append(number)
                     sock.sendall(h2conn.data_to_send())
                 timeout = max(0.0, min(d[0] for d in due) - time.monotonic()) if due else None
                 if not sock.pending() and not select.select([sock], [], [], timeout)[0]:

@@ -473,3 +473,45 @@ def test_a_version_outside_the_range_is_one_line(monkeypatch, caplog):
     lines = [r.getMessage() for r in caplog.records if r.name == "poolscope"]
     assert len(lines) == 1 and "curl_cffi" in lines[0] and "not supported" in lines[0], lines
     assert not patched
+
+
+def test_requests_sharing_http2_connections(metrics):
+    """An ``AsyncSession`` sends 4 requests at once, twice, over HTTP/2. libcurl opens what
+    connections it decides and puts several streams on one (the server's books say which
+    connection served each request): each connection the server accepted is created and
+    acquired new once, every other request is a reuse; mid-round, the connections active are
+    the ones serving that round, and all are idle after."""
+    pytest.importorskip("h2")
+    from h2server import H2Server
+
+    lib = {"poolscope__library": "curl_cffi"}
+    with H2Server(max_streams=100, delay=0.3) as server:
+        async def rounds():
+            session, active = curl_cffi_requests.AsyncSession(max_clients=10, verify=False), []
+            for _ in range(2):
+                sent = [asyncio.ensure_future(session.get(server.url + "/slow")) for _ in range(4)]
+                await asyncio.sleep(0.15)
+                active.append(metrics.value(metrics.read(), "http.client.open_connections",
+                                            http__connection__state="active", **lib))
+                answers = await asyncio.gather(*sent)
+                assert [(r.status_code, r.http_version) for r in answers] == [(200, 3)] * 4
+            data = metrics.read()
+            await session.close()
+            return active, data
+
+        active, data = _run(rounds())
+
+        def value(name, **attrs):
+            return metrics.value(data, name, **lib, **attrs)
+        context = (active, server.served_on)
+        assert value("poolscope.connection.created") == server.accepted, context
+        assert value("poolscope.connection.acquisitions",
+                     poolscope__connection__reused=False) == server.accepted, context
+        assert value("poolscope.connection.acquisitions",
+                     poolscope__connection__reused=True) == 8 - server.accepted, context
+        assert active == [len(set(server.served_on[:4])), len(set(server.served_on[4:]))], context
+        assert value("http.client.open_connections", http__connection__state="idle",
+                     network__protocol__version="2") == server.accepted, context
+        assert value("http.client.open_connections", http__connection__state="active") == 0
+        assert value("poolscope.connection.closed") is None
+        assert closes(metrics) == {"pool_closed": server.accepted}, context

@@ -225,3 +225,53 @@ def test_a_wait_for_a_stream_is_a_wait_span():
     assert (parent, wait.attributes["poolscope.wait.outcome"]) == ("request 2", "granted")
     reached = max(server.arrivals) - starts[2]
     assert abs((wait.end_time - wait.start_time) / 1e9 - reached) < 0.05, reached
+
+
+def test_libcurl_transfers_sharing_an_http2_connection(metrics):
+    """A pycurl multi runs 4 transfers at once, twice, over HTTP/2 (``PIPEWAIT``: each waits to
+    share a connection rather than open its own): libcurl puts all 8 on the one connection the
+    server accepted, 4 streams at once. Each transfer is an acquisition; the connection is
+    active while any is in flight, and idle after."""
+    pycurl = pytest.importorskip("pycurl")
+    lib = {"poolscope__library": "pycurl"}
+    with H2Server(max_streams=100, delay=ROUND) as server:
+        multi, handles, active, connects = pycurl.CurlMulti(), [], [], []
+        for _ in range(4):
+            curl = pycurl.Curl()
+            for option, value in ((pycurl.URL, server.url + "/slow"), (pycurl.PIPEWAIT, 1),
+                                  (pycurl.HTTP_VERSION, pycurl.CURL_HTTP_VERSION_2TLS),
+                                  (pycurl.SSL_VERIFYPEER, 0), (pycurl.SSL_VERIFYHOST, 0),
+                                  (pycurl.WRITEFUNCTION, lambda data: None)):
+                curl.setopt(option, value)
+            handles.append(curl)
+        for _ in range(2):
+            for curl in handles:
+                multi.add_handle(curl)
+            while multi.perform()[1]:
+                multi.select(0.05)
+                active.append(metrics.value(metrics.read(), "http.client.open_connections",
+                                            http__connection__state="active", **lib))
+            assert [c.getinfo(pycurl.RESPONSE_CODE) for c in handles] == [200] * 4
+            assert {c.getinfo(pycurl.INFO_HTTP_VERSION) for c in handles} == \
+                {pycurl.CURL_HTTP_VERSION_2}
+            connects += [c.getinfo(pycurl.NUM_CONNECTS) for c in handles]
+            for curl in handles:
+                multi.remove_handle(curl)
+        data = metrics.read()
+
+        def value(name, **attrs):
+            return metrics.value(data, name, **lib, **attrs)
+        assert server.accepted == sum(connects) == value("poolscope.connection.created") == 1
+        assert server.peak_streams == 4 and server.served_on == [1] * 8
+        assert value("poolscope.connection.acquisitions", poolscope__connection__reused=False) == 1
+        assert value("poolscope.connection.acquisitions", poolscope__connection__reused=True) == 7
+        assert set(active) - {None} == {1}, active  # None: before the connection
+        assert value("http.client.open_connections", http__connection__state="idle",
+                     network__protocol__version="2") == 1
+        assert value("http.client.open_connections", http__connection__state="active") == 0
+        assert value("poolscope.connection.pending_requests") == 0
+        for curl in handles:
+            curl.close()
+        multi.close()
+        assert metrics.value(metrics.read(), "poolscope.connection.closed", **lib,
+                             poolscope__close__reason="pool_closed") == 1
