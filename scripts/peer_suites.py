@@ -107,6 +107,16 @@ SUITES = {
                "test/with_dummyserver/test_poolmanager.py",
                "test/with_dummyserver/test_socketlevel.py"],
         args=["-p", "no:randomly", "-o", "asyncio_default_fixture_loop_scope=function"]),
+    # niquests itself, over urllib3-future pinned as above; most of its async and multiplexed
+    # tests need its Docker proxy (traefik) and skip in every run; its addopts but for doctests
+    "niquests": dict(
+        dist="niquests", version="3.21.2", tests="tests",
+        install=["pytest<=7.4.4", "pytest-httpbin>=2,<3", "pytest-asyncio>=0.21.1,<1.0",
+                 "httpbin==0.10.2", "trustme", "werkzeug>=2.2.3,<=3.0.2", "cryptography<46",
+                 "aiofiles>=22,<26", "urllib3-future[socks]==2.25.904"],
+        files=["tests/test_requests.py", "tests/test_lowlevel.py", "tests/test_testserver.py",
+               "tests/test_hooks.py", "tests/test_async.py", "tests/test_multiplexed.py"],
+        args=["-p", "no:randomly", "-o", "addopts="]),
     # its sdist builds libcurl when pip asks it for metadata (it downloads curl-impersonate):
     # the archive is fetched as a file; its test extra, listed; its uncompiled package in the
     # source tree is moved aside, so the tests import the installed one
