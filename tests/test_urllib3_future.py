@@ -211,63 +211,84 @@ def test_threads_sharing_an_http2_connection_give_it_back_idle(metrics):
     assert closes(metrics) == {"pool_closed": 1}
 
 
+def multiplexing(protocol, **server):
+    """The HTTP/2 or HTTP/3 test server (``server`` its options), the niquests session options
+    that speak only that protocol to it, a request's ``verify`` that trusts it (HTTP/2's
+    certificate is not verified), and the ``http_version`` of its responses."""
+    if protocol == "h2":
+        from h2server import H2Server
+        return H2Server(**server), {"disable_http3": True}, False, 20
+    pytest.importorskip("qh3")
+    from h3server import H3Server
+    h3 = H3Server(**server)
+    return h3, {"disable_http1": True, "disable_http2": True}, h3.ca_file, 30
+
+
 @unverified
+@pytest.mark.filterwarnings("ignore:The TLS verification changed")  # niquests' own, see below
 @pytest.mark.parametrize("seed", range(3))
-def test_many_threads_on_http2_connections_leave_them_idle(metrics, seed):
+@pytest.mark.parametrize("protocol", ["h2", "h3"])
+def test_many_threads_on_multiplexed_connections_leave_them_idle(metrics, protocol, seed):
     """Twelve threads, three waves of three requests each, slow and quick at random, on a
-    pool of two HTTP/2 connections of three streams: every request is one acquisition (the
-    server's answers), every connection one the server accepted, and once all are answered
-    none is active, as urllib3-future's books (``is_idle``) say too."""
+    pool of two HTTP/2 connections of three streams, or two HTTP/3 connections: every request
+    is one acquisition (the server's answers), every connection one the server accepted, and
+    once all are answered none is active, as urllib3-future's books (``is_idle``) say too.
+    (niquests warns, as ever, when a thread's first request sets up the TLS of a connection
+    another thread is using.)"""
     import random
     import niquests
-    from h2server import H2Server
 
     rng = random.Random(seed)
     paths = [[rng.choice(["/slow", "/"]) for _ in range(3)] for _ in range(12)]
-    with H2Server(max_streams=3, delay=0.05) as h2, niquests.Session(
-            disable_http3=True, pool_maxsize=2) as session:
+    server, options, verify, version = multiplexing(
+        protocol, delay=0.05, **({"max_streams": 3} if protocol == "h2" else {}))
+    with server, niquests.Session(pool_maxsize=2, **options) as session:
         def requests(thread_paths):
-            return [session.get(h2.url + path, verify=False).status_code
-                    for path in thread_paths]
-        statuses = _in_threads(requests, paths)
-        assert statuses == [[200] * 3] * 12 and not h2.errors
-        idle = library_idle(session, h2.url)
+            answers = [session.get(server.url + path, verify=verify) for path in thread_paths]
+            return [(a.status_code, a.http_version) for a in answers]
+        answers = _in_threads(requests, paths)
+        assert answers == [[(200, version)] * 3] * 12 and not server.errors
+        idle = library_idle(session, server.url)
         data = metrics.read()
-    assert len(h2.served) == 36
-    assert idle == [True] * h2.accepted
+    assert len(server.served) == 36
+    assert idle == [True] * server.accepted
     assert sum(p.value for _, p in data["poolscope.connection.acquisitions"]) == 36
-    assert metrics.value(data, "poolscope.connection.created") == h2.accepted
+    assert metrics.value(data, "poolscope.connection.created") == server.accepted
     assert metrics.value(data, "http.client.open_connections",
                          http__connection__state="active") == 0
-    assert metrics.value(data, "http.client.open_connections",
-                         http__connection__state="idle") == h2.accepted
-    assert closes(metrics) == {"pool_closed": h2.accepted}
+    assert metrics.value(data, "http.client.open_connections", http__connection__state="idle",
+                         network__protocol__version=protocol[1]) == server.accepted
+    assert closes(metrics) == {"pool_closed": server.accepted}
 
 
 @unverified
-def test_requests_sent_ahead_on_http2_keep_the_connection_active_until_read(metrics):
-    """niquests' ``multiplexed=True``: requests sent on HTTP/2 and their responses read
-    later (``gather``). The connection is in use while a response is still to come or to be
-    read, as urllib3-future's own books say (``is_idle``), and idle once all are read."""
+@pytest.mark.parametrize("protocol", ["h2", "h3"])
+def test_requests_sent_ahead_keep_a_multiplexed_connection_active_until_read(metrics, protocol):
+    """niquests' ``multiplexed=True``: requests sent on HTTP/2 or HTTP/3 and their responses
+    read later (``gather``). The connection is in use while a response is still to come or to
+    be read, as urllib3-future's own books say (``is_idle``), and idle once all are read. On
+    HTTP/2 the streams are counted too (HTTP/3's are not observed)."""
     import niquests
-    from h2server import H2Server
 
-    with H2Server(max_streams=2, delay=0.3) as h2, niquests.Session(
-            disable_http3=True, pool_maxsize=1, multiplexed=True) as session:
-        answers = [session.get(h2.url + "/slow", verify=False) for _ in range(2)]
-        sent, idle_when_sent = metrics.read(), library_idle(session, h2.url)
+    server, options, verify, version = multiplexing(
+        protocol, delay=0.3, **({"max_streams": 2} if protocol == "h2" else {}))
+    with server, niquests.Session(pool_maxsize=1, multiplexed=True, **options) as session:
+        answers = [session.get(server.url + "/slow", verify=verify) for _ in range(2)]
+        sent, idle_when_sent = metrics.read(), library_idle(session, server.url)
         session.gather()
-        assert [(a.status_code, a.http_version) for a in answers] == [(200, 20)] * 2
-        read, idle_when_read = metrics.read(), library_idle(session, h2.url)
-    assert h2.accepted == 1 and len(h2.served) == 2
+        assert [(a.status_code, a.http_version) for a in answers] == [(200, version)] * 2
+        read, idle_when_read = metrics.read(), library_idle(session, server.url)
+    assert server.accepted == 1 and len(server.served) == 2
     assert idle_when_sent == [False] and idle_when_read == [True]
+    limit = getattr(server, "max_streams", None)
     for data, active, streams in ((sent, 1, 2), (read, 0, 0)):  # 2 sent, not yet read
         assert metrics.value(data, "http.client.open_connections",
                              http__connection__state="active") == active
         assert metrics.value(data, "http.client.open_connections",
                              http__connection__state="idle") == 1 - active
-        assert metrics.value(data, "poolscope.connection.active_streams") == streams
-        assert metrics.value(data, "poolscope.connection.max_streams") == h2.max_streams
+        assert metrics.value(data, "poolscope.connection.active_streams") == \
+            (streams if limit else None)
+        assert metrics.value(data, "poolscope.connection.max_streams") == limit
     assert sum(p.value for _, p in read["poolscope.connection.acquisitions"]) == 2
     assert closes(metrics) == {"pool_closed": 1}
 

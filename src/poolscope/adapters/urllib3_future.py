@@ -25,8 +25,8 @@ poolscope reads those books where the police changes them:
   connection) and close with ``close``; a pool the ``PoolManager``'s police sacrifices for a
   new one is ``evicted``.
 
-Sync pools are covered, HTTP/1.1 and HTTP/2 (a connection several threads' requests share, a
-stream each); the async pools (niquests' ``AsyncSession``) keep other books and are not
+Sync pools are covered, HTTP/1.1, HTTP/2 and HTTP/3 (a connection several threads' requests
+share, a stream each); the async pools (niquests' ``AsyncSession``) keep other books and are not
 observed yet (an async pool is one log line). The module tree is data
 (``root``): the same adapter observes ``urllib3_future`` and, where urllib3-future installed
 itself as ``urllib3``, that copy.
