@@ -20,6 +20,23 @@ import sys
 import threading
 import time
 
+
+
+def _shift_layout(k):
+    """``k`` classes given their type version tag, and ``k`` buffers, before anything else is
+    imported: the later types' tags and objects' addresses move with ``k``. CPython's method
+    cache finds an attribute of a type at (its version tag XOR its name's address), so which
+    hot look-ups collide, and miss on every request, depends on the whole process's layout:
+    instructions.py runs each round in another layout (``BENCH_LAYOUT``)."""
+    kept = []
+    for i in range(k):
+        cls = type(f"_Layout{i}", (), {})
+        getattr(cls, "x", None)
+        kept.append((cls, bytes(16 * (i + 1))))
+    return kept
+
+
+_LAYOUT = _shift_layout(int(os.environ.get("BENCH_LAYOUT", "0")))
 CONCURRENCY, LIMIT = 8, 2
 WARMUP = 200
 errors = []  # failed requests: a worker that died would shorten the run and flatter it

@@ -13,8 +13,11 @@ baseline's, as run.py's ratios. An instruction is not a nanosecond (a cache miss
 an addition), so this tracks poolscope's work exactly and its time approximately.
 
 What depends on time still moves a count: in a saturated case, how often the library's queue
-turns over under valgrind. With ``--rounds R`` each row runs R rounds, baseline and
-instrumented in turn (A B A B), and gives the median of the rounds' ratios and their range.
+turns over under valgrind. So does the process's layout, the same from run to run here: which
+attribute look-ups collide in CPython's method cache and miss on every request (a class added
+anywhere moved urllib3's sequential request by 13,600 instructions, 1.7 %). With ``--rounds R``
+each row runs R rounds, baseline and instrumented in turn (A B A B), round r in client.py's
+layout r (``BENCH_LAYOUT``), and gives the median of the rounds' ratios and their range.
 """
 
 import argparse
@@ -32,12 +35,13 @@ from run import HERE, MODES, REQUESTS, add_selection, check_selection
 _REFS = re.compile(r"I\s+refs:\s+([\d,]+)")
 
 
-def cachegrind(arguments, what):
+def cachegrind(arguments, what, layout=0):
     """(instructions, standard output) of ``python arguments…`` under cachegrind, every thread
-    of the process in user space; ``what`` names the run if it fails."""
+    of the process in user space; ``what`` names the run if it fails; ``layout``: client.py's
+    ``BENCH_LAYOUT``."""
     command = ["valgrind", "--tool=cachegrind", "--cache-sim=no",
                "--cachegrind-out-file=/dev/null", sys.executable, *arguments]
-    env = {**os.environ, "PYTHONHASHSEED": "0"}  # as run.py
+    env = {**os.environ, "PYTHONHASHSEED": "0", "BENCH_LAYOUT": str(layout)}  # as run.py
     env.pop("POOLSCOPE_DETAILED_TIMINGS", None)
     done = subprocess.run(command, capture_output=True, text=True, timeout=3600, env=env)
     found = _REFS.search(done.stderr)
@@ -46,18 +50,19 @@ def cachegrind(arguments, what):
     return int(found.group(1).replace(",", "")), done.stdout
 
 
-def instructions(library, case, setup, requests, url):
+def instructions(library, case, setup, requests, url, layout):
     """The client process's instruction count for one run of ``requests`` requests, and
     client.py's figures for it (failed requests, the share poolscope counted as waiting)."""
     count, out = cachegrind([os.path.join(HERE, "client.py"), library, case, setup,
-                             str(requests), url], f"{library} {case} {setup}")
+                             str(requests), url], f"{library} {case} {setup}", layout)
     return count, json.loads(out.splitlines()[-1])
 
 
-def per_request(library, case, setup, requests, url):
-    """Instructions per request; the requests that failed in the two runs (httpx saturated:
-    httpcore#1110, with or without poolscope); the share that waited in the longer one."""
-    (small, one), (large, two) = (instructions(library, case, setup, n, url)
+def per_request(library, case, setup, requests, url, layout):
+    """Instructions per request, both runs in the process layout ``layout``; the requests that
+    failed in the two runs (httpx saturated: httpcore#1110, with or without poolscope); the
+    share that waited in the longer one."""
+    (small, one), (large, two) = (instructions(library, case, setup, n, url, layout)
                                   for n in (requests, 2 * requests))
     return (large - small) / requests, one["errors"] + two["errors"], two["waited_share"]
 
@@ -85,8 +90,8 @@ def main():
             requests = max(50, int(REQUESTS[library] * args.scale))
             for case in args.cases:
                 for mode in args.modes:
-                    rounds = [[per_request(library, case, setup, requests, url)
-                               for setup in MODES[mode]] for _ in range(args.rounds)]
+                    rounds = [[per_request(library, case, setup, requests, url, layout)
+                               for setup in MODES[mode]] for layout in range(args.rounds)]
                     ratios = sorted(b[0] / a[0] for a, b in rounds)
                     base = statistics.median(a[0] for a, _ in rounds)
                     added = statistics.median(b[0] - a[0] for a, b in rounds)
