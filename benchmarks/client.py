@@ -21,7 +21,6 @@ import threading
 import time
 
 
-
 def _shift_layout(k):
     """``k`` classes given their type version tag, and ``k`` buffers, before anything else is
     imported: the later types' tags and objects' addresses move with ``k``. CPython's method

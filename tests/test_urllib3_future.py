@@ -211,16 +211,16 @@ def test_threads_sharing_an_http2_connection_give_it_back_idle(metrics):
     assert closes(metrics) == {"pool_closed": 1}
 
 
-def multiplexing(protocol, **server):
-    """The HTTP/2 or HTTP/3 test server (``server`` its options), the niquests session options
-    that speak only that protocol to it, a request's ``verify`` that trusts it (HTTP/2's
-    certificate is not verified), and the ``http_version`` of its responses."""
+def multiplexing(protocol, delay, max_streams):
+    """The HTTP/2 test server (``max_streams`` a connection) or the HTTP/3 one, the niquests
+    session options that speak only that protocol to it, a request's ``verify`` that trusts it
+    (HTTP/2's certificate is not verified), and the ``http_version`` of its responses."""
     if protocol == "h2":
         from h2server import H2Server
-        return H2Server(**server), {"disable_http3": True}, False, 20
+        return H2Server(max_streams=max_streams, delay=delay), {"disable_http3": True}, False, 20
     pytest.importorskip("qh3")
     from h3server import H3Server
-    h3 = H3Server(**server)
+    h3 = H3Server(delay=delay)
     return h3, {"disable_http1": True, "disable_http2": True}, h3.ca_file, 30
 
 
@@ -240,8 +240,7 @@ def test_many_threads_on_multiplexed_connections_leave_them_idle(metrics, protoc
 
     rng = random.Random(seed)
     paths = [[rng.choice(["/slow", "/"]) for _ in range(3)] for _ in range(12)]
-    server, options, verify, version = multiplexing(
-        protocol, delay=0.05, **({"max_streams": 3} if protocol == "h2" else {}))
+    server, options, verify, version = multiplexing(protocol, delay=0.05, max_streams=3)
     with server, niquests.Session(pool_maxsize=2, **options) as session:
         def requests(thread_paths):
             answers = [session.get(server.url + path, verify=verify) for path in thread_paths]
@@ -270,8 +269,7 @@ def test_requests_sent_ahead_keep_a_multiplexed_connection_active_until_read(met
     HTTP/2 the streams are counted too (HTTP/3's are not observed)."""
     import niquests
 
-    server, options, verify, version = multiplexing(
-        protocol, delay=0.3, **({"max_streams": 2} if protocol == "h2" else {}))
+    server, options, verify, version = multiplexing(protocol, delay=0.3, max_streams=2)
     with server, niquests.Session(pool_maxsize=1, multiplexed=True, **options) as session:
         answers = [session.get(server.url + "/slow", verify=verify) for _ in range(2)]
         sent, idle_when_sent = metrics.read(), library_idle(session, server.url)
