@@ -224,6 +224,35 @@ class AsyncHttpx2Driver(_AppSpans, AsyncHttpxDriver):
             return await super()._get(path)
 
 
+class AsyncNiquestsDriver(_AsyncDriver):
+    """A niquests ``AsyncSession`` (urllib3-future's async pools) whose ``http://`` adapter
+    keeps ``limit`` connections, blocking when all are out; no pool timeout, as niquests'
+    sync ``Session``."""
+
+    library = "urllib3-future"
+    has_pool_timeout = False
+
+    def __init__(self, server, tracer=None, **kw):
+        if kw.get("pool_timeout") is not None:
+            import pytest
+            pytest.skip("niquests has no pool timeout")
+        self.tracer = tracer
+        super().__init__(server, **kw)
+
+    async def _make(self, limit=10, pool_timeout=None, block=True):
+        session = niquests.AsyncSession()
+        session.mount("http://", niquests.adapters.AsyncHTTPAdapter(
+            pool_maxsize=limit, pool_block=block, max_retries=0))
+        return session
+
+    async def _get(self, path):
+        with _client_span(self.tracer):
+            return (await self.client.get(self.server.url + path, timeout=5)).status_code
+
+    async def _aclose(self):
+        await self.client.close()
+
+
 class AiohttpDriver(_AsyncDriver):
     library = "aiohttp"
 
@@ -333,7 +362,8 @@ class PycurlDriver(_Driver):
 
 
 DRIVERS = {"urllib3-future" if URLLIB3_FUTURE else "urllib3": Urllib3Driver,
-           **({"niquests": NiquestsDriver} if niquests else {}), "httpx-sync": HttpxDriver, "httpx-async": AsyncHttpxDriver,
+           **({"niquests": NiquestsDriver, "niquests-async": AsyncNiquestsDriver} if niquests else {}),
+           "httpx-sync": HttpxDriver, "httpx-async": AsyncHttpxDriver,
            "aiohttp": AiohttpDriver, "pycurl": PycurlDriver,
            **({"curl_cffi": CurlCffiDriver} if curl_cffi_requests else {}),
            **({"httpx2-sync": Httpx2Driver, "httpx2-async": AsyncHttpx2Driver} if httpx2 else {})}

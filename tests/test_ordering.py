@@ -12,6 +12,10 @@ import pytest
 
 from drivers import curl_cffi_requests, httpx2, niquests
 
+# urllib3-future's sync and async twins (installed as urllib3)
+NIQUESTS_MODULES = ["urllib3.connectionpool", "urllib3.connection", "urllib3.util.traffic_police",
+                    "urllib3._async.connectionpool", "urllib3._async.connection",
+                    "urllib3.util._async.traffic_police"]
 # Per library: imports, a client, one request (returns the status), and closing the client.
 CLIENTS = {
     "urllib3": dict(modules=["urllib3", "urllib3.connectionpool", "urllib3.connection",
@@ -35,9 +39,18 @@ CLIENTS = {
                    close="client.close()")}),
     # niquests on urllib3-future installed as urllib3 (the version matrix's urllib3-future session)
     **({} if niquests is None else {"niquests": dict(
-        modules=["urllib3.connectionpool", "urllib3.connection", "urllib3.util.traffic_police"],
+        modules=NIQUESTS_MODULES,
         library="urllib3-future", make="import niquests\nclient = niquests.Session()",
-        get="client.get(URL + path).status_code", close="client.close()")}),
+        get="client.get(URL + path).status_code", close="client.close()"), "niquests-async": dict(
+        modules=NIQUESTS_MODULES, library="urllib3-future", top="niquests",
+        make=textwrap.dedent("""\
+            import asyncio, niquests
+            loop = asyncio.new_event_loop()
+            async def _get(path):
+                return (await client.get(URL + path)).status_code
+            client = niquests.AsyncSession()"""),
+        get="loop.run_until_complete(_get(path))",
+        close="loop.run_until_complete(client.close())")}),
     **({} if curl_cffi_requests is None else {"curl_cffi": dict(
         modules=["curl_cffi.curl", "curl_cffi.aio", "curl_cffi.requests.session"],
         make="import curl_cffi.requests\nclient = curl_cffi.requests.Session()",
@@ -155,7 +168,7 @@ print(json.dumps(out))
 def run(library, order):
     spec = CLIENTS[library]
     indent = lambda code: textwrap.indent(code, " " * 8)  # noqa: E731
-    script = SCRIPT.format(modules=spec["modules"], order=order, top=library,
+    script = SCRIPT.format(modules=spec["modules"], order=order, top=spec.get("top", library),
                            make=indent(spec["make"]),
                            get=spec["get"], close=spec["close"])
     env = {k: v for k, v in os.environ.items() if not k.startswith(("POOLSCOPE_", "OTEL_"))}
@@ -186,7 +199,7 @@ def test_instrument_uninstrument_and_again(library, order):
 # What a client made before instrument() reports (docs/libraries.md): pools and handles are
 # picked up at their next new connection, except a pycurl handle, whose class was the original.
 BEFORE = {"urllib3": 1, "requests": 1, "httpx": 1, "httpx2": 1, "aiohttp": 1, "pycurl": 0,
-          "niquests": 1, "curl_cffi": 1}
+          "niquests": 1, "niquests-async": 1, "curl_cffi": 1}
 
 
 @pytest.mark.parametrize("library", sorted(CLIENTS))

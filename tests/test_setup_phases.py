@@ -75,6 +75,14 @@ def _niquests(server):
                 for _ in range(2)]
 
 
+def _niquests_async(server):
+    async def run():
+        async with niquests.AsyncSession(retries=False) as session:
+            return [(await session.get(server.url + "/", verify=str(server.cafile))).status_code
+                    for _ in range(2)]
+    return asyncio.run(run())
+
+
 def _curl_cffi(server):
     with curl_cffi_requests.Session(verify=str(server.cafile)) as session:
         return [session.get(server.url + "/").status_code for _ in range(2)]
@@ -93,7 +101,7 @@ if httpx2 is not None:
     CLIENTS.update({"httpx2-sync": (_httpx_sync(httpx2), {"connect", "tls"}),
                     "httpx2-async": (_httpx_async(httpx2), {"connect", "tls"})})
 if niquests is not None:
-    CLIENTS["niquests"] = (_niquests, set())
+    CLIENTS.update({"niquests": (_niquests, set()), "niquests-async": (_niquests_async, set())})
 if curl_cffi_requests is not None:
     CLIENTS["curl_cffi"] = (_curl_cffi, {"dns", "connect", "tls"})
 

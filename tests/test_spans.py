@@ -41,11 +41,11 @@ def parent_of(span, spans):
 def app_spans(official, flavor):
     """Request spans for a client no OpenTelemetry instrumentation covers: the application's."""
     return {"tracer": official.tracer_provider.get_tracer("app")} \
-        if flavor.startswith(("httpx2", "curl_cffi")) else {}
+        if flavor.startswith(("httpx2", "curl_cffi", "niquests-async")) else {}
 
 
 @pytest.mark.parametrize("flavor", [f for f in ("urllib3", "urllib3-future", "niquests",
-                                               "httpx-sync", "httpx-async",
+                                               "niquests-async", "httpx-sync", "httpx-async",
                                                "httpx2-sync", "httpx2-async", "aiohttp",
                                                "curl_cffi")
                                     if f in DRIVERS])

@@ -22,6 +22,7 @@ below zero and that no counter ever goes backwards.
 """
 
 import asyncio
+import contextlib
 import gc
 import json
 import os
@@ -185,10 +186,12 @@ class Urllib3Client:
 
 
 def _police_counts(police):
-    """(active, idle) in urllib3-future's books of one pool: connections held by a thread, and
-    those available with a socket."""
-    with police._lock:
-        held = {c.obj_id for c in police._cursor.values()}
+    """(active, idle) in urllib3-future's books of one pool: connections held by a thread (a
+    task: the async police, which has no lock, its pool living in one thread), and those
+    available with a socket."""
+    books = vars(police)
+    with books.get("_lock") or contextlib.nullcontext():
+        held = {c.obj_id for c in books.get("_cursor", books.get("_cursors")).values()}
         conns = [c for c in police._registry.values() if hasattr(c, "sock")]
         return (sum(1 for c in conns if id(c) in held),
                 sum(1 for c in conns if id(c) in police._container and c.sock is not None))
@@ -241,6 +244,39 @@ class NiquestsClient:
 
     def close(self):
         self.session.close()
+
+
+class AsyncNiquestsClient(NiquestsClient):
+    """niquests' ``AsyncSession`` (urllib3-future's async pools), retries on; no pool timeout,
+    as its sync ``Session``. Neither dropped sockets nor cancelled tasks: with them (a task
+    cancelled as another's connection closes, a socket dropped unanswered) urllib3-future's
+    async police, 2.20.900 and 2.25.904 alike, loses a slot now and then, with or without
+    poolscope, until every task waits for ever. A cancel is a response closed unread, as for
+    the sync ``Session``; a dropped socket and a cancelled wait have their figures in
+    tests/test_pools.py."""
+
+    skips = ("drop",)
+    cancels = False
+
+    def __init__(self, server):
+        self.url = server.url
+        self.session = niquests.AsyncSession()
+        self.adapter = niquests.adapters.AsyncHTTPAdapter(
+            pool_maxsize=LIMIT, pool_block=True,
+            max_retries=niquests.packages.urllib3.Retry(total=2, backoff_factor=0))
+        self.session.mount("http://", self.adapter)
+
+    async def request(self, job):
+        if job.kind in ("abandon", "cancel"):
+            response = await self.session.get(self.url + job.path, stream=True, timeout=5)
+            async with response:
+                if job.kind == "abandon":
+                    await response.raw.read(1024)
+                return response.status_code
+        return (await self.session.get(self.url + job.path, timeout=5)).status_code
+
+    async def aclose(self):
+        await self.session.close()
 
 
 class _HttpxBase:
@@ -505,7 +541,7 @@ async def run_async(client, jobs):
         async with gate:
             await asyncio.sleep(job.pause)
             task = asyncio.ensure_future(client.request(job))
-            if job.kind == "cancel":
+            if job.kind == "cancel" and getattr(client, "cancels", True):
                 await asyncio.sleep(job.cancel_after)
                 task.cancel()
             try:
@@ -517,7 +553,7 @@ async def run_async(client, jobs):
 
 
 CLIENTS = {**({"urllib3-future": Urllib3FutureClient} if URLLIB3_FUTURE else
-              {"urllib3": Urllib3Client}), **({"niquests": NiquestsClient} if niquests else {}), "httpx-sync": HttpxClient, "httpx-async": AsyncHttpxClient,
+              {"urllib3": Urllib3Client}), **({"niquests": NiquestsClient, "niquests-async": AsyncNiquestsClient} if niquests else {}), "httpx-sync": HttpxClient, "httpx-async": AsyncHttpxClient,
            "aiohttp": AiohttpClient, "pycurl": PycurlClient,
            **({"curl_cffi": CurlCffiClient} if curl_cffi_requests else {}),
            **({"httpx2-sync": Httpx2Client, "httpx2-async": AsyncHttpx2Client} if httpx2 else {})}
@@ -544,7 +580,8 @@ def figures(metrics, library, port):
 @pytest.mark.parametrize("flavor", list(CLIENTS))
 def test_figures_stay_exact_under_chaos(flavor, metrics):
     seed = int(os.environ.get("POOLSCOPE_STRESS_SEED", random.randrange(10**6)))
-    jobs = make_jobs(random.Random(seed), JOBS)
+    jobs = [job for job in make_jobs(random.Random(seed), JOBS)
+            if job.kind not in getattr(CLIENTS[flavor], "skips", ())]
     is_async = flavor.endswith("-async") or flavor in ("aiohttp", "curl_cffi")
     loop = asyncio.new_event_loop() if is_async else None
     with DemoServer(idle_timeout=SERVER_IDLE) as server, Sampler(metrics) as sampler:

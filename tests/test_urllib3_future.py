@@ -329,25 +329,115 @@ def test_a_version_outside_the_range_is_one_line_for_both_trees(monkeypatch, cap
     assert not patched
 
 
-def test_an_async_session_is_one_line(server, caplog):
-    """niquests' AsyncSession runs on urllib3-future's async pools, not observed yet: its
-    requests are answered as ever, and one line says so however many pools are made."""
+def test_an_async_session_against_its_own_books(metrics, server):
+    """niquests' ``AsyncSession`` (urllib3-future's async pools), limited to 2 connections
+    (blocking), 6 requests at once to a 300 ms endpoint: 4 wait, 2 for one service time and 2
+    for two; 2 connections, the ones the server accepted; 6 acquisitions, its answers; and the
+    async police's own books (two connections, both available, no task holding one) agree."""
     import asyncio
 
     import niquests
 
     async def run():
-        statuses = []
-        for _ in range(2):
-            async with niquests.AsyncSession() as session:
-                statuses.append((await session.get(server.url + "/")).status_code)
-        return statuses
-    with caplog.at_level(logging.WARNING, logger="poolscope"):
-        poolscope.instrument(meter_provider=Metrics().provider)
-        try:
-            statuses = asyncio.run(run())
-        finally:
-            poolscope.uninstrument()
-    assert statuses == [200, 200] and server.answered == 2
-    lines = [r.getMessage() for r in caplog.records if r.name == "poolscope"]
-    assert len(lines) == 1 and "AsyncSession" in lines[0], lines
+        session = niquests.AsyncSession()
+        session.mount("http://", niquests.adapters.AsyncHTTPAdapter(pool_maxsize=2,
+                                                                    pool_block=True))
+        answers = await asyncio.gather(*(session.get(server.url + "/delay/0.3")
+                                         for _ in range(6)))
+        [pool] = session.adapters["http://"].poolmanager.pools._registry.values()
+        police = pool.pool
+        books = (len(police._registry), len(police._container), len(police._cursors))
+        data = metrics.read()
+        await session.close()
+        return [a.status_code for a in answers], books, data
+
+    statuses, books, data = asyncio.run(run())
+    assert statuses == [200] * 6 and books == (2, 2, 0)
+    count, total = metrics.histogram(data, "poolscope.connection.wait_time")
+    assert count == 4 and 1.8 <= total <= 2.2
+    assert metrics.value(data, "poolscope.connection.created") == server.accepted == 2
+    assert metrics.value(data, "poolscope.connection.acquisitions") == server.answered == 6
+    assert metrics.value(data, "http.client.open_connections",
+                         http__connection__state="idle") == 2
+    assert metrics.value(data, "http.client.open_connections",
+                         http__connection__state="active") == 0
+    assert metrics.value(data, "poolscope.connection.pending_requests") == 0
+    assert closes(metrics) == {"pool_closed": 2}
+
+
+@unverified
+@pytest.mark.parametrize("seed", range(3))
+@pytest.mark.parametrize("protocol", ["h2", "h3"])
+def test_many_tasks_on_multiplexed_connections_leave_them_idle(metrics, protocol, seed):
+    """The threads' scenario above with tasks of an ``AsyncSession``: twelve tasks, three
+    requests each, slow and quick at random, on a pool of two HTTP/2 connections of three
+    streams, or two HTTP/3 connections."""
+    import asyncio
+    import random
+
+    import niquests
+
+    rng = random.Random(seed)
+    paths = [[rng.choice(["/slow", "/"]) for _ in range(3)] for _ in range(12)]
+    server, options, verify, version = multiplexing(protocol, delay=0.05, max_streams=3)
+
+    async def run():
+        async with niquests.AsyncSession(pool_maxsize=2, **options) as session:
+            async def requests(task_paths):
+                answers = [await session.get(server.url + path, verify=verify)
+                           for path in task_paths]
+                return [(a.status_code, a.http_version) for a in answers]
+            answers = await asyncio.gather(*(requests(p) for p in paths))
+            return answers, library_idle(session, server.url), metrics.read()
+
+    with server:
+        answers, idle, data = asyncio.run(run())
+        assert answers == [[(200, version)] * 3] * 12 and not server.errors
+    assert len(server.served) == 36
+    assert idle == [True] * server.accepted
+    assert sum(p.value for _, p in data["poolscope.connection.acquisitions"]) == 36
+    assert metrics.value(data, "poolscope.connection.created") == server.accepted
+    assert metrics.value(data, "http.client.open_connections",
+                         http__connection__state="active") == 0
+    assert metrics.value(data, "http.client.open_connections", http__connection__state="idle",
+                         network__protocol__version=protocol[1]) == server.accepted
+    assert closes(metrics) == {"pool_closed": server.accepted}
+
+
+@unverified
+@pytest.mark.parametrize("protocol", ["h2", "h3"])
+def test_tasks_requests_sent_ahead_keep_a_multiplexed_connection_active_until_read(metrics,
+                                                                                  protocol):
+    """The sent-ahead scenario above on an ``AsyncSession(multiplexed=True)``: the connection
+    is in use while a response is still to come or to be read, and idle once ``gather()`` has
+    read them all."""
+    import asyncio
+
+    import niquests
+
+    server, options, verify, version = multiplexing(protocol, delay=0.3, max_streams=2)
+
+    async def run():
+        async with niquests.AsyncSession(pool_maxsize=1, multiplexed=True, **options) as session:
+            answers = [await session.get(server.url + "/slow", verify=verify) for _ in range(2)]
+            sent = metrics.read(), library_idle(session, server.url)
+            await session.gather()
+            read = metrics.read(), library_idle(session, server.url)
+            return [(a.status_code, a.http_version) for a in answers], sent, read
+
+    with server:
+        answers, (sent, idle_when_sent), (read, idle_when_read) = asyncio.run(run())
+    assert answers == [(200, version)] * 2
+    assert server.accepted == 1 and len(server.served) == 2
+    assert idle_when_sent == [False] and idle_when_read == [True]
+    limit = getattr(server, "max_streams", None)
+    for data, active, streams in ((sent, 1, 2), (read, 0, 0)):  # 2 sent, not yet read
+        assert metrics.value(data, "http.client.open_connections",
+                             http__connection__state="active") == active
+        assert metrics.value(data, "http.client.open_connections",
+                             http__connection__state="idle") == 1 - active
+        assert metrics.value(data, "poolscope.connection.active_streams") == \
+            (streams if limit else None)
+        assert metrics.value(data, "poolscope.connection.max_streams") == limit
+    assert sum(p.value for _, p in read["poolscope.connection.acquisitions"]) == 2
+    assert closes(metrics) == {"pool_closed": 1}

@@ -143,7 +143,8 @@ def instrument(*, meter_provider=None, tracer_provider=None, libraries=None):
         if _urllib3_is_future():  # either name asks for the copy niquests uses
             hooks = [hook for hook in hooks if hook[0] != "urllib3"]
             if {"urllib3", "urllib3-future"} & set(names):
-                hooks.append((_FUTURE_AS_URLLIB3, SUPPORTED["urllib3"]["module"]))
+                hooks.append((_FUTURE_AS_URLLIB3, SUPPORTED["urllib3-future"]["module"].replace(
+                    "urllib3_future", "urllib3", 1)))
         for name, module in hooks:
             wrapt.register_post_import_hook(functools.partial(_on_import, name, owner), module)
 

@@ -15,7 +15,8 @@ SUPPORTED = {
                 "minimum": "3.10.11", "below": "4"},
     "pycurl": {"distribution": "pycurl", "module": "pycurl",
                "minimum": "7.46", "below": "8"},
-    "urllib3-future": {"distribution": "urllib3-future", "module": "urllib3_future.connectionpool",
+    # the last of its pool modules the package imports (its sync and async twins both done)
+    "urllib3-future": {"distribution": "urllib3-future", "module": "urllib3_future._async.poolmanager",
                        "minimum": "2.20", "below": "3"},
     "curl_cffi": {"distribution": "curl_cffi", "module": "curl_cffi",
                   "minimum": "0.13", "below": "0.18"},

@@ -126,12 +126,12 @@ class Conn:
 
     __slots__ = ("pool", "series", "in_use", "uses", "opened", "born", "acquired_at",
                  "released_at", "closed", "site", "warned", "setup", "setup_by", "protocol",
-                 "streams")
+                 "streams", "stale_use")
 
     def __init__(self, pool, series):
         self.pool = pool
         self.series = series
-        self.in_use = self.uses = 0
+        self.in_use = self.uses = self.stale_use = 0
         self.opened = self.closed = self.warned = False
         self.born = self.acquired_at = self.released_at = 0.0
         # a Link to its connection_setup span, and the span id of the request it was set up for
@@ -179,7 +179,8 @@ def _gc_phase(phase, info, get_ident=threading.get_ident):  # bound: it runs at 
 
 # Frames of these packages are not "where the application acquired a connection".
 _NOT_CALLERS = ("poolscope", "wrapt", "urllib3", "requests", "botocore", "httpx", "httpcore",
-                "httpx2", "httpcore2", "openai", "anthropic",
+                "httpx2", "httpcore2", "openai", "anthropic", "urllib3_future", "niquests",
+                "curl_cffi",
                 "aiohttp", "pycurl", "asyncio", "anyio", "concurrent", "threading", "contextlib",
                 "queue", "http", "ssl", "socket")
 
@@ -613,9 +614,12 @@ class Recorder(Tracing):
 
     def stale_failure(self, conn, retried):
         """A request failed on ``conn``, which it had reused, because the server had closed it
-        (reset, or closed without a response); ``retried``: the library sends it again."""
+        (reset, or closed without a response); ``retried``: the library sends it again. Once
+        per acquisition: a library may close the connection twice as the request fails."""
         with self._lock:
-            _count(conn.series.stale, retried)
+            if conn.stale_use != conn.uses:
+                conn.stale_use = conn.uses
+                _count(conn.series.stale, retried)
 
     # -- waits ------------------------------------------------------------
 

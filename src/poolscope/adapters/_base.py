@@ -128,12 +128,13 @@ def around(function, where, before=None, after=None, is_async=False):
 
 
 def calling(code, depth=4):
-    """The frame running ``code`` among the few that called the hooked method (the hook's own
-    frame and its wrapper's skipped), or None: which of the library's methods an event comes
-    from, asked only on rare events."""
+    """The frame running ``code`` (or one of a tuple of codes) among the few that called the
+    hooked method (the hook's own frame and its wrapper's skipped), or None: which of the
+    library's methods an event comes from, asked only on rare events."""
+    codes = code if type(code) is tuple else (code,)
     frame = sys._getframe(3)
     for _ in range(depth):
-        if frame is None or frame.f_code is code:
+        if frame is None or frame.f_code in codes:
             return frame
         frame = frame.f_back
     return None

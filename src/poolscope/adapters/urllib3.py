@@ -278,7 +278,7 @@ class Urllib3Adapter(Adapter):
         pool_cls = connectionpool.HTTPConnectionPool
         _GET_CONN, _PUT_CONN, _URLOPEN = (getattr(getattr(pool_cls, name), "__code__", None)
                                           for name in ("_get_conn", "_put_conn", "urlopen"))
-        self.patch_pools(pool_cls, connection)
+        self.patch_pools(pool_cls, (connection.HTTPConnection, connection.HTTPSConnection))
         # the socket's opening (name resolution and TCP connect); the rest of an HTTPS
         # connection's connect is its TLS handshake
         self._https = connection.HTTPSConnection
@@ -287,17 +287,19 @@ class Urllib3Adapter(Adapter):
         self.wrap(connection.HTTPConnection, "_new_conn", *phase_timer(sc.CONNECT))
         self.wrap(_collections.RecentlyUsedContainer, "__setitem__", before=self._evicting)
 
-    def patch_pools(self, pool_cls, connection):
-        """The pool's life and its connections' set-up and close (shared with urllib3-future)."""
-        self._pool_methods = frozenset(name for cls in (pool_cls, *pool_cls.__subclasses__())
-                                       for name in vars(cls))
+    def patch_pools(self, pool_cls, conn_classes):
+        """The pool's life and its connections' (``conn_classes``: the HTTP connection class,
+        then its HTTPS subclass) set-up and close; shared with urllib3-future, whose sync and
+        async pools each come through here."""
+        self._pool_methods = self._pool_methods | frozenset(
+            name for cls in (pool_cls, *pool_cls.__subclasses__()) for name in vars(cls))
         self.wrap(pool_cls, "__init__", after=self._pool_init)
         self.wrap(pool_cls, "_new_conn", after=self._new_conn)
         self.wrap(pool_cls, "close", before=self._pool_close)
-        for cls in (connection.HTTPConnection, connection.HTTPSConnection):
+        for cls in conn_classes:
             if "connect" in vars(cls):
                 self.wrap(cls, "connect", before=self._connect_start, after=self._connected)
-        self.wrap(connection.HTTPConnection, "close", before=self._conn_close)
+        self.wrap(conn_classes[0], "close", before=self._conn_close)
 
     def unpatch(self):
         super().unpatch()

@@ -1,37 +1,40 @@
-"""urllib3-future 2.x (and so niquests), through ``HTTPConnectionPool`` and its ``TrafficPolice``.
+"""urllib3-future 2.x (and so niquests), through its pools' ``TrafficPolice``.
 
-urllib3-future keeps each pool's connections in a ``TrafficPolice``: ``_registry`` (every
-connection), ``_container`` (the available ones) and ``_cursor`` (the one each thread holds).
-poolscope reads those books where the police changes them:
+urllib3-future keeps each pool's connections in a ``TrafficPolice`` (``AsyncTrafficPolice``
+for the async pools of niquests' ``AsyncSession``): ``_registry`` (every connection),
+``_container`` (the available ones) and the cursors (``_cursor`` by thread, ``_cursors`` by
+task: the connection each holds). poolscope reads those books where the police changes them;
+the sync and async police are twins, and what differs between them is data (:class:`_Flavor`):
 
-- Acquire: the police's ``get``, which hands the calling thread a pooled connection (reused;
-  one urllib3-future then finds dropped is closed in ``_get_conn`` before any use, and the
+- Acquire: the police's ``get``, which hands the caller a pooled connection (reused; one
+  urllib3-future then finds dropped is closed in ``_get_conn`` before any use, and the
   request's new socket is acquired at ``connect``) or reserves a slot for a new one (acquired
-  at ``connect``, as urllib3's).
-- Release: ``_next_signal_or_container_insert``, where the police takes a thread's connection
-  back, into its container or straight to a waiting thread, the first time after the thread
-  acquired it (it takes it back again each time the thread locates it to read a response).
-  Where a response is still to come or to be read then (an HTTP/2 stream in flight; niquests
-  reads every body after that, a ``stream=True`` response when the application does), the
-  release waits until none is: the connection's ``_pending_responses``, where urllib3-future
-  keeps them, is observed from ``connect`` on, and its ``_promises`` read.
+  at ``connect``, as urllib3's). The acquisition rides on the caller's cursor from then on.
+- Release: where the police takes a cursor's connection back, into its container or straight
+  to a waiter (``_next_signal_or_container_insert``; ``AsyncSignals.next``), the first time
+  after the acquisition the cursor carries (the police takes it back again each time the
+  caller locates it to read a response). Where a response is still to come or to be read
+  then (an HTTP/2 stream in flight; niquests reads every body after that, a ``stream=True``
+  response when the application does), the release waits until none is: the connection's
+  ``_pending_responses``, where urllib3-future keeps them, is observed from ``connect`` on,
+  and its ``_promises`` read.
 - Wait: a ``get`` that registers a signal waits; the wait ends when that ``get`` returns
   (granted: a connection, or a slot to open one) or raises (``UnavailableTraffic``: timed
-  out). A thread the police wakes without a connection and that waits again goes on waiting
-  in the same wait.
-- Create: ``HTTPConnection.connect`` / ``HTTPSConnection.connect``; close:
-  ``HTTPConnection.close``, the reason read from the police method closing it.
+  out; cancelled). A caller the police wakes without a connection and that waits again goes
+  on waiting in the same wait.
+- Create: ``connect`` of the (async) HTTP and HTTPS connections; close: their ``close``, the
+  reason read from the police method closing it.
 - Pools register at ``__init__`` (or, made before ``instrument()``, at their next new
   connection) and close with ``close``; a pool the ``PoolManager``'s police sacrifices for a
   new one is ``evicted``.
 
-Sync pools are covered, HTTP/1.1, HTTP/2 and HTTP/3 (a connection several threads' requests
-share, a stream each); the async pools (niquests' ``AsyncSession``) keep other books and are not
-observed yet (an async pool is one log line). The module tree is data
-(``root``): the same adapter observes ``urllib3_future`` and, where urllib3-future installed
-itself as ``urllib3``, that copy.
+HTTP/1.1, HTTP/2 and HTTP/3 (a connection several requests share, a stream each). The module
+tree is data too (``root``): the same adapter observes ``urllib3_future`` and, where
+urllib3-future installed itself as ``urllib3``, that copy.
 """
 
+import asyncio
+import contextlib
 import importlib
 import sys
 import threading
@@ -39,12 +42,13 @@ import time
 import weakref
 
 from .. import _semconv as sc
-from .._config import internal_error, logger
+from .._config import internal_error
 from .._recorder import CANCELLED, GRANTED, TIMED_OUT
 from ._base import DEFAULT_PORTS, calling, disconnected
 from .urllib3 import Urllib3Adapter
 
 get_ident = threading.get_ident
+current_task = asyncio.current_task
 
 
 def _code(function):
@@ -60,7 +64,7 @@ class _PendingResponses(dict):
     ``promises``: its ``_promises``, the requests sent and not yet answered). ``returned``:
     the requests that gave the connection back while a response was still to come or to be
     read (several on a multiplexed connection): they are released once none is. Decided under
-    the police's lock on both sides."""
+    the police's lock on both sides (the async police has none: its pool lives in one thread)."""
 
     __slots__ = ("recorder", "rec", "lock", "promises", "returned")
 
@@ -90,6 +94,9 @@ class _PendingResponses(dict):
             internal_error("urllib3-future:response read")
 
 
+_NO_LOCK = contextlib.nullcontext()
+
+
 class Urllib3FutureAdapter(Urllib3Adapter):
     library = "urllib3-future"
     root = "urllib3_future"
@@ -99,23 +106,31 @@ class Urllib3FutureAdapter(Urllib3Adapter):
             return importlib.import_module(f"{self.root}.{name}")
 
         connection, connectionpool = module("connection"), module("connectionpool")
-        police = module("util.traffic_police")
-        police_cls, self._unavailable = police.TrafficPolice, police.UnavailableTraffic
+        police_cls = module("util.traffic_police").TrafficPolice
+        self._unavailable = module("util.traffic_police").UnavailableTraffic
         self._protocol_error = module("exceptions").ProtocolError
+        aconnection, apolice = module("_async.connection"), module("util._async.traffic_police")
+        apolice_cls, apool_cls = apolice.AsyncTrafficPolice, module(
+            "_async.connectionpool").AsyncHTTPConnectionPool
         pool_cls = connectionpool.HTTPConnectionPool
+        # the twins' codes, each pair read as one (see calling)
         self._get_code, self._sacrifice_code, self._get_conn_code, self._urlopen_code = (
-            _code(police_cls.get), _code(police_cls._sacrifice_first_idle), _code(pool_cls._get_conn),
-            _code(pool_cls.urlopen))
-        self.patch_pools(pool_cls, connection)
-        self._async_told = False
-        async_pools = getattr(sys.modules.get(f"{self.root}._async.connectionpool"),
-                              "AsyncHTTPConnectionPool", None)
-        if async_pools is not None:
-            self.wrap(async_pools, "__init__", after=self._async_pool_made)
+            (_code(getattr(sync, name)), _code(getattr(twin, name))) for sync, twin, name in (
+                (police_cls, apolice_cls, "get"),
+                (police_cls, apolice_cls, "_sacrifice_first_idle"),
+                (pool_cls, apool_cls, "_get_conn"), (pool_cls, apool_cls, "urlopen")))
+        self._async = (aconnection.AsyncHTTPConnection, apool_cls)
+        self._async_police = apolice_cls
+        self.patch_pools(pool_cls, (connection.HTTPConnection, connection.HTTPSConnection))
+        self.patch_pools(apool_cls, (aconnection.AsyncHTTPConnection,
+                                     aconnection.AsyncHTTPSConnection))
         self.wrap(police_cls, "_register_signal", after=self._signalled)
+        self.wrap(apolice.AsyncSignals, "register", after=self._signalled)
         self.replace(police_cls, "get", self._observed_get(police_cls.get))
+        self.replace(apolice_cls, "get", self._observed_async_get(apolice_cls.get))
         self.replace(police_cls, "_next_signal_or_container_insert",
                      self._observed_insert(police_cls._next_signal_or_container_insert))
+        self.wrap(apolice.AsyncSignals, "next", before=self._async_given_back)
 
     def unpatch(self):  # urllib3's, but no queue to give its class back
         super(Urllib3Adapter, self).unpatch()
@@ -127,9 +142,17 @@ class Urllib3FutureAdapter(Urllib3Adapter):
                 "origin": (scheme, pool_obj.host, pool_obj.port or DEFAULT_PORTS.get(scheme))}
 
     def registered(self, pool_obj, state):
-        if pool_obj.pool is not None:
-            # then open waits by thread, and each thread's acquisition not yet given back
-            pool_obj.pool._poolscope = (self.recorder, state, {}, threading.local())
+        """The police observed: (recorder, pool state, open waits by caller, the caller's key,
+        the police's cursors by that key). The sync police keys by thread, the async one by
+        task, and its ``AsyncSignals`` hand connections over: they carry it too."""
+        police = pool_obj.pool
+        if police is None:
+            return
+        if isinstance(police, self._async_police):
+            police._poolscope = police._signals._poolscope = (
+                self.recorder, state, {}, current_task, police._cursors)
+        else:
+            police._poolscope = (self.recorder, state, {}, get_ident, police._cursor)
 
     def own_lock(self, pool_obj):
         return None
@@ -147,27 +170,51 @@ class Urllib3FutureAdapter(Urllib3Adapter):
             try:
                 conn = get(police, *args, **kwargs)
             except BaseException as exc:
-                if observed[2]:
-                    try:
-                        self._wait_over(observed, TIMED_OUT if isinstance(exc, self._unavailable)
-                                        else CANCELLED, exc)
-                    except Exception:
-                        internal_error("urllib3-future:police get")
+                self._get_failed(observed, exc)
                 raise
-            try:
-                if observed[2]:
-                    self._wait_over(observed, GRANTED)
-                if conn is not None:
-                    rec = conn.__dict__.get("_poolscope")
-                    if rec is not None and not rec.closed and conn.sock is not None:
-                        observed[0].acquired(rec)
-                        observed[3].rec = rec
-            except Exception:
-                internal_error("urllib3-future:police get")
+            self._got(observed, conn)
             return conn
 
         observed_get.__wrapped__ = get
         return observed_get
+
+    def _observed_async_get(self, get):
+        """The async police's ``get``, observed as the sync one's."""
+
+        async def observed_get(police, *args, **kwargs):
+            observed = police.__dict__.get("_poolscope")
+            if observed is None:
+                return await get(police, *args, **kwargs)
+            try:
+                conn = await get(police, *args, **kwargs)
+            except BaseException as exc:
+                self._get_failed(observed, exc)
+                raise
+            self._got(observed, conn)
+            return conn
+
+        observed_get.__wrapped__ = get
+        return observed_get
+
+    def _got(self, observed, conn):
+        try:
+            if observed[2]:
+                self._wait_over(observed, GRANTED)
+            if conn is not None:
+                rec = conn.__dict__.get("_poolscope")
+                if rec is not None and not rec.closed and conn.sock is not None:
+                    observed[0].acquired(rec)
+                    _hold(observed, conn, rec)
+        except Exception:
+            internal_error("urllib3-future:police get")
+
+    def _get_failed(self, observed, exc):
+        if observed[2]:
+            try:
+                self._wait_over(observed, TIMED_OUT if isinstance(exc, self._unavailable)
+                                else CANCELLED, exc)
+            except Exception:
+                internal_error("urllib3-future:police get")
 
     def _observed_insert(self, insert):
         """The police's ``_next_signal_or_container_insert``: a thread's connection is back,
@@ -179,33 +226,45 @@ class Urllib3FutureAdapter(Urllib3Adapter):
             if observed is None:  # a PoolManager's police of pools, on every request
                 return insert(police, *args, **kwargs)
             try:  # the thread's key: an argument from urllib3-future 2.24 on
-                key = args[0] if args else get_ident()
-                cursor = police._cursor.get(key)
+                cursor = police._cursor.get(args[0] if args else get_ident())
             except Exception:
                 cursor = None
             insert(police, *args, **kwargs)
             if cursor is not None:
-                try:
-                    attrs = getattr(cursor.conn_or_pool, "__dict__", {})
-                    pending = attrs.get("_pending_responses")
-                    if type(pending) is not _PendingResponses:
-                        pending = None
-                    held = getattr(observed[3], "rec", None)
-                    if held is None or held is not attrs.get("_poolscope"):
-                        if pending is not None and pending.returned:
-                            pending.settle()
-                        return
-                    observed[3].rec = None
-                    if held.in_use and not held.closed:
-                        if pending is not None and pending.owned():
-                            pending.returned += 1
-                        else:
-                            observed[0].released(held)
-                except Exception:
-                    internal_error("urllib3-future:police release")
+                self._given_back(observed, cursor)
 
         observed_insert.__wrapped__ = insert
         return observed_insert
+
+    def _async_given_back(self, signals, args, kwargs):
+        """``AsyncSignals.next``: the current task's connection goes back, to a waiting task
+        or (next returning False) into the container, as for the sync police's insert."""
+        observed = signals.__dict__.get("_poolscope")
+        if observed is not None:
+            cursor = observed[4].get(current_task())
+            if cursor is not None:
+                self._given_back(observed, cursor)
+
+    def _given_back(self, observed, cursor):
+        """The connection of ``cursor`` is back with the police: released, if the cursor
+        carries its acquisition, once no response is still to come or to be read on it."""
+        try:
+            attrs = getattr(cursor.conn_or_pool, "__dict__", {})
+            pending = attrs.get("_pending_responses")
+            if type(pending) is not _PendingResponses:
+                pending = None
+            held = cursor.__dict__.pop("_poolscope", None)
+            if held is None or held is not attrs.get("_poolscope"):
+                if pending is not None and pending.returned:
+                    pending.settle()
+                return
+            if held.in_use and not held.closed:
+                if pending is not None and pending.owned():
+                    pending.returned += 1
+                else:
+                    observed[0].released(held)
+        except Exception:
+            internal_error("urllib3-future:police release")
 
     def _connected(self, token, conn, result, exc):
         super()._connected(token, conn, result, exc)
@@ -214,10 +273,11 @@ class Urllib3FutureAdapter(Urllib3Adapter):
         observed = getattr(police, "__dict__", {}).get("_poolscope")
         if exc is not None or observed is None:
             return
-        observed[3].rec = rec  # acquired at connect: given back at the thread's insert
+        _hold(observed, conn, rec)  # acquired at connect: given back with the caller's cursor
         if type(getattr(conn, "_pending_responses", None)) is dict:
             pending = _PendingResponses(conn._pending_responses)
-            pending.recorder, pending.rec, pending.lock = self.recorder, rec, police._lock
+            pending.recorder, pending.rec = self.recorder, rec
+            pending.lock = getattr(police, "_lock", _NO_LOCK)
             pending.promises, pending.returned = getattr(conn, "_promises", {}), 0
             conn._pending_responses = pending
 
@@ -242,32 +302,31 @@ class Urllib3FutureAdapter(Urllib3Adapter):
                     getattr(books.get("_protocol"), "max_stream_count", 0))
         return streams
 
-    def _async_pool_made(self, token, pool_obj, result, exc):
-        """An async pool (niquests' ``AsyncSession``): not observed yet, said once."""
-        if not self._async_told:
-            self._async_told = True
-            logger.warning("poolscope: urllib3-future's async pools (niquests' AsyncSession) "
-                           "are not observed yet: they report nothing")
-
-    def _signalled(self, token, police, signal, exc):
-        """A thread registered to be woken: from ``get``, a wait for a connection begins
-        (unless this thread's wait goes on after a wake-up without one)."""
-        observed = police.__dict__.get("_poolscope")
+    def _signalled(self, token, owner, signal, exc):
+        """A caller registered to be woken (with the police, or its ``AsyncSignals``): from
+        ``get``, a wait for a connection begins (unless this caller's wait goes on after a
+        wake-up without one)."""
+        observed = owner.__dict__.get("_poolscope")
         if observed is None or exc is not None or calling(self._get_code) is None:
             return
-        waits = observed[2]
-        if get_ident() not in waits:
-            waits[get_ident()] = observed[0].wait_started(observed[1])
+        waits, key = observed[2], observed[3]()
+        if key not in waits:
+            waits[key] = observed[0].wait_started(observed[1])
 
     def _wait_over(self, observed, outcome, error=None):
-        wait = observed[2].pop(get_ident(), None)
+        wait = observed[2].pop(observed[3](), None)
         if wait is not None:
             observed[0].wait_ended(wait, outcome, error if outcome == TIMED_OUT else None)
+
+    def _frames(self, obj):
+        """1 for an async pool's or connection's hook, which runs a frame deeper (its
+        coroutine wrapper calls it), else 0: how much further :func:`calling` looks."""
+        return 1 if isinstance(obj, self._async) else 0
 
     def _pool_close(self, pool_obj, args, kwargs):
         state = getattr(pool_obj, "_poolscope", None)
         if state is not None:
-            evicted = calling(self._sacrifice_code, depth=1) is not None
+            evicted = calling(self._sacrifice_code, depth=1 + self._frames(pool_obj)) is not None
             self.recorder.pool_closed(state, sc.EVICTED if evicted else sc.POOL_CLOSED)
 
     def disconnected(self, error):
@@ -280,13 +339,14 @@ class Urllib3FutureAdapter(Urllib3Adapter):
         rec = conn.__dict__.get("_poolscope")
         if rec is None:
             return
+        deeper = self._frames(conn)
         if rec.uses > 1:  # urlopen lets go of a reused connection (police.kill), closed or not
-            self._stale(rec, calling(self._urlopen_code, depth=2))
+            self._stale(rec, calling(self._urlopen_code, depth=2 + 2 * deeper))
         if rec.closed:
             return
-        if calling(self._sacrifice_code, depth=1) is not None:
+        if calling(self._sacrifice_code, depth=1 + deeper) is not None:
             reason = sc.POOL_FULL
-        elif rec.in_use and calling(self._get_conn_code) is None:
+        elif rec.in_use and calling(self._get_conn_code, depth=4 + deeper) is None:
             reason = sc.SERVER_CLOSED if _refused_more(conn) else sc.ERROR
         else:
             if rec.in_use:
@@ -295,6 +355,15 @@ class Urllib3FutureAdapter(Urllib3Adapter):
                 self.recorder.unacquired(rec)
             reason = sc.KEEPALIVE_EXPIRED if _past_keepalive(conn) else sc.SERVER_CLOSED
         self.recorder.closed(rec, reason)
+
+
+def _hold(observed, conn, rec):
+    """The caller's cursor on ``conn`` carries its acquisition ``rec`` until the police takes
+    the connection back (a cursor handed to another caller, as the police does to read a
+    response, takes it along)."""
+    cursor = observed[4].get(observed[3]())
+    if cursor is not None and cursor.conn_or_pool is conn:
+        cursor._poolscope = rec
 
 
 def _refused_more(conn):
