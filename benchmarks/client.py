@@ -3,8 +3,8 @@
     python benchmarks/client.py LIBRARY CASE SETUP REQUESTS URL
 
 LIBRARY: urllib3, requests, httpx, httpx-async, aiohttp, pycurl, curl_cffi (its AsyncSession),
-httpx2, httpx2-async, and niquests where it is installed (its urllib3-future replaces urllib3:
-the version matrix's urllib3-future venv).
+httpx2, httpx2-async, and niquests and niquests-async (its AsyncSession) where it is installed
+(its urllib3-future replaces urllib3: the version matrix's urllib3-future venv).
 CASE: sequential (one client, keep-alive, one request at a time) or saturated
 (CONCURRENCY requests at once through a pool of LIMIT).
 SETUP: plain, poolscope, detailed, traced, traced+poolscope, official.
@@ -157,6 +157,16 @@ async def async_workload(library, case, url):
         async def get():
             return (await client.get(url)).content
         return get
+    if library == "niquests-async":
+        import niquests
+        session = niquests.AsyncSession()
+        if case == "saturated":
+            session.mount("http://", niquests.adapters.AsyncHTTPAdapter(pool_maxsize=LIMIT,
+                                                                         pool_block=True))
+
+        async def get():
+            return (await session.get(url)).content
+        return get
     if library == "curl_cffi":
         from curl_cffi.requests import AsyncSession
         session = AsyncSession(max_clients=LIMIT if case == "saturated" else 10)
@@ -281,7 +291,7 @@ def run(library, case, requests, url, tracer=None):
     """One run of the workload with a fresh client; returns the seconds of the timed part."""
     if library == "pycurl":
         return run_pycurl(case, requests, url, tracer)
-    if library in ("httpx-async", "httpx2-async", "aiohttp", "curl_cffi"):
+    if library in ("httpx-async", "httpx2-async", "aiohttp", "curl_cffi", "niquests-async"):
         async def go():
             call = aspanned(tracer, await async_workload(library, case, url))
             return await run_async(call, case, requests)

@@ -27,7 +27,7 @@ LIBRARIES = ["urllib3", "requests", "httpx", "httpx-async", "aiohttp", "pycurl"]
 # runs from its own venv (the version matrix's: .nox/urllib3-future-newest/bin/python);
 # curl_cffi and httpx2 (the openai and anthropic SDKs' client) run on their own
 # (--libraries curl_cffi,httpx2,httpx2-async)
-OPTIONAL = ["niquests", "curl_cffi", "httpx2", "httpx2-async"]
+OPTIONAL = ["niquests", "niquests-async", "curl_cffi", "httpx2", "httpx2-async"]
 CASES = ["sequential", "saturated"]
 # mode -> (baseline setup, instrumented setup)
 # "sdk" is the OpenTelemetry SDK set up and nothing instrumented, as in a service that already
@@ -41,7 +41,7 @@ MODES = {
 }
 # requests per run: about half a second of work on a slow machine
 REQUESTS = {"urllib3": 4000, "requests": 2000, "httpx": 3000, "httpx-async": 1500,
-            "aiohttp": 4000, "pycurl": 8000, "niquests": 1500,
+            "aiohttp": 4000, "pycurl": 8000, "niquests": 1500, "niquests-async": 1500,
             "curl_cffi": 1500, "httpx2": 3000, "httpx2-async": 1500}
 
 

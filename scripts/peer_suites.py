@@ -102,10 +102,10 @@ SUITES = {
     # (it would replace urllib3 there): the version is the newest tested, pinned here
     "urllib3-future": dict(
         dist="urllib3-future", version="2.25.904", tests="test", install=["group:dev"],
-        files=["test/test_traffic_police.py", "test/test_connectionpool.py",
-               "test/test_poolmanager.py", "test/with_dummyserver/test_connectionpool.py",
-               "test/with_dummyserver/test_poolmanager.py",
-               "test/with_dummyserver/test_socketlevel.py"],
+        files=[f"test/{tree}{name}" for tree in ("", "asynchronous/") for name in (
+            "test_traffic_police.py", "test_connectionpool.py", "test_poolmanager.py")] + [
+            f"test/with_dummyserver/{tree}{name}" for tree in ("", "asynchronous/")
+            for name in ("test_connectionpool.py", "test_poolmanager.py", "test_socketlevel.py")],
         args=["-p", "no:randomly", "-o", "asyncio_default_fixture_loop_scope=function"]),
     # niquests itself, over urllib3-future pinned as above; most of its async and multiplexed
     # tests need its Docker proxy (traefik) and skip in every run; its addopts but for doctests

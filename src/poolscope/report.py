@@ -12,7 +12,7 @@ LIMIT_SETTING = {"urllib3": "maxsize (requests: HTTPAdapter pool_maxsize; botoco
                  "aiohttp": "TCPConnector(limit=..., limit_per_host=...)",
                  "pycurl": "the multi's M_MAX_TOTAL_CONNECTIONS / M_MAX_HOST_CONNECTIONS",
                  "urllib3-future": "HTTPAdapter(pool_maxsize=...) (niquests: Session(pool_maxsize="
-                                   "...); urllib3-future: maxsize)",
+                                   "...), AsyncSession(pool_maxsize=...); urllib3-future: maxsize)",
                  "curl_cffi": "AsyncSession(max_clients=...)"}
 KEEPALIVE_SETTING = {"httpx": "httpx.Limits(keepalive_expiry=...)",
                      "httpx2": "httpx2.Limits(keepalive_expiry=...)",

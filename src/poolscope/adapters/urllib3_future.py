@@ -4,7 +4,8 @@ urllib3-future keeps each pool's connections in a ``TrafficPolice`` (``AsyncTraf
 for the async pools of niquests' ``AsyncSession``): ``_registry`` (every connection),
 ``_container`` (the available ones) and the cursors (``_cursor`` by thread, ``_cursors`` by
 task: the connection each holds). poolscope reads those books where the police changes them;
-the sync and async police are twins, and what differs between them is data (:class:`_Flavor`):
+the sync and async police are twins, and what differs between them is data (the caller's key
+and the police's cursors, see ``registered``):
 
 - Acquire: the police's ``get``, which hands the caller a pooled connection (reused; one
   urllib3-future then finds dropped is closed in ``_get_conn`` before any use, and the
@@ -106,8 +107,8 @@ class Urllib3FutureAdapter(Urllib3Adapter):
             return importlib.import_module(f"{self.root}.{name}")
 
         connection, connectionpool = module("connection"), module("connectionpool")
-        police_cls = module("util.traffic_police").TrafficPolice
-        self._unavailable = module("util.traffic_police").UnavailableTraffic
+        police = module("util.traffic_police")
+        police_cls, self._unavailable = police.TrafficPolice, police.UnavailableTraffic
         self._protocol_error = module("exceptions").ProtocolError
         aconnection, apolice = module("_async.connection"), module("util._async.traffic_police")
         apolice_cls, apool_cls = apolice.AsyncTrafficPolice, module(
@@ -341,7 +342,7 @@ class Urllib3FutureAdapter(Urllib3Adapter):
             return
         deeper = self._frames(conn)
         if rec.uses > 1:  # urlopen lets go of a reused connection (police.kill), closed or not
-            self._stale(rec, calling(self._urlopen_code, depth=2 + 2 * deeper))
+            self._stale(rec, calling(self._urlopen_code, depth=2 + deeper))
         if rec.closed:
             return
         if calling(self._sacrifice_code, depth=1 + deeper) is not None:
