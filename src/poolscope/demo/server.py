@@ -61,6 +61,8 @@ class _Handler(BaseHTTPRequestHandler):
                 self.server.empty += 1
 
     def do_GET(self):
+        with self.server.lock:
+            self.server.received += 1
         length = int(self.headers.get("Content-Length") or 0)
         if length:
             self.rfile.read(length)
@@ -131,7 +133,7 @@ class DemoServer(ThreadingHTTPServer):
         self.stale_after = stale_after
         self.api_delay = api_delay
         self.lock = threading.Lock()
-        self.accepted = self.empty = self.answered = self.reset = 0
+        self.accepted = self.empty = self.received = self.answered = self.reset = 0
         self.per_connection = []  # requests answered on each connection, once it has closed
         self.peers = set()  # the client ports of the connections accepted
         self._thread = None
