@@ -365,6 +365,77 @@ def test_an_async_session_against_its_own_books(metrics, server):
     assert closes(metrics) == {"pool_closed": 2}
 
 
+def test_an_async_pool_timeout(metrics, server):
+    """urllib3-future's ``AsyncHTTPConnectionPool``, limit 1 held 0.6 s; a request giving up
+    after 0.2 s: one timeout, its wait ended ``timed_out``, nothing left pending. (Before
+    2.25.904 the police then hands the held connection to the timed-out waiter, which is gone:
+    the pool's close leaves it open; so nothing is asserted after it.)"""
+    import asyncio
+
+    import urllib3_future
+
+    async def run():
+        pool = urllib3_future.AsyncHTTPConnectionPool("127.0.0.1", server.port, maxsize=1,
+                                                      block=True, retries=False)
+        held = asyncio.ensure_future(pool.request("GET", "/delay/0.6"))
+        await asyncio.sleep(0.15)
+        with pytest.raises(urllib3_future.exceptions.EmptyPoolError):
+            await pool.request("GET", "/", pool_timeout=0.2)
+        assert (await held).status == 200
+        data = metrics.read()
+        await pool.close()
+        return data
+
+    data = asyncio.run(run())
+    assert metrics.value(data, "poolscope.connection.timeouts") == 1
+    assert {a["poolscope.wait.outcome"]: p.value
+            for a, p in data["poolscope.connection.waits"] if p.value} == {"timed_out": 1}
+    assert metrics.value(data, "poolscope.connection.pending_requests") == 0
+    assert metrics.value(data, "poolscope.connection.created") == server.accepted == 1
+
+
+def test_async_keepalive_eviction_and_a_held_stream(metrics, server):
+    """urllib3-future's ``AsyncPoolManager`` and niquests' ``AsyncSession``, each figure as
+    its sync twin's above: a connection past ``keepalive_delay`` replaced; a pool the manager
+    drops for another origin's ``evicted``; a streamed response holding its connection until
+    closed."""
+    import asyncio
+
+    import niquests
+    import urllib3_future
+
+    from poolscope.demo.server import DemoServer
+
+    def value(name, **attrs):
+        return metrics.value(metrics.read(), name, **attrs)
+
+    async def run(other):
+        manager = urllib3_future.AsyncPoolManager(keepalive_delay=0.5, num_pools=1)
+        assert (await manager.request("GET", server.url + "/")).status == 200
+        await asyncio.sleep(0.8)
+        assert (await manager.request("GET", server.url + "/")).status == 200
+        assert closes(metrics) == {"keepalive_expired": 1}
+        assert value("poolscope.connection.created") == server.accepted == 2
+        assert (await manager.request("GET", other.url + "/")).status == 200
+        assert closes(metrics) == {"keepalive_expired": 1, "evicted": 1}
+        await manager.clear()
+        assert closes(metrics) == {"keepalive_expired": 1, "evicted": 1, "pool_closed": 1}
+
+        session = niquests.AsyncSession()
+        response = await session.get(server.url + "/bytes/100000", stream=True)
+        await asyncio.sleep(0.3)
+        assert value("http.client.open_connections", http__connection__state="active") == 1
+        assert value("poolscope.connection.oldest_active_age") >= 0.3
+        await response.close()
+        assert value("http.client.open_connections", http__connection__state="active") == 0
+        assert value("poolscope.connection.oldest_active_age") == 0
+        await session.close()
+
+    with DemoServer() as other:
+        asyncio.run(run(other))
+    assert other.accepted == 1
+
+
 @unverified
 @pytest.mark.parametrize("seed", range(3))
 @pytest.mark.parametrize("protocol", ["h2", "h3"])
