@@ -199,9 +199,13 @@ def _client_span(tracer):
 
 
 class _AppSpans:
-    """``tracer``: each request under the application's own CLIENT span (see _client_span)."""
+    """``tracer``: each request under the application's own CLIENT span (see _client_span).
+    A client with no pool timeout skips a scenario that sets one."""
 
     def __init__(self, server, tracer=None, **kw):
+        if not self.has_pool_timeout and kw.get("pool_timeout") is not None:
+            import pytest
+            pytest.skip(f"{type(self).__name__}: no pool timeout to set")
         self.tracer = tracer
         super().__init__(server, **kw)
 
@@ -224,20 +228,13 @@ class AsyncHttpx2Driver(_AppSpans, AsyncHttpxDriver):
             return await super()._get(path)
 
 
-class AsyncNiquestsDriver(_AsyncDriver):
+class AsyncNiquestsDriver(_AppSpans, _AsyncDriver):
     """A niquests ``AsyncSession`` (urllib3-future's async pools) whose ``http://`` adapter
     keeps ``limit`` connections, blocking when all are out; no pool timeout, as niquests'
     sync ``Session``."""
 
     library = "urllib3-future"
     has_pool_timeout = False
-
-    def __init__(self, server, tracer=None, **kw):
-        if kw.get("pool_timeout") is not None:
-            import pytest
-            pytest.skip("niquests has no pool timeout")
-        self.tracer = tracer
-        super().__init__(server, **kw)
 
     async def _make(self, limit=10, pool_timeout=None, block=True):
         session = niquests.AsyncSession()
@@ -270,19 +267,12 @@ class AiohttpDriver(_AsyncDriver):
         await self.client.close()
 
 
-class CurlCffiDriver(_AsyncDriver):
+class CurlCffiDriver(_AppSpans, _AsyncDriver):
     """A curl_cffi ``AsyncSession`` with ``limit`` curl handles. curl_cffi sets no timeout on
     the wait for a handle."""
 
     library = "curl_cffi"
     has_pool_timeout = False
-
-    def __init__(self, server, tracer=None, **kw):
-        if kw.get("pool_timeout") is not None:
-            import pytest
-            pytest.skip("curl_cffi has no timeout on the wait for a curl handle")
-        self.tracer = tracer
-        super().__init__(server, **kw)
 
     async def _make(self, limit=10, pool_timeout=None):
         return curl_cffi_requests.AsyncSession(max_clients=limit, timeout=5)

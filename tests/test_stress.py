@@ -215,11 +215,12 @@ class NiquestsClient:
 
     library = "urllib3-future"
     timeout_error = PoolTimedOut
+    session_class, adapter_class = "Session", "HTTPAdapter"
 
     def __init__(self, server):
         self.url = server.url
-        self.session = niquests.Session()
-        self.adapter = niquests.adapters.HTTPAdapter(
+        self.session = getattr(niquests, self.session_class)()
+        self.adapter = getattr(niquests.adapters, self.adapter_class)(
             pool_maxsize=LIMIT, pool_block=True,
             max_retries=niquests.packages.urllib3.Retry(total=2, backoff_factor=0))
         self.session.mount("http://", self.adapter)
@@ -257,14 +258,7 @@ class AsyncNiquestsClient(NiquestsClient):
 
     skips = ("drop",)
     cancels = False
-
-    def __init__(self, server):
-        self.url = server.url
-        self.session = niquests.AsyncSession()
-        self.adapter = niquests.adapters.AsyncHTTPAdapter(
-            pool_maxsize=LIMIT, pool_block=True,
-            max_retries=niquests.packages.urllib3.Retry(total=2, backoff_factor=0))
-        self.session.mount("http://", self.adapter)
+    session_class, adapter_class = "AsyncSession", "AsyncHTTPAdapter"
 
     async def request(self, job):
         if job.kind in ("abandon", "cancel"):

@@ -224,31 +224,62 @@ def multiplexing(protocol, delay, max_streams):
     return h3, {"disable_http1": True, "disable_http2": True}, h3.ca_file, 30
 
 
+def sessions(flavor, metrics, server, options, each, **session):
+    """What ``each(session)`` returns on a niquests ``Session`` (``flavor`` "threads") or
+    ``AsyncSession`` ("tasks", ``each`` a coroutine function), with the pool's connections'
+    ``is_idle`` and a collection as it returns, the session closed after."""
+    import asyncio
+
+    import niquests
+
+    def after(session, result):
+        return result, library_idle(session, server.url), metrics.read()
+    if flavor == "threads":
+        with niquests.Session(**session, **options) as open_session:
+            return after(open_session, each(open_session))
+
+    async def run():
+        async with niquests.AsyncSession(**session, **options) as open_session:
+            return after(open_session, await each(open_session))
+    return asyncio.run(run())
+
+
 @unverified
 @pytest.mark.filterwarnings("ignore:The TLS verification changed")  # niquests' own, see below
 @pytest.mark.parametrize("seed", range(3))
 @pytest.mark.parametrize("protocol", ["h2", "h3"])
-def test_many_threads_on_multiplexed_connections_leave_them_idle(metrics, protocol, seed):
-    """Twelve threads, three waves of three requests each, slow and quick at random, on a
-    pool of two HTTP/2 connections of three streams, or two HTTP/3 connections: every request
-    is one acquisition (the server's answers), every connection one the server accepted, and
-    once all are answered none is active, as urllib3-future's books (``is_idle``) say too.
-    (niquests warns, as ever, when a thread's first request sets up the TLS of a connection
-    another thread is using.)"""
+@pytest.mark.parametrize("flavor", ["threads", "tasks"])
+def test_many_callers_on_multiplexed_connections_leave_them_idle(metrics, flavor, protocol, seed):
+    """Twelve threads (or tasks of an ``AsyncSession``), three requests each, slow and quick at
+    random, on a pool of two HTTP/2 connections of three streams, or two HTTP/3 connections:
+    every request is one acquisition (the server's answers), every connection one the server
+    accepted, and once all are answered none is active, as urllib3-future's books (``is_idle``)
+    say too. (niquests warns, as ever, when a thread's first request sets up the TLS of a
+    connection another thread is using.)"""
+    import asyncio
     import random
-    import niquests
 
     rng = random.Random(seed)
     paths = [[rng.choice(["/slow", "/"]) for _ in range(3)] for _ in range(12)]
     server, options, verify, version = multiplexing(protocol, delay=0.05, max_streams=3)
-    with server, niquests.Session(pool_maxsize=2, **options) as session:
-        def requests(thread_paths):
-            answers = [session.get(server.url + path, verify=verify) for path in thread_paths]
-            return [(a.status_code, a.http_version) for a in answers]
-        answers = _in_threads(requests, paths)
+
+    def answered(answers):
+        return [(a.status_code, a.http_version) for a in answers]
+
+    def threads(session):
+        return _in_threads(lambda mine: answered(
+            [session.get(server.url + path, verify=verify) for path in mine]), paths)
+
+    async def tasks(session):
+        async def mine(caller_paths):
+            return answered([await session.get(server.url + path, verify=verify)
+                             for path in caller_paths])
+        return await asyncio.gather(*(mine(p) for p in paths))
+
+    with server:
+        answers, idle, data = sessions(flavor, metrics, server, options,
+                                       threads if flavor == "threads" else tasks, pool_maxsize=2)
         assert answers == [[(200, version)] * 3] * 12 and not server.errors
-        idle = library_idle(session, server.url)
-        data = metrics.read()
     assert len(server.served) == 36
     assert idle == [True] * server.accepted
     assert sum(p.value for _, p in data["poolscope.connection.acquisitions"]) == 36
@@ -262,20 +293,33 @@ def test_many_threads_on_multiplexed_connections_leave_them_idle(metrics, protoc
 
 @unverified
 @pytest.mark.parametrize("protocol", ["h2", "h3"])
-def test_requests_sent_ahead_keep_a_multiplexed_connection_active_until_read(metrics, protocol):
-    """niquests' ``multiplexed=True``: requests sent on HTTP/2 or HTTP/3 and their responses
-    read later (``gather``). The connection is in use while a response is still to come or to
-    be read, as urllib3-future's own books say (``is_idle``), and idle once all are read. On
-    HTTP/2 the streams are counted too (HTTP/3's are not observed)."""
-    import niquests
-
+@pytest.mark.parametrize("flavor", ["threads", "tasks"])
+def test_requests_sent_ahead_keep_a_multiplexed_connection_active_until_read(metrics, flavor,
+                                                                            protocol):
+    """niquests' ``multiplexed=True`` (``Session`` or ``AsyncSession``): requests sent on
+    HTTP/2 or HTTP/3 and their responses read later (``gather``). The connection is in use
+    while a response is still to come or to be read, as urllib3-future's own books say
+    (``is_idle``), and idle once all are read. On HTTP/2 the streams are counted too (HTTP/3's
+    are not observed)."""
     server, options, verify, version = multiplexing(protocol, delay=0.3, max_streams=2)
-    with server, niquests.Session(pool_maxsize=1, multiplexed=True, **options) as session:
+
+    def threads(session):
         answers = [session.get(server.url + "/slow", verify=verify) for _ in range(2)]
-        sent, idle_when_sent = metrics.read(), library_idle(session, server.url)
+        sent = metrics.read(), library_idle(session, server.url)
         session.gather()
-        assert [(a.status_code, a.http_version) for a in answers] == [(200, version)] * 2
-        read, idle_when_read = metrics.read(), library_idle(session, server.url)
+        return answers, sent
+
+    async def tasks(session):
+        answers = [await session.get(server.url + "/slow", verify=verify) for _ in range(2)]
+        sent = metrics.read(), library_idle(session, server.url)
+        await session.gather()
+        return answers, sent
+
+    with server:
+        (answers, (sent, idle_when_sent)), idle_when_read, read = sessions(
+            flavor, metrics, server, options, threads if flavor == "threads" else tasks,
+            pool_maxsize=1, multiplexed=True)
+    assert [(a.status_code, a.http_version) for a in answers] == [(200, version)] * 2
     assert server.accepted == 1 and len(server.served) == 2
     assert idle_when_sent == [False] and idle_when_read == [True]
     limit = getattr(server, "max_streams", None)
@@ -435,80 +479,3 @@ def test_async_keepalive_eviction_and_a_held_stream(metrics, server):
         asyncio.run(run(other))
     assert other.accepted == 1
 
-
-@unverified
-@pytest.mark.parametrize("seed", range(3))
-@pytest.mark.parametrize("protocol", ["h2", "h3"])
-def test_many_tasks_on_multiplexed_connections_leave_them_idle(metrics, protocol, seed):
-    """The threads' scenario above with tasks of an ``AsyncSession``: twelve tasks, three
-    requests each, slow and quick at random, on a pool of two HTTP/2 connections of three
-    streams, or two HTTP/3 connections."""
-    import asyncio
-    import random
-
-    import niquests
-
-    rng = random.Random(seed)
-    paths = [[rng.choice(["/slow", "/"]) for _ in range(3)] for _ in range(12)]
-    server, options, verify, version = multiplexing(protocol, delay=0.05, max_streams=3)
-
-    async def run():
-        async with niquests.AsyncSession(pool_maxsize=2, **options) as session:
-            async def requests(task_paths):
-                answers = [await session.get(server.url + path, verify=verify)
-                           for path in task_paths]
-                return [(a.status_code, a.http_version) for a in answers]
-            answers = await asyncio.gather(*(requests(p) for p in paths))
-            return answers, library_idle(session, server.url), metrics.read()
-
-    with server:
-        answers, idle, data = asyncio.run(run())
-        assert answers == [[(200, version)] * 3] * 12 and not server.errors
-    assert len(server.served) == 36
-    assert idle == [True] * server.accepted
-    assert sum(p.value for _, p in data["poolscope.connection.acquisitions"]) == 36
-    assert metrics.value(data, "poolscope.connection.created") == server.accepted
-    assert metrics.value(data, "http.client.open_connections",
-                         http__connection__state="active") == 0
-    assert metrics.value(data, "http.client.open_connections", http__connection__state="idle",
-                         network__protocol__version=protocol[1]) == server.accepted
-    assert closes(metrics) == {"pool_closed": server.accepted}
-
-
-@unverified
-@pytest.mark.parametrize("protocol", ["h2", "h3"])
-def test_tasks_requests_sent_ahead_keep_a_multiplexed_connection_active_until_read(metrics,
-                                                                                  protocol):
-    """The sent-ahead scenario above on an ``AsyncSession(multiplexed=True)``: the connection
-    is in use while a response is still to come or to be read, and idle once ``gather()`` has
-    read them all."""
-    import asyncio
-
-    import niquests
-
-    server, options, verify, version = multiplexing(protocol, delay=0.3, max_streams=2)
-
-    async def run():
-        async with niquests.AsyncSession(pool_maxsize=1, multiplexed=True, **options) as session:
-            answers = [await session.get(server.url + "/slow", verify=verify) for _ in range(2)]
-            sent = metrics.read(), library_idle(session, server.url)
-            await session.gather()
-            read = metrics.read(), library_idle(session, server.url)
-            return [(a.status_code, a.http_version) for a in answers], sent, read
-
-    with server:
-        answers, (sent, idle_when_sent), (read, idle_when_read) = asyncio.run(run())
-    assert answers == [(200, version)] * 2
-    assert server.accepted == 1 and len(server.served) == 2
-    assert idle_when_sent == [False] and idle_when_read == [True]
-    limit = getattr(server, "max_streams", None)
-    for data, active, streams in ((sent, 1, 2), (read, 0, 0)):  # 2 sent, not yet read
-        assert metrics.value(data, "http.client.open_connections",
-                             http__connection__state="active") == active
-        assert metrics.value(data, "http.client.open_connections",
-                             http__connection__state="idle") == 1 - active
-        assert metrics.value(data, "poolscope.connection.active_streams") == \
-            (streams if limit else None)
-        assert metrics.value(data, "poolscope.connection.max_streams") == limit
-    assert sum(p.value for _, p in read["poolscope.connection.acquisitions"]) == 2
-    assert closes(metrics) == {"pool_closed": 1}
