@@ -134,7 +134,7 @@ def calling(code, depth=4):
     codes = code if type(code) is tuple else (code,)
     frame = sys._getframe(3)
     for _ in range(depth):
-        if frame is None or frame.f_code in codes:
+        if frame is None or any(frame.f_code is c for c in codes):
             return frame
         frame = frame.f_back
     return None
