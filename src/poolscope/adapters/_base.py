@@ -91,8 +91,16 @@ def around(function, where, before=None, after=None, is_async=False):
         except Exception:
             internal_error(where)
 
-    # a hook with only ``before`` is called inline: a frame less on every request
-    if is_async:
+    # a hook with only ``before`` is called inline: a frame less on every request, and the
+    # same frames above the hook, sync or async (see calling)
+    if is_async and after is None:
+        async def method(instance, *args, **kwargs):
+            try:
+                before(instance, args, kwargs)
+            except Exception:
+                internal_error(where)
+            return await function(instance, *args, **kwargs)
+    elif is_async:
         async def method(instance, *args, **kwargs):
             token = True if before is None else enter(instance, args, kwargs)
             if token is None:

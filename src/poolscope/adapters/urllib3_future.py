@@ -120,7 +120,6 @@ class Urllib3FutureAdapter(Urllib3Adapter):
                 (police_cls, apolice_cls, "get"),
                 (police_cls, apolice_cls, "_sacrifice_first_idle"),
                 (pool_cls, apool_cls, "_get_conn"), (pool_cls, apool_cls, "urlopen")))
-        self._async = (aconnection.AsyncHTTPConnection, apool_cls)
         self._async_police = apolice_cls
         self.patch_pools(pool_cls, (connection.HTTPConnection, connection.HTTPSConnection))
         self.patch_pools(apool_cls, (aconnection.AsyncHTTPConnection,
@@ -319,15 +318,10 @@ class Urllib3FutureAdapter(Urllib3Adapter):
         if wait is not None:
             observed[0].wait_ended(wait, outcome, error if outcome == TIMED_OUT else None)
 
-    def _frames(self, obj):
-        """1 for an async pool's or connection's hook, which runs a frame deeper (its
-        coroutine wrapper calls it), else 0: how much further :func:`calling` looks."""
-        return 1 if isinstance(obj, self._async) else 0
-
     def _pool_close(self, pool_obj, args, kwargs):
         state = getattr(pool_obj, "_poolscope", None)
         if state is not None:
-            evicted = calling(self._sacrifice_code, depth=1 + self._frames(pool_obj)) is not None
+            evicted = calling(self._sacrifice_code, depth=1) is not None
             self.recorder.pool_closed(state, sc.EVICTED if evicted else sc.POOL_CLOSED)
 
     def disconnected(self, error):
@@ -340,14 +334,13 @@ class Urllib3FutureAdapter(Urllib3Adapter):
         rec = conn.__dict__.get("_poolscope")
         if rec is None:
             return
-        deeper = self._frames(conn)
         if rec.uses > 1:  # urlopen lets go of a reused connection (police.kill), closed or not
-            self._stale(rec, calling(self._urlopen_code, depth=2 + deeper))
+            self._stale(rec, calling(self._urlopen_code, depth=2))
         if rec.closed:
             return
-        if calling(self._sacrifice_code, depth=1 + deeper) is not None:
+        if calling(self._sacrifice_code, depth=1) is not None:
             reason = sc.POOL_FULL
-        elif rec.in_use and calling(self._get_conn_code, depth=4 + deeper) is None:
+        elif rec.in_use and calling(self._get_conn_code) is None:
             reason = sc.SERVER_CLOSED if _refused_more(conn) else sc.ERROR
         else:
             if rec.in_use:
