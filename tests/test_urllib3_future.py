@@ -5,6 +5,7 @@ tests, and the shared scenarios on the ``urllib3-future`` and ``niquests`` flavo
 ``import urllib3`` gives urllib3 they are skipped.
 """
 
+import functools
 import logging
 import threading
 import time
@@ -14,6 +15,7 @@ import pytest
 import poolscope
 from conftest import Metrics
 from drivers import URLLIB3_FUTURE, _in_threads
+from poolscope.demo.server import DemoServer
 from test_launcher import six_requests_limit_two
 
 pytestmark = pytest.mark.skipif(not URLLIB3_FUTURE, reason="`import urllib3` gives urllib3 here "
@@ -332,6 +334,53 @@ def test_requests_sent_ahead_keep_a_multiplexed_connection_active_until_read(met
             (streams if limit else None)
         assert metrics.value(data, "poolscope.connection.max_streams") == limit
     assert sum(p.value for _, p in read["poolscope.connection.acquisitions"]) == 2
+    assert closes(metrics) == {"pool_closed": 1}
+
+
+@unverified
+@pytest.mark.parametrize("scheme, second", [("http", "refused"), ("http", "listening"),
+                                            ("https", "listening")])
+@pytest.mark.parametrize("flavor", ["threads", "tasks"])
+def test_happy_eyeballs_counts_the_connection_that_won_the_race(metrics, flavor, scheme, second):
+    """niquests' ``happy_eyeballs=True`` with a name of two addresses (127.0.0.2 and 127.0.0.1,
+    through urllib3-future's in-memory resolver): it races a connection to each in threads (or
+    tasks) of its own, keeps the first established and closes the other (refused, or accepted
+    and never used). One connection is the pool's: created once with its set-up time (none was
+    counted: the race's ``connect`` runs where no pool is known), acquired by the three
+    requests, the connection urllib3-future keeps and the server that answered them."""
+    import contextlib
+
+    from tlsserver import TLSServer
+
+    server_cls = DemoServer if scheme == "http" else functools.partial(TLSServer, 0)
+    resolver = "in-memory://default?hosts=race.test:127.0.0.2,race.test:127.0.0.1"
+
+    def threads(session):
+        return [session.get(url, verify=False).status_code for _ in range(3)]
+
+    async def tasks(session):
+        return [(await session.get(url, verify=False)).status_code for _ in range(3)]
+
+    with server_cls() as first, contextlib.ExitStack() as stack:
+        servers = [first]
+        if second == "listening":
+            servers.append(stack.enter_context(server_cls(port=first.port, host="127.0.0.2")))
+        url = f"{scheme}://race.test:{first.port}/"
+        answers, idle, data = sessions(flavor, metrics, first, {}, threads if flavor == "threads"
+                                       else tasks, happy_eyeballs=True, resolver=resolver)
+    assert answers == [200] * 3 and idle == [True]
+    [winner] = [s for s in servers if s.answered]
+    assert (winner.accepted, winner.answered) == (1, 3)
+    assert metrics.value(data, "poolscope.connection.created") == 1
+    assert metrics.histogram(data, "poolscope.connection.create_time")[0] == 1
+    assert metrics.value(data, "poolscope.connection.acquisitions",
+                         poolscope__connection__reused=False) == 1
+    assert metrics.value(data, "poolscope.connection.acquisitions",
+                         poolscope__connection__reused=True) == 2
+    assert metrics.value(data, "http.client.open_connections",
+                         http__connection__state="idle") == 1
+    assert metrics.value(data, "http.client.open_connections",
+                         http__connection__state="active") == 0
     assert closes(metrics) == {"pool_closed": 1}
 
 

@@ -27,8 +27,8 @@ class _Handler(DemoServer.handler):
 class TLSServer(DemoServer):
     handler, scheme = _Handler, "https"
 
-    def __init__(self, handshake_delay=0.2, cafile=None):
-        super().__init__()
+    def __init__(self, handshake_delay=0.2, cafile=None, **server):
+        super().__init__(**server)
         self.handshake_delay = handshake_delay
         self.handshakes = []
         ca = trustme.CA()

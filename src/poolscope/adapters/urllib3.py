@@ -268,6 +268,7 @@ class Urllib3Adapter(Adapter):
     library = "urllib3"
     _https = ()  # the connection class whose connect is TCP then TLS (urllib3's, not its fork's)
     _pool_methods = frozenset()  # the names of the pool classes' methods
+    _new_conn_start = None  # a before hook of the pools' _new_conn (urllib3-future's)
 
     def patch(self):
         global _EMPTY_POOL, _GET_CONN, _PUT_CONN, _URLOPEN
@@ -294,7 +295,9 @@ class Urllib3Adapter(Adapter):
         self._pool_methods = self._pool_methods | frozenset(
             name for cls in (pool_cls, *pool_cls.__subclasses__()) for name in vars(cls))
         self.wrap(pool_cls, "__init__", after=self._pool_init)
-        self.wrap(pool_cls, "_new_conn", after=self._new_conn)
+        for cls in (pool_cls, *pool_cls.__subclasses__()):  # the HTTPS pool has its own
+            if cls.__module__ == pool_cls.__module__ and "_new_conn" in vars(cls):
+                self.wrap(cls, "_new_conn", before=self._new_conn_start, after=self._new_conn)
         self.wrap(pool_cls, "close", before=self._pool_close)
         for cls in conn_classes:
             if "connect" in vars(cls):

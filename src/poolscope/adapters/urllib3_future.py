@@ -266,6 +266,28 @@ class Urllib3FutureAdapter(Urllib3Adapter):
         except Exception:
             internal_error("urllib3-future:police release")
 
+    @staticmethod
+    def _new_conn_start(pool_obj, args, kwargs):
+        return time.monotonic(), time.time_ns()
+
+    def _new_conn(self, token, pool_obj, conn, exc):
+        super()._new_conn(token, pool_obj, conn, exc)
+        if exc is None and "_poolscope" not in conn.__dict__ and not conn.is_closed:
+            self._raced(token, pool_obj, conn)
+
+    def _raced(self, token, pool_obj, conn):
+        """A connection happy eyeballs established inside ``_new_conn``: urllib3-future races
+        its challengers' ``connect`` in other threads or tasks, where no pool is known. The
+        winner is created, acquired and opened now, its set-up time the race's (as a
+        ``connect``'s includes name resolution); the losers never were the pool's."""
+        started, started_ns = token
+        pool = self.pool_state(pool_obj)
+        with self.serialized(pool):
+            rec = conn._poolscope = self.recorder.conn_created(pool)
+            self.recorder.acquired(rec)
+        span = self.recorder.setup_started(rec, start_ns=started_ns)
+        self._connected((rec, started, span, []), conn, None, None)
+
     def _connected(self, token, conn, result, exc):
         super()._connected(token, conn, result, exc)
         rec = token[0]

@@ -120,15 +120,17 @@ class _Handler(BaseHTTPRequestHandler):
 
 
 class DemoServer(ThreadingHTTPServer):
-    """Start with ``with DemoServer() as server:``; ``server.url`` is its base URL."""
+    """Start with ``with DemoServer() as server:``; ``server.url`` is its base URL. ``host``:
+    the loopback address it listens on."""
 
     daemon_threads = True
     block_on_close = False
     request_queue_size = 128
     handler, scheme = _Handler, "http"
 
-    def __init__(self, port=0, idle_timeout=None, api_delay=0.0, stale_after=None):
-        super().__init__(("127.0.0.1", port), self.handler)
+    def __init__(self, port=0, idle_timeout=None, api_delay=0.0, stale_after=None,
+                 host="127.0.0.1"):
+        super().__init__((host, port), self.handler)
         self.idle_timeout = idle_timeout
         self.stale_after = stale_after
         self.api_delay = api_delay
@@ -144,7 +146,7 @@ class DemoServer(ThreadingHTTPServer):
 
     @property
     def url(self):
-        return f"{self.scheme}://127.0.0.1:{self.port}"
+        return f"{self.scheme}://{self.server_address[0]}:{self.port}"
 
     def __enter__(self):
         self._thread = threading.Thread(target=self.serve_forever, kwargs={"poll_interval": 0.05},
