@@ -344,7 +344,7 @@ def test_requests_sent_ahead_keep_a_multiplexed_connection_active_until_read(met
 def test_happy_eyeballs_counts_the_connection_that_won_the_race(metrics, flavor, scheme, second):
     """niquests' ``happy_eyeballs=True`` with a name of two addresses (127.0.0.2 and 127.0.0.1,
     through urllib3-future's in-memory resolver): it races a connection to each in threads (or
-    tasks) of its own, keeps the first established and closes the other (refused, or accepted
+    tasks) of its own, keeps the first established and closes the others (refused, or accepted
     and never used). One connection is the pool's: created once with its set-up time (none was
     counted: the race's ``connect`` runs where no pool is known), acquired by the three
     requests, the connection urllib3-future keeps and the server that answered them."""
@@ -368,9 +368,13 @@ def test_happy_eyeballs_counts_the_connection_that_won_the_race(metrics, flavor,
         url = f"{scheme}://race.test:{first.port}/"
         answers, idle, data = sessions(flavor, metrics, first, {}, threads if flavor == "threads"
                                        else tasks, happy_eyeballs=True, resolver=resolver)
+        deadline = time.monotonic() + 5  # the session closed: the servers' ends close too
+        while (sum(n for s in servers for n in s.per_connection) < 3
+               and time.monotonic() < deadline):
+            time.sleep(0.01)
     assert answers == [200] * 3 and idle == [True]
-    [winner] = [s for s in servers if s.answered]
-    assert (winner.accepted, winner.answered) == (1, 3)
+    # one connection carried the requests, whatever else the race opened
+    assert [n for s in servers for n in s.per_connection if n] == [3]
     assert metrics.value(data, "poolscope.connection.created") == 1
     assert metrics.histogram(data, "poolscope.connection.create_time")[0] == 1
     assert metrics.value(data, "poolscope.connection.acquisitions",
