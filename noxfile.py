@@ -21,7 +21,7 @@ LIBRARY_TESTS = ["tests/test_pools.py", "tests/test_urllib3.py", "tests/test_htt
                  "tests/test_aiohttp.py", "tests/test_pycurl.py", "tests/test_api.py",
                  "tests/test_ordering.py", "tests/test_faults.py", "tests/test_spans.py",
                  "tests/test_leaks.py", "tests/test_stress.py", "tests/test_http2.py",
-                 "tests/test_setup_phases.py"]
+                 "tests/test_setup_phases.py", "tests/test_proxies.py"]
 INSTRUMENTATIONS = ["opentelemetry-instrumentation-httpx", "opentelemetry-instrumentation-urllib3",
                     "opentelemetry-instrumentation-requests",
                     "opentelemetry-instrumentation-aiohttp-client"]

@@ -87,6 +87,7 @@ def test_forward_proxy_pool(metrics, server, httpx):
                          poolscope__connection__reused=True, **target) == 2
     assert metrics.value(data, "http.client.open_connections", http__connection__state="idle",
                          **target) == 1
+    assert metrics.histogram(data, "poolscope.connection.create_time", **target)[0] == 1
     assert server.accepted == 1
     client.close()
 

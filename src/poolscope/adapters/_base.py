@@ -47,6 +47,17 @@ def phase_timer(phase):
     return before, after
 
 
+def curl_setup(namelookup_us, connect_us, appconnect_us, pretransfer_us):
+    """A new connection's set-up in seconds from libcurl's times (µs from the transfer's start):
+    from the socket's opening, once the name is looked up, until the transfer can begin
+    (PRETRANSFER: past a proxy's handshake too, which CONNECT, the TCP connect to the proxy, and
+    APPCONNECT do not cover through a SOCKS proxy). A lookup that ends after the connect is the
+    target's, which libcurl makes for a SOCKS5 proxy once connected to it: the set-up then runs
+    from the transfer's start."""
+    start = namelookup_us if namelookup_us <= connect_us else 0
+    return max(0, max(connect_us, appconnect_us, pretransfer_us) - start) / 1e6
+
+
 def curl_phases(namelookup_us, connect_us, appconnect_us, start_ns):
     """The set-up phases of a libcurl transfer that opened a connection, from its times
     (NAMELOOKUP, CONNECT, APPCONNECT: microseconds from the transfer's start at ``start_ns``;

@@ -53,7 +53,7 @@ from curl_cffi.requests import session as sessions
 from .. import _semconv as sc
 from .._config import internal_error
 from .._recorder import CANCELLED
-from ._base import CURL_HTTP_VERSIONS, Adapter, calling, curl_phases, url_origin
+from ._base import CURL_HTTP_VERSIONS, Adapter, calling, curl_phases, curl_setup, url_origin
 
 ffi, lib = curl.ffi, curl.lib
 setopt = lib._curl_easy_setopt
@@ -381,14 +381,15 @@ class CurlCffiAdapter(Adapter):
             url = handle.getinfo(CurlInfo.EFFECTIVE_URL).decode("utf-8", "replace")
             rec = self.recorder.conn_created(pool, self.recorder.series(self.library,
                                                                          url_origin(url)))
-            times = [handle.getinfo(info) for info in (
-                CurlInfo.NAMELOOKUP_TIME_T, CurlInfo.CONNECT_TIME_T, CurlInfo.APPCONNECT_TIME_T)]
-            setup = max(0, max(times[1], times[2]) - times[0]) / 1e6
+            *times, pretransfer = [handle.getinfo(info) for info in (
+                CurlInfo.NAMELOOKUP_TIME_T, CurlInfo.CONNECT_TIME_T, CurlInfo.APPCONNECT_TIME_T,
+                CurlInfo.PRETRANSFER_TIME_T)]
+            setup = curl_setup(*times, pretransfer)
             self.recorder.conn_opened(rec, setup, protocol=None)  # known once it answers
             _by_key[key], _by_fd[fd] = rec, key
             now = time.time_ns()
             span = self.recorder.setup_started(rec, state.context, now - int(setup * 1e9))
-            self.recorder.setup_ended(span, peer=key[2].decode() if span else None)
+            self.recorder.setup_ended(span, peer=key[2].decode() if span else None, end_ns=now)
             self.recorder.setup_phases(rec, curl_phases(*times, now - max(times) * 1000))
         state.conn = rec
         self.recorder.acquired(rec, context=state.context)

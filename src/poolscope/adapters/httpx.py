@@ -23,6 +23,12 @@ a stream from the connection's semaphore (``_max_streams_semaphore``), sized by 
 counts a wait only when no stream is free. Active streams and the stream limit are read from
 the connection (its ``_events`` and ``_max_streams``) when metrics are collected.
 
+Through a proxy the pool's connection is the proxy's (forward, tunnel or SOCKS5). Its set-up
+begins with its connection to the proxy (the inner ``HTTPConnection``'s ``_connect``, a SOCKS
+connection's ``connect_tcp``) and ends once requests can go out on it: a forward proxy's when
+connected, a tunnel's and a SOCKS connection's at their last set-up step, which httpcore marks
+with the ``Trace`` of its proxy modules (only set-up steps use it there).
+
 Pool-initiated closes pass through ``HTTPConnection.close``, where the reason is read from the
 connection as ``_assign_requests_to_connections`` judged it: past ``_expire_at`` is
 ``keepalive_expired``, an idle socket the server closed is ``server_closed``, the rest are idle
@@ -63,14 +69,16 @@ def _flavors(root):
          "close": "close",
          "handle": "handle_request",
          "proxies": (("http_proxy", "HTTPProxy", ("ForwardHTTPConnection", "TunnelHTTPConnection")),
-                     ("socks_proxy", "SOCKSProxy", ("Socks5Connection",)))},
+                     ("socks_proxy", "SOCKSProxy", ("Socks5Connection",))),
+         "forward": "ForwardHTTPConnection"},
         {"package": f"{root}._async", "pool": "AsyncConnectionPool", "request": "AsyncPoolRequest",
          "event": "AsyncEvent", "semaphore": "AsyncSemaphore",
          "connection": "AsyncHTTPConnection", "close": "aclose",
          "handle": "handle_async_request",
          "proxies": (("http_proxy", "AsyncHTTPProxy",
                       ("AsyncForwardHTTPConnection", "AsyncTunnelHTTPConnection")),
-                     ("socks_proxy", "AsyncSOCKSProxy", ("AsyncSocks5Connection",)))},
+                     ("socks_proxy", "AsyncSOCKSProxy", ("AsyncSocks5Connection",))),
+         "forward": "AsyncForwardHTTPConnection"},
     )
 
 
@@ -287,6 +295,56 @@ def _phase_trace(base):
     return Trace
 
 
+def _proxy_trace(base, adapter):
+    """httpcore's ``Trace`` in its proxy modules, which put it only around the steps of a
+    proxied connection's set-up: a SOCKS connection's begins with its ``connect_tcp``; a
+    tunnel's, and a SOCKS connection's, ends with its last step (the TLS handshake with the
+    target; for plain HTTP through SOCKS, the SOCKS handshake). The connection is the ``self``
+    of the method running the step."""
+    def step(trace, frame, entering):
+        try:
+            proxied = frame.f_locals.get("self")
+            if "_poolscope" not in getattr(proxied, "__dict__", {}):
+                return
+            if entering:
+                if trace.name == "connect_tcp":
+                    adapter.proxied_begins(proxied)
+            elif trace.name == "start_tls" or (trace.name == "setup_socks5_connection"
+                                               and proxied._remote_origin.scheme != b"https"):
+                adapter.proxied_through(proxied, trace.return_value)
+        except Exception:
+            internal_error("httpx:proxied set-up")
+
+    class Trace(base):
+        def __enter__(self):
+            step(self, sys._getframe(1), True)
+            return super().__enter__()
+
+        def __exit__(self, exc_type=None, exc_value=None, traceback=None):
+            if exc_type is None:
+                step(self, sys._getframe(1), False)
+            return super().__exit__(exc_type, exc_value, traceback)
+
+        async def __aenter__(self):
+            step(self, sys._getframe(1), True)
+            return await super().__aenter__()
+
+        async def __aexit__(self, exc_type=None, exc_value=None, traceback=None):
+            if exc_type is None:
+                step(self, sys._getframe(1), False)
+            return await super().__aexit__(exc_type, exc_value, traceback)
+    Trace.__module__ = base.__module__
+    return Trace
+
+
+def _http2(conn, stream):
+    """Whether httpcore makes ``conn`` (set up on ``stream``) an HTTP/2 connection, as it
+    decides it: the TLS handshake's ALPN, or HTTP/2 alone allowed."""
+    ssl_object = stream.get_extra_info("ssl_object")
+    return ((ssl_object is not None and ssl_object.selected_alpn_protocol() == "h2")
+            or (conn._http2 and not conn._http1))
+
+
 def _stream_counts(conn):
     """A function giving the (active streams, stream limit) of ``conn``'s HTTP/2 connection."""
     ref = weakref.ref(conn)
@@ -309,6 +367,7 @@ class HttpxAdapter(Adapter):
         # httpcore2 2.6+ (which added is_connected) drops an unconnected, unclaimed connection
         self._drops_unclaimed = hasattr(connection, "is_connected")
         self._connections, self._linking, self._by_url, self._events = [], False, {}, []
+        self._forwards = ()
         for flavor in _flavors(self.root):
             self._patch_flavor(flavor)
         self._events = tuple(self._events)
@@ -327,6 +386,9 @@ class HttpxAdapter(Adapter):
                 continue
             pool_classes.append(getattr(module, proxy))
             conn_classes.extend(getattr(module, name) for name in connections)
+            self._forwards += tuple(getattr(module, name) for name in connections
+                                    if name == f["forward"])
+            self.replace(module, "Trace", _proxy_trace(module.Trace, self))
 
         self.wrap(pool_cls, "__init__", after=self._pool_init)
         self.wrap(pool_cls, f["close"], before=self._pool_close)
@@ -423,6 +485,9 @@ class HttpxAdapter(Adapter):
         if exc is None and "_poolscope" not in conn.__dict__:
             conn._poolscope = self.recorder.conn_created(self.pool_state(pool_obj),
                                                          self._series(origin))
+            inner = conn.__dict__.get("_connection")
+            if inner is not None:  # an HTTP proxy's: its connection to the proxy comes first
+                inner._poolscope_proxied = conn
 
     # -- requests ---------------------------------------------------------
 
@@ -565,24 +630,56 @@ class HttpxAdapter(Adapter):
     def _connect_start(self, conn, args, kwargs):
         rec = conn.__dict__.get("_poolscope")
         if rec is None:
-            return None
-        return rec, time.monotonic(), self.recorder.setup_started(rec), phases_begin()
+            proxied = conn.__dict__.get("_poolscope_proxied")
+            if proxied is None:
+                return None
+            self.proxied_begins(proxied)
+            # a forward proxy's connection is through once connected to the proxy; a tunnel's
+            # once the TLS handshake with the target is done (see _proxy_trace)
+            return proxied if isinstance(proxied, self._forwards) else None
+        started, started_ns = time.monotonic(), time.time_ns()
+        return rec, started, self.recorder.setup_started(rec, start_ns=started_ns), phases_begin()
+
+    def proxied_begins(self, proxied):
+        """The set-up of a proxied connection (``proxied``, the pool's) begins."""
+        proxied._poolscope_setup = time.monotonic(), time.time_ns()
+
+    def proxied_through(self, proxied, stream, speaks=None):
+        """The proxied connection ``proxied`` is set up, on ``stream``: opened, its set-up time
+        (and a set-up span, made now that it is over) from :meth:`proxied_begins`. ``speaks``:
+        the connection whose HTTP version its requests go out in, if not its own (a forward
+        proxy's connection to the proxy)."""
+        started = proxied.__dict__.pop("_poolscope_setup", None)
+        rec = proxied.__dict__.get("_poolscope")
+        if started is None or rec is None or rec.opened:
+            return
+        ended, ended_ns = time.monotonic(), time.time_ns()
+        http2 = _http2(speaks or proxied, stream)
+        with self.serialized(rec.pool):
+            self.recorder.conn_opened(rec, ended - started[0], "2" if http2 else "1.1",
+                                      _stream_counts(proxied) if http2 else None)
+        span = self.recorder.setup_started(rec, start_ns=started[1])
+        peer = stream.get_extra_info("server_addr")
+        self.recorder.setup_ended(span, None, peer[0] if peer else None, ended_ns)
 
     def _connected(self, token, conn, stream, exc):
+        if type(token) is not tuple:  # a forward proxy's connection (token) to the proxy
+            if exc is None:
+                self.proxied_through(token, stream, conn)
+            return
         rec, started, span, phases = token
+        ended, ended_ns = time.monotonic(), time.time_ns()
         phases_end()
         if exc is None:
-            ssl_object = stream.get_extra_info("ssl_object")
-            http2 = ((ssl_object is not None and ssl_object.selected_alpn_protocol() == "h2")
-                     or (conn._http2 and not conn._http1))  # as httpcore decides it
+            http2 = _http2(conn, stream)
             with self.serialized(rec.pool):
-                self.recorder.conn_opened(rec, time.monotonic() - started,
+                self.recorder.conn_opened(rec, ended - started,
                                           "2" if http2 else "1.1",
                                           _stream_counts(conn) if http2 else None)
             self.recorder.setup_phases(rec, phases)
         if span is not None:
             peer = stream.get_extra_info("server_addr") if exc is None else None
-            self.recorder.setup_ended(span, exc, peer[0] if peer else None)
+            self.recorder.setup_ended(span, exc, peer[0] if peer else None, ended_ns)
 
     def _conn_close(self, conn, args, kwargs):
         rec = conn.__dict__.get("_poolscope")

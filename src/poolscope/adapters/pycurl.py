@@ -64,7 +64,7 @@ from .. import _semconv as sc
 from .._config import internal_error
 from .._recorder import CANCELLED, TIMED_OUT
 from .._spans import current_context
-from ._base import CURL_HTTP_VERSIONS, Adapter, curl_phases, url_origin
+from ._base import CURL_HTTP_VERSIONS, Adapter, curl_phases, curl_setup, url_origin
 
 _QUEUED = 0.001
 _DEFAULT_MAXAGE = 118.0  # libcurl's MAXAGE_CONN default, seconds
@@ -632,7 +632,7 @@ class PycurlAdapter(Adapter):
         # start, and where it retried, not all from the same one), a reused one at pretransfer
         key = local_ip, local_port, peer_ip, peer_port
         if state.sockets is not None:
-            self.granted(state, key, setup=max(0, max(connect_us, tls_us) - dns_us) / 1e6)
+            self.granted(state, key, setup=curl_setup(dns_us, connect_us, tls_us, pretransfer_us))
         else:
             at = time.monotonic() - (total_us - pretransfer_us) / 1e6
             self.granted(state, key, max(since, at))

@@ -350,7 +350,8 @@ class Urllib3Adapter(Adapter):
                 self.recorder.acquired(rec)
         elif rec.opened:
             return None
-        return rec, time.monotonic(), self.recorder.setup_started(rec), phases_begin()
+        started, started_ns = time.monotonic(), time.time_ns()
+        return rec, started, self.recorder.setup_started(rec, start_ns=started_ns), phases_begin()
 
     def _pool_of(self, conn, rec):
         """The live pool state of a connection object about to open a socket: its last
@@ -388,7 +389,8 @@ class Urllib3Adapter(Adapter):
                 self.recorder.setup_phases(rec, phases)
         finally:
             if span is not None:
-                self.recorder.setup_ended(span, exc, peer_address(lambda: conn.sock.getpeername()))
+                self.recorder.setup_ended(span, exc, peer_address(lambda: conn.sock.getpeername()),
+                                          ended_ns)
 
     @staticmethod
     def http_version(conn):
