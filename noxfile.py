@@ -63,7 +63,7 @@ def matrix(session, pins):
 # urllib3-future through its urllib3 API, beside the other libraries' newest versions
 FUTURE_TESTS = ["tests/test_urllib3_future.py", "tests/test_pools.py", "tests/test_faults.py",
                 "tests/test_stress.py", "tests/test_ordering.py", "tests/test_spans.py",
-                "tests/test_setup_phases.py"]
+                "tests/test_setup_phases.py", "tests/test_proxies.py"]
 
 
 # Before 2.25.904 urllib3-future can lose a connection when a pool timeout races its hand-over

@@ -109,7 +109,8 @@ def _curl_cffi(url, proxy, cafile):
         return [session.get(url).status_code for _ in range(3)]
 
 
-CLIENTS = {"urllib3": ("urllib3", _urllib3), "httpx-sync": ("httpx", _httpx_sync(httpx)),
+CLIENTS = {"urllib3-future" if URLLIB3_FUTURE else "urllib3": ("urllib3", _urllib3),
+           "httpx-sync": ("httpx", _httpx_sync(httpx)),
            "httpx-async": ("httpx", _httpx_async(httpx)), "aiohttp": ("aiohttp", _aiohttp),
            "pycurl": ("pycurl", _pycurl)}
 if httpx2 is not None:
