@@ -2,6 +2,7 @@
 
 import asyncio
 import contextlib
+import io
 import queue
 import threading
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -51,6 +52,24 @@ def _in_threads(fn, args):
     for t in threads:
         t.join(30)
     return results
+
+
+def curl_statuses(url, n, **options):
+    """The statuses of ``n`` requests to ``url`` on one pycurl handle (which reuses its
+    connection), with ``options`` (pycurl's option names) set."""
+    curl = pycurl.Curl()
+    try:
+        statuses = []
+        for _ in range(n):
+            curl.setopt(pycurl.URL, url)
+            for name, value in options.items():
+                curl.setopt(getattr(pycurl, name), value)
+            curl.setopt(pycurl.WRITEDATA, io.BytesIO())
+            curl.perform()
+            statuses.append(curl.getinfo(pycurl.RESPONSE_CODE))
+        return statuses
+    finally:
+        curl.close()
 
 
 class _Driver:

@@ -8,15 +8,13 @@ held that handshake."""
 
 import asyncio
 import inspect
-import io
 
 import aiohttp
 import httpx
-import pycurl
 import pytest
 import urllib3
 
-from drivers import URLLIB3_FUTURE, curl_cffi_requests, httpx2, niquests
+from drivers import URLLIB3_FUTURE, curl_cffi_requests, curl_statuses, httpx2, niquests
 from poolscope.demo.server import DemoServer
 from test_spans import SETUP
 from tlsserver import TLSServer
@@ -88,20 +86,7 @@ def _context(cafile):
 
 
 def _pycurl(url, proxy, cafile):
-    curl = pycurl.Curl()
-    try:
-        statuses = []
-        for _ in range(3):
-            curl.setopt(pycurl.URL, url)
-            curl.setopt(pycurl.PROXY, proxy)
-            if cafile:
-                curl.setopt(pycurl.CAINFO, cafile)
-            curl.setopt(pycurl.WRITEDATA, io.BytesIO())
-            curl.perform()
-            statuses.append(curl.getinfo(pycurl.RESPONSE_CODE))
-        return statuses
-    finally:
-        curl.close()
+    return curl_statuses(url, 3, PROXY=proxy, **({"CAINFO": cafile} if cafile else {}))
 
 
 def _curl_cffi(url, proxy, cafile):

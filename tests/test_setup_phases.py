@@ -3,15 +3,13 @@ connection splits into the phases it lets be told apart, the TLS handshake as lo
 server's books say it was, and each phase is a child span of the connection's set-up span."""
 
 import asyncio
-import io
 
 import aiohttp
 import httpx
-import pycurl
 import pytest
 import urllib3
 
-from drivers import URLLIB3_FUTURE, curl_cffi_requests, httpx2, niquests
+from drivers import URLLIB3_FUTURE, curl_cffi_requests, curl_statuses, httpx2, niquests
 from test_spans import SETUP, parent_of, seconds
 from tlsserver import TLSServer
 
@@ -55,18 +53,7 @@ def _aiohttp(server):
 
 
 def _pycurl(server):
-    curl = pycurl.Curl()
-    try:
-        statuses = []
-        for _ in range(2):
-            curl.setopt(pycurl.URL, server.url + "/")
-            curl.setopt(pycurl.CAINFO, str(server.cafile))
-            curl.setopt(pycurl.WRITEDATA, io.BytesIO())
-            curl.perform()
-            statuses.append(curl.getinfo(pycurl.RESPONSE_CODE))
-        return statuses
-    finally:
-        curl.close()
+    return curl_statuses(server.url + "/", 2, CAINFO=str(server.cafile))
 
 
 def _niquests(server):

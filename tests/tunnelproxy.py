@@ -8,6 +8,8 @@ import socket
 import threading
 from socketserver import BaseRequestHandler, ThreadingTCPServer
 
+from poolscope.demo.server import InThread
+
 
 class _Tunnel(BaseRequestHandler):
     def handle(self):
@@ -84,7 +86,7 @@ class _Tunnel(BaseRequestHandler):
             upstream.close()
 
 
-class TunnelProxy(ThreadingTCPServer):
+class TunnelProxy(InThread, ThreadingTCPServer):
     """Start with ``with TunnelProxy() as proxy:``; ``proxy.url`` is its URL."""
 
     daemon_threads = True
@@ -96,7 +98,6 @@ class TunnelProxy(ThreadingTCPServer):
         self.lock = threading.Lock()
         self.tunnels = 0
         self.targets = []
-        self._thread = None
 
     @property
     def url(self):
@@ -106,13 +107,3 @@ class TunnelProxy(ThreadingTCPServer):
     def socks_url(self):
         return f"socks5://127.0.0.1:{self.server_address[1]}"
 
-    def __enter__(self):
-        self._thread = threading.Thread(target=self.serve_forever, kwargs={"poll_interval": 0.05},
-                                        daemon=True)
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        self.shutdown()
-        self.server_close()
-        self._thread.join(5)

@@ -119,7 +119,25 @@ class _Handler(BaseHTTPRequestHandler):
         pass
 
 
-class DemoServer(ThreadingHTTPServer):
+class InThread:
+    """Mixed in before a ``socketserver`` server: ``with`` serves it in a thread of its own,
+    and stops and closes it at the end of the block."""
+
+    _thread = None
+
+    def __enter__(self):
+        self._thread = threading.Thread(target=self.serve_forever, kwargs={"poll_interval": 0.05},
+                                        daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.shutdown()
+        self.server_close()
+        self._thread.join(5)
+
+
+class DemoServer(InThread, ThreadingHTTPServer):
     """Start with ``with DemoServer() as server:``; ``server.url`` is its base URL. ``host``:
     the loopback address it listens on."""
 
@@ -138,7 +156,6 @@ class DemoServer(ThreadingHTTPServer):
         self.accepted = self.empty = self.received = self.answered = self.reset = 0
         self.per_connection = []  # requests answered on each connection, once it has closed
         self.peers = set()  # the client ports of the connections accepted
-        self._thread = None
 
     @property
     def port(self):
@@ -148,13 +165,3 @@ class DemoServer(ThreadingHTTPServer):
     def url(self):
         return f"{self.scheme}://{self.server_address[0]}:{self.port}"
 
-    def __enter__(self):
-        self._thread = threading.Thread(target=self.serve_forever, kwargs={"poll_interval": 0.05},
-                                        daemon=True)
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        self.shutdown()
-        self.server_close()
-        self._thread.join(5)
