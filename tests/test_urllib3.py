@@ -1,6 +1,7 @@
 """urllib3-only behaviour: pool_full discards, PoolManager eviction, requests, block=False."""
 
 import logging
+import socket
 import threading
 import time
 
@@ -185,3 +186,67 @@ def test_a_connection_used_without_a_pool_leaves_the_callers_locals_alone(metric
     conn.close()
     assert server.accepted == 1
     assert v(metrics, "poolscope.connection.created") in (None, 0)  # no pool: not observed
+
+
+class UnixSocketServer(DemoServer):
+    """The demo server on a Unix socket at ``path``, as the Docker daemon listens."""
+
+    address_family = socket.AF_UNIX
+
+    def __init__(self, path):
+        self.path = str(path)
+        super().__init__()
+
+    def server_bind(self):
+        self.socket.bind(self.path)
+        self.server_address, self.server_name, self.server_port = self.path, "localhost", 0
+
+    def get_request(self):
+        return self.socket.accept()[0], ("unix", 0)  # the handler's books take a peer port
+
+
+def test_the_docker_sdk_over_a_unix_socket(traced, tmp_path):
+    """The real docker SDK (``APIClient``) against a Unix socket server: its urllib3 pool makes
+    its own connection class, whose ``connect`` opens the Unix socket itself (as
+    requests-unixsocket's does) and was defined before poolscope was on. Three pings: one
+    connection, the one the server accepted, acquired three times, the server's answers."""
+    docker = pytest.importorskip("docker")
+    with UnixSocketServer(tmp_path / "docker.sock") as daemon:
+        client = docker.APIClient(base_url="unix://" + daemon.path, version="1.41")
+        with traced.tracer_provider.get_tracer("app").start_as_current_span("app"):
+            for _ in range(3):
+                client.ping()
+        client.close()
+    assert (daemon.accepted, daemon.answered) == (1, 3)
+    data = traced.read()
+    assert traced.value(data, "poolscope.connection.created") == 1
+    assert traced.value(data, "poolscope.connection.acquisitions",
+                        poolscope__connection__reused=False) == 1
+    assert traced.value(data, "poolscope.connection.acquisitions",
+                        poolscope__connection__reused=True) == 2
+    assert traced.histogram(data, "poolscope.connection.create_time")[0] == 1
+    assert len(traced.finished("HTTP connection_setup")) == 1
+
+
+def test_a_connection_subclass_made_later_with_a_connect_of_its_own(traced, server):
+    """A connection subclass defined after poolscope is on, whose ``connect`` calls urllib3's
+    and then tunes the socket: its connections are observed once each (one set-up, one set-up
+    span), as the server accepted them."""
+    class Tuned(urllib3.connection.HTTPConnection):
+        def connect(self):
+            super().connect()
+            self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+    class TunedPool(urllib3.HTTPConnectionPool):
+        ConnectionCls = Tuned
+
+    with TunedPool("127.0.0.1", server.port, maxsize=2) as pool:
+        with traced.tracer_provider.get_tracer("app").start_as_current_span("app"):
+            statuses = [pool.request("GET", "/").status for _ in range(3)]
+            statuses += [pool.request("GET", path).status for path in ("/close", "/")]
+    assert statuses == [200] * 5 and server.accepted == 2
+    data = traced.read()
+    assert traced.value(data, "poolscope.connection.created") == 2
+    assert traced.value(data, "poolscope.connection.acquisitions") == 5
+    assert traced.histogram(data, "poolscope.connection.create_time")[0] == 2
+    assert len(traced.finished("HTTP connection_setup")) == 2
