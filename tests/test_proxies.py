@@ -21,9 +21,10 @@ from tlsserver import TLSServer
 from tunnelproxy import TunnelProxy
 
 HELD = 0.2
-# what each library needs to speak SOCKS5 (None: it does not)
+# what each library needs to speak SOCKS5
 SOCKS = {"urllib3": "python_socks" if URLLIB3_FUTURE else "socks", "requests": "socks",
-         "niquests": "python_socks", "httpx": "socksio", "httpx2": "socksio", "aiohttp": None}
+         "niquests": "python_socks", "httpx": "socksio", "httpx2": "socksio",
+         "aiohttp": "aiohttp_socks"}
 
 
 def _urllib3(url, proxy, cafile):
@@ -67,13 +68,19 @@ def _proxy(module, proxy):
 
 
 def _aiohttp(url, proxy, cafile):
+    """Through aiohttp's own proxy support, or for SOCKS aiohttp-socks' connector."""
     context = _context(cafile)  # one: aiohttp pools connections by their SSL context
 
     async def main():
-        async with aiohttp.ClientSession() as session:
+        if proxy.startswith("socks"):
+            from aiohttp_socks import ProxyConnector
+            options, via = {"connector": ProxyConnector.from_url(proxy)}, None
+        else:
+            options, via = {}, proxy
+        async with aiohttp.ClientSession(**options) as session:
             statuses = []
             for _ in range(3):
-                async with session.get(url, proxy=proxy, ssl=context) as response:
+                async with session.get(url, proxy=via, ssl=context) as response:
                     await response.read()
                     statuses.append(response.status)
             return statuses
@@ -116,8 +123,6 @@ if curl_cffi_requests is not None:
 def test_a_connection_through_a_proxy(traced, tmp_path, client, via, scheme):
     family, run = CLIENTS[client]
     if via == "socks5":
-        if SOCKS.get(family, "") is None:
-            pytest.skip(f"{family} speaks no SOCKS")
         if SOCKS.get(family):
             pytest.importorskip(SOCKS[family])
     server_cls = TLSServer if scheme == "https" else DemoServer
