@@ -92,6 +92,45 @@ def test_forward_proxy_pool(metrics, server, httpx):
     client.close()
 
 
+@pytest.mark.parametrize("flavor", ["sync", "async"])
+def test_a_pool_subclass_making_connections_of_its_own(metrics, server, flavor):
+    """httpx-socks' transport: a subclass of httpcore's pool whose ``create_connection`` makes
+    connections of its own class, which set up through SOCKS5 in their own code (defined
+    outside httpcore, so poolscope observes their ``create_connection`` and ``close`` as
+    subclasses). Three requests: one connection, the proxy's tunnel and the one the server
+    accepted, acquired three times; closed with the client. Its set-up is its own code's: no
+    ``create_time``."""
+    httpx_socks = pytest.importorskip("httpx_socks")
+    from tunnelproxy import TunnelProxy
+
+    async def run_async(url):
+        transport = httpx_socks.AsyncProxyTransport.from_url(proxy.socks_url)
+        async with httpx.AsyncClient(transport=transport) as client:
+            return [(await client.get(url)).status_code for _ in range(3)], metrics.read()
+
+    with TunnelProxy() as proxy:
+        if flavor == "sync":
+            with httpx.Client(transport=httpx_socks.SyncProxyTransport.from_url(
+                    proxy.socks_url)) as client:
+                statuses = [client.get(server.url + "/").status_code for _ in range(3)]
+                data = metrics.read()
+        else:
+            statuses, data = asyncio.run(run_async(server.url + "/"))
+    assert statuses == [200] * 3 and proxy.tunnels == server.accepted == 1
+    assert metrics.value(data, "poolscope.connection.created") == 1
+    assert metrics.value(data, "poolscope.connection.acquisitions",
+                         poolscope__connection__reused=False) == 1
+    assert metrics.value(data, "poolscope.connection.acquisitions",
+                         poolscope__connection__reused=True) == 2
+    assert metrics.value(data, "http.client.open_connections",
+                         http__connection__state="idle") == 1
+    assert metrics.histogram(data, "poolscope.connection.create_time")[0] == 0
+    data = metrics.read()
+    assert metrics.value(data, "poolscope.connection.closed",
+                         poolscope__close__reason="pool_closed") == 1
+    assert metrics.value(data, "http.client.open_connections") == 0
+
+
 @MODULES
 def test_pool_closing_a_connection_under_a_request_is_an_error(metrics, server, httpx):
     """httpcore 1.0.9's pool can close a connection a request is still reading from

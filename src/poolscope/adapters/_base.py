@@ -268,6 +268,39 @@ class Adapter:
         method.__wrapped__ = original
         self.replace(owner, name, method)
 
+    def observe_subclasses(self, base, hooks):
+        """Wrap, as :meth:`wrap` does, each of ``hooks`` (``{method name: (before, after)}``) on
+        the subclasses of ``base`` that define that method and are not the library's own (its
+        own are patched by name): those made already, and through ``__init_subclass__`` those
+        made later (their module imported after poolscope). Applications and SDKs subclass a
+        library's classes with methods of their own: the docker SDK's urllib3 connection opens a
+        Unix socket in a ``connect`` of its own, httpx-socks' pool makes connections of its
+        own."""
+        library = base.__module__.split(".")[0]
+        seen = set()
+
+        def observe(cls):
+            if cls in seen or cls.__module__.split(".")[0] == library:
+                return
+            seen.add(cls)
+            for name, (before, after) in hooks.items():
+                if name in vars(cls):
+                    self.wrap(cls, name, before, after)
+
+        def __init_subclass__(cls, **kwargs):
+            super(base, cls).__init_subclass__(**kwargs)
+            try:
+                observe(cls)
+            except Exception:
+                internal_error(f"{self.library}:{base.__name__} subclass")
+
+        made = base.__subclasses__()
+        while made:
+            cls = made.pop()
+            observe(cls)
+            made.extend(cls.__subclasses__())
+        self.replace(base, "__init_subclass__", classmethod(__init_subclass__))
+
     def replace(self, owner, name, value):
         self._saved.append((owner, name, vars(owner).get(name, _MISSING)))
         setattr(owner, name, value)

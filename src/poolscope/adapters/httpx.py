@@ -66,7 +66,7 @@ def _flavors(root):
     return (
         {"package": f"{root}._sync", "pool": "ConnectionPool", "request": "PoolRequest",
          "event": "Event", "semaphore": "Semaphore", "connection": "HTTPConnection",
-         "close": "close",
+         "close": "close", "interface": "ConnectionInterface",
          "handle": "handle_request",
          "proxies": (("http_proxy", "HTTPProxy", ("ForwardHTTPConnection", "TunnelHTTPConnection")),
                      ("socks_proxy", "SOCKSProxy", ("Socks5Connection",))),
@@ -74,6 +74,7 @@ def _flavors(root):
         {"package": f"{root}._async", "pool": "AsyncConnectionPool", "request": "AsyncPoolRequest",
          "event": "AsyncEvent", "semaphore": "AsyncSemaphore",
          "connection": "AsyncHTTPConnection", "close": "aclose",
+         "interface": "AsyncConnectionInterface",
          "handle": "handle_async_request",
          "proxies": (("http_proxy", "AsyncHTTPProxy",
                       ("AsyncForwardHTTPConnection", "AsyncTunnelHTTPConnection")),
@@ -412,6 +413,10 @@ class HttpxAdapter(Adapter):
                 self.wrap(cls, "create_connection", before=self._origin_arg, after=self._created)
         for cls in conn_classes:
             self.wrap(cls, f["close"], before=self._conn_close)
+        # pools that make connections of their own (httpx-socks'), and those connections
+        self.observe_subclasses(pool_cls, {"create_connection": (self._origin_arg, self._created)})
+        interface = getattr(importlib.import_module(package + ".interfaces"), f["interface"])
+        self.observe_subclasses(interface, {f["close"]: (self._conn_close, None)})
         self.wrap(conn_classes[0], "_connect", before=self._connect_start, after=self._connected)
         self.replace(connection, "Trace", _phase_trace(connection.Trace))
         self._connections.append((conn_classes[0], f["handle"]))

@@ -303,32 +303,10 @@ class Urllib3Adapter(Adapter):
             if "connect" in vars(cls):
                 self.wrap(cls, "connect", before=self._connect_start, after=self._connected)
         self.wrap(conn_classes[0], "close", before=self._conn_close)
-        self._observe_subclasses(conn_classes)
-
-    def _observe_subclasses(self, conn_classes):
-        """A subclass of the connection class that opens its socket its own way (a ``connect``
-        of its own: docker's and requests-unixsocket's Unix socket connections) has that
-        ``connect`` observed too: the subclasses made already, and through
-        ``__init_subclass__`` those made later (their module imported after poolscope)."""
-        base = conn_classes[0]
-
-        def observe(cls):
-            if "connect" in vars(cls) and cls not in conn_classes:
-                self.wrap(cls, "connect", before=self._connect_start, after=self._connected)
-
-        def __init_subclass__(cls, **kwargs):
-            super(base, cls).__init_subclass__(**kwargs)
-            try:
-                observe(cls)
-            except Exception:
-                internal_error(f"{self.library}:connection subclass")
-
-        made = base.__subclasses__()
-        while made:
-            cls = made.pop()
-            observe(cls)
-            made.extend(cls.__subclasses__())
-        self.replace(base, "__init_subclass__", classmethod(__init_subclass__))
+        # a subclass that opens its socket its own way (docker's and requests-unixsocket's
+        # Unix socket connections)
+        self.observe_subclasses(conn_classes[0], {"connect": (self._connect_start,
+                                                              self._connected)})
 
     def unpatch(self):
         super().unpatch()
@@ -367,7 +345,7 @@ class Urllib3Adapter(Adapter):
 
     def _connect_start(self, conn, args, kwargs):
         if "_poolscope_connecting" in conn.__dict__:
-            return None  # a subclass's connect calling its parent's (see _observe_subclasses)
+            return None  # a subclass's connect calling its parent's (see patch_pools)
         rec = conn.__dict__.get("_poolscope")
         if rec is None or rec.closed:
             pool = self._pool_of(conn, rec)
