@@ -642,49 +642,45 @@ class HttpxAdapter(Adapter):
             # a forward proxy's connection is through once connected to the proxy; a tunnel's
             # once the TLS handshake with the target is done (see _proxy_trace)
             return proxied if isinstance(proxied, self._forwards) else None
-        started, started_ns = time.monotonic(), time.time_ns()
-        return rec, started, self.recorder.setup_started(rec, start_ns=started_ns), phases_begin()
-
-    def proxied_begins(self, proxied):
-        """The set-up of a proxied connection (``proxied``, the pool's) begins."""
-        proxied._poolscope_setup = time.monotonic(), time.time_ns()
-
-    def proxied_through(self, proxied, stream, speaks=None):
-        """The proxied connection ``proxied`` is set up, on ``stream``: opened, its set-up time
-        (and a set-up span, made now that it is over) from :meth:`proxied_begins`. ``speaks``:
-        the connection whose HTTP version its requests go out in, if not its own (a forward
-        proxy's connection to the proxy)."""
-        started = proxied.__dict__.pop("_poolscope_setup", None)
-        rec = proxied.__dict__.get("_poolscope")
-        if started is None or rec is None or rec.opened:
-            return
-        ended, ended_ns = time.monotonic(), time.time_ns()
-        http2 = _http2(speaks or proxied, stream)
-        with self.serialized(rec.pool):
-            self.recorder.conn_opened(rec, ended - started[0], "2" if http2 else "1.1",
-                                      _stream_counts(proxied) if http2 else None)
-        span = self.recorder.setup_started(rec, start_ns=started[1])
-        peer = stream.get_extra_info("server_addr")
-        self.recorder.setup_ended(span, None, peer[0] if peer else None, ended_ns)
+        return rec, time.monotonic(), time.time_ns(), phases_begin()
 
     def _connected(self, token, conn, stream, exc):
         if type(token) is not tuple:  # a forward proxy's connection (token) to the proxy
             if exc is None:
                 self.proxied_through(token, stream, conn)
             return
-        rec, started, span, phases = token
-        ended, ended_ns = time.monotonic(), time.time_ns()
         phases_end()
+        self._set_up(token, conn, stream, exc)
+
+    def proxied_begins(self, proxied):
+        """The set-up of a proxied connection (``proxied``, the pool's) begins."""
+        proxied._poolscope_setup = time.monotonic(), time.time_ns()
+
+    def proxied_through(self, proxied, stream, speaks=None):
+        """The proxied connection ``proxied`` is set up, on ``stream``, since
+        :meth:`proxied_begins`. ``speaks``: the connection its requests go out on, if not its
+        own (a forward proxy's connection to the proxy)."""
+        started = proxied.__dict__.pop("_poolscope_setup", None)
+        rec = proxied.__dict__.get("_poolscope")
+        if started is not None and rec is not None and not rec.opened:
+            self._set_up((rec, *started, []), speaks or proxied, stream, None)
+
+    def _set_up(self, token, conn, stream, exc):
+        """A connection's set-up ended, on ``stream`` (``exc``: failed): opened, its set-up time
+        and phases, and its set-up span, made now that it is over. ``token``: (its state, when
+        it began as ``time.monotonic()`` and ``time.time_ns()``, its phases); ``conn``: the
+        httpcore connection its requests go out on."""
+        rec, started, started_ns, phases = token
+        ended, ended_ns = time.monotonic(), time.time_ns()
+        span = self.recorder.setup_started(rec, start_ns=started_ns)
         if exc is None:
             http2 = _http2(conn, stream)
             with self.serialized(rec.pool):
-                self.recorder.conn_opened(rec, ended - started,
-                                          "2" if http2 else "1.1",
+                self.recorder.conn_opened(rec, ended - started, "2" if http2 else "1.1",
                                           _stream_counts(conn) if http2 else None)
             self.recorder.setup_phases(rec, phases)
-        if span is not None:
-            peer = stream.get_extra_info("server_addr") if exc is None else None
-            self.recorder.setup_ended(span, exc, peer[0] if peer else None, ended_ns)
+        peer = stream.get_extra_info("server_addr") if exc is None else None
+        self.recorder.setup_ended(span, exc, peer[0] if peer else None, ended_ns)
 
     def _conn_close(self, conn, args, kwargs):
         rec = conn.__dict__.get("_poolscope")
