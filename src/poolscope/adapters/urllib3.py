@@ -356,9 +356,8 @@ class Urllib3Adapter(Adapter):
                 self.recorder.acquired(rec)
         elif rec.opened:
             return None
-        started, started_ns = time.monotonic(), time.time_ns()
         conn._poolscope_connecting = True
-        return rec, started, self.recorder.setup_started(rec, start_ns=started_ns), phases_begin()
+        return rec, time.monotonic(), time.time_ns(), phases_begin()
 
     def _pool_of(self, conn, rec):
         """The live pool state of a connection object about to open a socket: its last
@@ -382,10 +381,13 @@ class Urllib3Adapter(Adapter):
         return None
 
     def _connected(self, token, conn, result, exc):
-        rec, started, span, phases = token
+        """The set-up that began at ``token`` (its state, when it began as ``time.monotonic()``
+        and ``time.time_ns()``, its phases) ended; its span is made now that it is over."""
+        rec, started, started_ns, phases = token
         ended, ended_ns = time.monotonic(), time.time_ns()
         conn.__dict__.pop("_poolscope_connecting", None)
         phases_end()
+        span = self.recorder.setup_started(rec, start_ns=started_ns)
         try:
             if exc is None:
                 with self.serialized(rec.pool):

@@ -280,13 +280,11 @@ class Urllib3FutureAdapter(Urllib3Adapter):
         its challengers' ``connect`` in other threads or tasks, where no pool is known. The
         winner is created, acquired and opened now, its set-up time the race's (as a
         ``connect``'s includes name resolution); the losers never were the pool's."""
-        started, started_ns = token
         pool = self.pool_state(pool_obj)
         with self.serialized(pool):
             rec = conn._poolscope = self.recorder.conn_created(pool)
             self.recorder.acquired(rec)
-        span = self.recorder.setup_started(rec, start_ns=started_ns)
-        self._connected((rec, started, span, []), conn, None, None)
+        self._connected((rec, *token, []), conn, None, None)
 
     def _connected(self, token, conn, result, exc):
         super()._connected(token, conn, result, exc)
