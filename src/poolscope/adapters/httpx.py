@@ -123,14 +123,6 @@ def _self_close_reason(conn):
     return sc.SERVER_CLOSED if their in (None, "MUST_CLOSE", "CLOSED") else sc.ERROR
 
 
-def _caller(depth, name):
-    """The ``self`` of the frame ``depth`` up if it runs a method called ``name``, else None."""
-    frame = sys._getframe(depth + 1)
-    if frame is not None and frame.f_code.co_name == name:
-        return frame.f_locals.get("self")
-    return None
-
-
 class _Requests(list):
     """A pool's list of requests in flight: ``remove`` is a request leaving the pool."""
 
