@@ -5,9 +5,11 @@ with wrapt 2.x. The ``urllib3-future`` sessions install urllib3-future (its olde
 and its newest) over urllib3, as niquests installs it, for its own tests
 (``tests/test_urllib3_future.py``) and the shared scenarios on niquests and urllib3-future.
 The ``curl_cffi`` session runs curl_cffi's tests and the shared scenarios on its oldest
-supported version (the main run has the newest).
+supported version (the main run has the newest). The ``httpx-socks`` session runs the tests of
+httpx-socks' transports, with the httpx it allows.
 
-Run: ``nox -s matrix urllib3-future curl_cffi`` (``scripts/test.sh`` does, after the main run).
+Run: ``nox -s matrix urllib3-future curl_cffi httpx-socks`` (``scripts/test.sh`` does, after the
+main run).
 Pins are read from the oldest/newest lines below; the supported ranges are in ``src/poolscope/_package.py``.
 """
 
@@ -82,6 +84,15 @@ def urllib3_future(session, future):
                 "urllib3.__version__, 'niquests', niquests.__version__)")
     session.run("python", "-m", "pytest", "-q", *FUTURE_TESTS, "-k", "future or niquests",
                 *(UNSOUND_BEFORE_2_25_904 if "==" in future else []), *session.posargs)
+
+
+# httpx-socks (a pool subclass with connections of its own) pins httpx below 0.29: its tests
+# run with the httpx it allows, not in the main environment, which keeps the newest httpx
+@nox.session(python="3.11", name="httpx-socks")
+def httpx_socks(session):
+    session.install("--upgrade", "-e", ".[test]", "httpx-socks")
+    session.run("python", "-m", "pytest", "-q", "tests/test_httpx.py", "tests/test_proxies.py",
+                "-k", "subclass or httpx-", *session.posargs)
 
 
 @nox.session(python="3.11", name="curl_cffi")

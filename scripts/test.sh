@@ -35,7 +35,7 @@ python3 -m venv .venv
 # (scripts/peer_suites.py, loopback-only, which needs root) run with the whole suite, not
 # with a selection of tests
 if [ $# -eq 0 ]; then
-    .venv/bin/nox -s matrix urllib3-future curl_cffi
+    .venv/bin/nox -s matrix urllib3-future curl_cffi httpx-socks
     if [ "$(id -u)" = 0 ]; then
         .venv/bin/python scripts/peer_suites.py
     else
