@@ -41,6 +41,15 @@ class Metrics:
             return None
         return sum(getattr(p, "value", None) if hasattr(p, "value") else p.count for p in points)
 
+    def served(self, data, **attrs):
+        """(connections created, acquisitions of a new connection, of a reused one) of the
+        points whose attributes include ``attrs``: (1, 1, n - 1) when one connection served n
+        requests."""
+        acquisitions = "poolscope.connection.acquisitions"
+        return (self.value(data, "poolscope.connection.created", **attrs),
+                self.value(data, acquisitions, poolscope__connection__reused=False, **attrs),
+                self.value(data, acquisitions, poolscope__connection__reused=True, **attrs))
+
     def histogram(self, data, name, **attrs):
         """(count, sum) of a histogram's points whose attributes include ``attrs``."""
         want = {k.replace("__", "."): v for k, v in attrs.items()}

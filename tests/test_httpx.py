@@ -117,11 +117,7 @@ def test_a_pool_subclass_making_connections_of_its_own(metrics, server, flavor):
         else:
             statuses, data = asyncio.run(run_async(server.url + "/"))
     assert statuses == [200] * 3 and proxy.tunnels == server.accepted == 1
-    assert metrics.value(data, "poolscope.connection.created") == 1
-    assert metrics.value(data, "poolscope.connection.acquisitions",
-                         poolscope__connection__reused=False) == 1
-    assert metrics.value(data, "poolscope.connection.acquisitions",
-                         poolscope__connection__reused=True) == 2
+    assert metrics.served(data) == (1, 1, 2)
     assert metrics.value(data, "http.client.open_connections",
                          http__connection__state="idle") == 1
     assert metrics.histogram(data, "poolscope.connection.create_time")[0] == 0

@@ -136,11 +136,7 @@ def test_a_connection_through_a_proxy(traced, tmp_path, client, via, scheme):
     assert (server.accepted, server.answered) == (1, 3)
     data = traced.read()
     target = {"url__scheme": scheme, "server__address": "127.0.0.1", "server__port": server.port}
-    assert traced.value(data, "poolscope.connection.created", **target) == 1
-    assert traced.value(data, "poolscope.connection.acquisitions",
-                        poolscope__connection__reused=False, **target) == 1
-    assert traced.value(data, "poolscope.connection.acquisitions",
-                        poolscope__connection__reused=True, **target) == 2
+    assert traced.served(data, **target) == (1, 1, 2)
     assert traced.value(data, "http.client.open_connections", http__connection__state="active",
                         **target) == 0
     count, seconds = traced.histogram(data, "poolscope.connection.create_time", **target)
