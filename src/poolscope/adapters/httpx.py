@@ -256,78 +256,64 @@ def _observed_semaphore(base, adapter):
 _TRACED_PHASES = {"connect_tcp": sc.CONNECT, "connect_unix_socket": sc.CONNECT, "start_tls": sc.TLS}
 
 
-def _phase_trace(base):
-    """httpcore's ``Trace``, which its connection module puts around each step of a connect,
-    also timing the steps that are set-up phases: the TCP connect (with name resolution) and
-    the TLS handshake."""
-    def ended(trace, exc_type):
+def _stepped_trace(base, step, where):
+    """httpcore's ``Trace`` (``base``), calling ``step(trace, frame, exc_type)`` as each step
+    begins (``exc_type`` ``True``) and ends (None, or the exception's type); ``frame`` runs
+    the step. Its failures are poolscope's (``where``)."""
+    def guarded(trace, exc_type):
         try:
-            phase = _TRACED_PHASES.get(trace.name)
-            if phase is not None and exc_type is None:
-                phase_ended(phase, trace._poolscope_started)
+            step(trace, sys._getframe(2), exc_type)
         except Exception:
-            internal_error("httpx:set-up phase")
+            internal_error(where)
 
     class Trace(base):
         def __enter__(self):
-            self._poolscope_started = time.monotonic()
+            guarded(self, True)
             return super().__enter__()
 
         def __exit__(self, exc_type=None, exc_value=None, traceback=None):
-            ended(self, exc_type)
+            guarded(self, exc_type)
             return super().__exit__(exc_type, exc_value, traceback)
 
         async def __aenter__(self):
-            self._poolscope_started = time.monotonic()
+            guarded(self, True)
             return await super().__aenter__()
 
         async def __aexit__(self, exc_type=None, exc_value=None, traceback=None):
-            ended(self, exc_type)
+            guarded(self, exc_type)
             return await super().__aexit__(exc_type, exc_value, traceback)
     Trace.__module__ = base.__module__
     return Trace
 
 
-def _proxy_trace(base, adapter):
-    """httpcore's ``Trace`` in its proxy modules, which put it only around the steps of a
-    proxied connection's set-up: a SOCKS connection's begins with its ``connect_tcp``; a
-    tunnel's, and a SOCKS connection's, ends with its last step (the TLS handshake with the
-    target; for plain HTTP through SOCKS, the SOCKS handshake). The connection is the ``self``
-    of the method running the step."""
-    def step(trace, frame, entering):
-        try:
-            proxied = frame.f_locals.get("self")
-            if "_poolscope" not in getattr(proxied, "__dict__", {}):
-                return
-            if entering:
-                if trace.name == "connect_tcp":
-                    adapter.proxied_begins(proxied)
-            elif trace.name == "start_tls" or (trace.name == "setup_socks5_connection"
-                                               and proxied._remote_origin.scheme != b"https"):
-                adapter.proxied_through(proxied, trace.return_value)
-        except Exception:
-            internal_error("httpx:proxied set-up")
+def _phase_step(trace, frame, exc_type):
+    """In httpcore's connection module, ``Trace`` is around each step of a connect: those that
+    are set-up phases (the TCP connect, with name resolution, and the TLS handshake) are timed."""
+    if exc_type is True:
+        trace._poolscope_started = time.monotonic()
+    elif exc_type is None:
+        phase = _TRACED_PHASES.get(trace.name)
+        if phase is not None:
+            phase_ended(phase, trace._poolscope_started)
 
-    class Trace(base):
-        def __enter__(self):
-            step(self, sys._getframe(1), True)
-            return super().__enter__()
 
-        def __exit__(self, exc_type=None, exc_value=None, traceback=None):
-            if exc_type is None:
-                step(self, sys._getframe(1), False)
-            return super().__exit__(exc_type, exc_value, traceback)
-
-        async def __aenter__(self):
-            step(self, sys._getframe(1), True)
-            return await super().__aenter__()
-
-        async def __aexit__(self, exc_type=None, exc_value=None, traceback=None):
-            if exc_type is None:
-                step(self, sys._getframe(1), False)
-            return await super().__aexit__(exc_type, exc_value, traceback)
-    Trace.__module__ = base.__module__
-    return Trace
+def _proxy_step(adapter):
+    """In httpcore's proxy modules, ``Trace`` is only around the steps of a proxied
+    connection's set-up: a SOCKS connection's begins with its ``connect_tcp``; a tunnel's, and
+    a SOCKS connection's, ends with its last step (the TLS handshake with the target; for plain
+    HTTP through SOCKS, the SOCKS handshake). The connection is the ``self`` of the method
+    running the step."""
+    def step(trace, frame, exc_type):
+        proxied = frame.f_locals.get("self")
+        if exc_type not in (True, None) or "_poolscope" not in getattr(proxied, "__dict__", {}):
+            return
+        if exc_type is True:
+            if trace.name == "connect_tcp":
+                adapter.proxied_begins(proxied)
+        elif trace.name == "start_tls" or (trace.name == "setup_socks5_connection"
+                                           and proxied._remote_origin.scheme != b"https"):
+            adapter.proxied_through(proxied, trace.return_value)
+    return step
 
 
 def _http2(conn, stream):
@@ -381,7 +367,8 @@ class HttpxAdapter(Adapter):
             conn_classes.extend(getattr(module, name) for name in connections)
             self._forwards += tuple(getattr(module, name) for name in connections
                                     if name == f["forward"])
-            self.replace(module, "Trace", _proxy_trace(module.Trace, self))
+            self.replace(module, "Trace", _stepped_trace(module.Trace, _proxy_step(self),
+                                                         "httpx:proxied set-up"))
 
         self.wrap(pool_cls, "__init__", after=self._pool_init)
         self.wrap(pool_cls, f["close"], before=self._pool_close)
@@ -410,7 +397,8 @@ class HttpxAdapter(Adapter):
         interface = getattr(importlib.import_module(package + ".interfaces"), f["interface"])
         self.observe_subclasses(interface, {f["close"]: (self._conn_close, None)})
         self.wrap(conn_classes[0], "_connect", before=self._connect_start, after=self._connected)
-        self.replace(connection, "Trace", _phase_trace(connection.Trace))
+        self.replace(connection, "Trace", _stepped_trace(connection.Trace, _phase_step,
+                                                         "httpx:set-up phase"))
         self._connections.append((conn_classes[0], f["handle"]))
 
     def _link_when_sent(self):
@@ -632,7 +620,7 @@ class HttpxAdapter(Adapter):
                 return None
             self.proxied_begins(proxied)
             # a forward proxy's connection is through once connected to the proxy; a tunnel's
-            # once the TLS handshake with the target is done (see _proxy_trace)
+            # once the TLS handshake with the target is done (see _proxy_step)
             return proxied if isinstance(proxied, self._forwards) else None
         return rec, time.monotonic(), time.time_ns(), phases_begin()
 
