@@ -7,6 +7,7 @@ import time
 import pycurl
 import pytest
 from poolscope.demo.server import DemoServer
+from unixserver import UnixSocketServer
 
 LIB = {"poolscope__library": "pycurl"}
 
@@ -403,16 +404,35 @@ def test_a_handle_performing_alone_counts_what_the_servers_saw(metrics, alone):
         assert b.per_connection == [3] and point.count == 1 and point.sum == 3
 
 
-def test_a_handle_with_two_connections_to_one_origin(metrics, server):
+@pytest.fixture(params=["tcp", "unix"])
+def origin(request, server, tmp_path):
+    """(the server, its base URL, the options a handle needs to reach it): the test server, or
+    the same on a Unix socket (``UNIX_SOCKET_PATH``), whose connections libcurl names by the
+    socket's path alone."""
+    if request.param == "tcp":
+        yield server, server.url, {}
+        return
+    with UnixSocketServer(tmp_path / "s.sock") as unix:
+        yield unix, "http://localhost", {pycurl.UNIX_SOCKET_PATH: unix.path}
+
+
+@pytest.mark.parametrize("prereq", [False, True], ids=["alone", "prereq"])
+def test_a_handle_with_two_connections_to_one_origin(metrics, origin, prereq):
     """FRESH_CONNECT leaves two connections to one origin in the handle's cache, and libcurl
-    then reuses the first, not the last: which one a transfer had is libcurl's to tell."""
+    then reuses the first, not the last: which one a transfer had is libcurl's to tell (over
+    a Unix socket it names neither: poolscope takes the first idle one, as libcurl does).
+    ``prereq``: with ``FOLLOWLOCATION``, poolscope's ``PREREQFUNCTION`` tells each
+    transfer's connection; without, the transfer's end does."""
+    server, url, options = origin
     curl = pycurl.Curl()
-    assert fetch(curl, server.url + "/") == 200
+    for option, value in {**options, pycurl.FOLLOWLOCATION: prereq}.items():
+        curl.setopt(option, value)
+    assert fetch(curl, url + "/") == 200
     curl.setopt(pycurl.FRESH_CONNECT, 1)
-    assert fetch(curl, server.url + "/") == 200
+    assert fetch(curl, url + "/") == 200
     curl.setopt(pycurl.FRESH_CONNECT, 0)
-    assert fetch(curl, server.url + "/close") == 200  # on the first, which the server closes
-    assert fetch(curl, server.url + "/") == 200  # on the second, the one left
+    assert fetch(curl, url + "/close") == 200  # on the first, which the server closes
+    assert fetch(curl, url + "/") == 200  # on the second, the one left
     _, v = figures(metrics)
     assert v("poolscope.connection.created") == server.accepted == 2
     assert v("poolscope.connection.acquisitions", poolscope__connection__reused=False) == 2
@@ -427,6 +447,52 @@ def test_a_handle_with_two_connections_to_one_origin(metrics, server):
     assert server.per_connection == [2, 2]
     [(_, point)] = data["poolscope.connection.requests"]
     assert point.count == 2 and point.sum == 4
+
+
+def test_a_multi_over_a_unix_socket(metrics, tmp_path):
+    """3 transfers at once in a multi over a Unix socket, twice: 3 connections, each reused
+    once; then one the server closes, on one of them: the one closed has served 3, as the
+    server saw it."""
+    def at_once(multi, path, n):
+        handles = []
+        for _ in range(n):
+            curl = pycurl.Curl()
+            curl.setopt(pycurl.URL, "http://localhost" + path)
+            curl.setopt(pycurl.UNIX_SOCKET_PATH, server.path)
+            curl.setopt(pycurl.WRITEFUNCTION, lambda data: None)
+            multi.add_handle(curl)
+            handles.append(curl)
+        while multi.perform()[1]:
+            multi.select(0.1)
+        assert len(multi.info_read()[1]) == n
+        statuses = [curl.getinfo(pycurl.RESPONSE_CODE) for curl in handles]
+        for curl in handles:
+            multi.remove_handle(curl)
+            curl.close()
+        return statuses
+
+    with UnixSocketServer(tmp_path / "s.sock") as server:
+        multi = pycurl.CurlMulti()
+        assert at_once(multi, "/delay/0.2", 3) + at_once(multi, "/delay/0.2", 3) == [200] * 6
+        _, v = figures(metrics)
+        assert v("poolscope.connection.created") == server.accepted == 3
+        assert v("poolscope.connection.acquisitions", poolscope__connection__reused=False) == 3
+        assert v("poolscope.connection.acquisitions", poolscope__connection__reused=True) == 3
+        assert v("http.client.open_connections", http__connection__state="idle") == 3
+        assert at_once(multi, "/close", 1) == [200]
+        data, v = figures(metrics)
+        assert v("poolscope.connection.closed", poolscope__close__reason="server_closed") == 1
+        [(_, point)] = data["poolscope.connection.requests"]
+        assert (point.count, point.sum) == (1, 3)
+        multi.close()
+        deadline = time.monotonic() + 5
+        while len(server.per_connection) < 3 and time.monotonic() < deadline:
+            time.sleep(0.02)
+    data, v = figures(metrics)
+    assert sorted(server.per_connection) == [2, 2, 3]
+    [(_, point)] = data["poolscope.connection.requests"]
+    assert (point.count, point.sum) == (3, 7)
+    assert v("poolscope.connection.closed", poolscope__close__reason="pool_closed") == 2
 
 
 def test_a_file_transfer_between_two_requests_uses_no_connection(metrics, server, tmp_path):

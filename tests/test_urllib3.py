@@ -10,6 +10,7 @@ import requests
 import urllib3
 
 from drivers import Urllib3Driver
+from unixserver import UnixSocketServer
 from poolscope.demo.server import DemoServer
 
 
@@ -186,23 +187,6 @@ def test_a_connection_used_without_a_pool_leaves_the_callers_locals_alone(metric
     conn.close()
     assert server.accepted == 1
     assert v(metrics, "poolscope.connection.created") in (None, 0)  # no pool: not observed
-
-
-class UnixSocketServer(DemoServer):
-    """The demo server on a Unix socket at ``path``, as the Docker daemon listens."""
-
-    address_family = socket.AF_UNIX
-
-    def __init__(self, path):
-        self.path = str(path)
-        super().__init__()
-
-    def server_bind(self):
-        self.socket.bind(self.path)
-        self.server_address, self.server_name, self.server_port = self.path, "localhost", 0
-
-    def get_request(self):
-        return self.socket.accept()[0], ("unix", 0)  # the handler's books take a peer port
 
 
 def test_the_docker_sdk_over_a_unix_socket(traced, tmp_path):

@@ -126,6 +126,18 @@ class _Cache:
         self.pool = None  # a multi's pool state
         self.ref = weakref.ref(multi) if multi is not None else None  # a multi's, weakly
 
+    def unix_key(self, path, sockets):
+        """The key of a connection over the Unix socket ``path``, which libcurl names by the
+        path alone (no addresses, no ports): a new one (``sockets``: those opened for the
+        transfer) by its descriptor, a reused one is the first idle one cached to that path,
+        as libcurl picks it."""
+        if sockets:
+            return "", sockets[-1][0], path, 0
+        for key, rec in self.conns.items():
+            if key[2] == path and not rec.in_use and not rec.closed:
+                return key
+        return "", 0, path, 0
+
     def queued(self, recorder):
         """(series, since) of each transfer the multi holds back: added, with no connection
         yet. Read at collection, so that a transfer's time in the queue costs it nothing."""
@@ -210,6 +222,8 @@ class _Handle:
         if adapter is not None:
             try:
                 key = local_ip, local_port, peer_ip, peer_port
+                if peer_port <= 0 and peer_ip:  # a Unix socket's
+                    key = self.owner()[1].unix_key(peer_ip, self.sockets)
                 multi = self.multi
                 cache = multi[1] if multi is not None else self.cache
                 rec = cache.conns.get(key)
@@ -616,11 +630,15 @@ class PycurlAdapter(Adapter):
         info = _read(curl, pycurl.LOCAL_IP, pycurl.LOCAL_PORT, pycurl.PRIMARY_IP,
                      pycurl.PRIMARY_PORT, pycurl.PRETRANSFER_TIME_T, pycurl.TOTAL_TIME_T,
                      pycurl.NAMELOOKUP_TIME_T, pycurl.CONNECT_TIME_T, pycurl.APPCONNECT_TIME_T)
-        if info is None or info[1] <= 0 or info[3] <= 0:  # it had no connection
+        if info is None:
             self.finished(state, errno)
             return
         (local_ip, local_port, peer_ip, peer_port, pretransfer_us, total_us, dns_us, connect_us,
          tls_us) = info
+        unix = peer_port <= 0 and peer_ip  # a Unix socket's: no ports
+        if pretransfer_us <= 0 if unix else local_port <= 0 or peer_port <= 0:  # no connection
+            self.finished(state, errno)
+            return
         # A transfer that failed had its connection (reached PREREQFUNCTION's moment) if it
         # reused one, or if its new one connected (and finished TLS, for https)
         if errno and state.sockets is not None and not (
@@ -630,7 +648,8 @@ class PycurlAdapter(Adapter):
         # acquired when PREREQFUNCTION would have been called: a new connection once set up
         # (its socket opened after the name lookup; libcurl's times run from an attempt's
         # start, and where it retried, not all from the same one), a reused one at pretransfer
-        key = local_ip, local_port, peer_ip, peer_port
+        key = (state.owner()[1].unix_key(peer_ip, state.sockets) if unix
+               else (local_ip, local_port, peer_ip, peer_port))
         if state.sockets is not None:
             self.granted(state, key, setup=curl_setup(dns_us, connect_us, tls_us, pretransfer_us))
         else:
