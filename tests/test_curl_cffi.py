@@ -17,6 +17,7 @@ from conftest import Metrics
 from drivers import curl_cffi_requests
 from poolscope.demo.server import DemoServer
 from test_launcher import six_requests_limit_two
+from unixserver import UnixSocketServer
 
 pytestmark = pytest.mark.skipif(curl_cffi_requests is None, reason="curl_cffi is not installed")
 
@@ -291,6 +292,46 @@ def test_a_stream_being_received_holds_its_connection(metrics):
                          http__connection__state="active") == 1
     assert 0.4 <= metrics.value(during, "poolscope.connection.oldest_active_age") <= 0.9
     assert metrics.value(metrics.read(), "poolscope.connection.oldest_active_age") == 0
+
+
+def test_sessions_over_a_unix_socket(metrics, tmp_path):
+    """libcurl names a connection over a Unix socket by the socket's path alone: 3 requests at
+    once through an ``AsyncSession``, twice, make 3 connections, each reused once, as the
+    server saw them, and one more the server closes closes the one it went on; then a
+    ``Session``, 3 requests on its own connection."""
+    from curl_cffi.const import CurlOpt
+
+    with UnixSocketServer(tmp_path / "s.sock") as server:
+        options = {CurlOpt.UNIX_SOCKET_PATH: server.path.encode()}
+
+        async def at_once():
+            async with curl_cffi_requests.AsyncSession(max_clients=3,
+                                                       curl_options=options) as session:
+                for _ in range(2):
+                    answers = await asyncio.gather(*(session.get("http://localhost/delay/0.2")
+                                                     for _ in range(3)))
+                    assert [a.status_code for a in answers] == [200] * 3
+                data = metrics.read()
+                assert metrics.served(data) == (3, 3, 3) and server.accepted == 3
+                assert metrics.value(data, "http.client.open_connections",
+                                     http__connection__state="idle") == 3
+                # one the server closes, on one of them: the one closed has served 3
+                assert (await session.get("http://localhost/close")).status_code == 200
+                assert closes(metrics) == {"server_closed": 1}
+                [(_, point)] = metrics.read()["poolscope.connection.requests"]
+                assert (point.count, point.sum) == (1, 3)
+        _run(at_once())
+        with curl_cffi_requests.Session(curl_options=options) as session:
+            assert [session.get("http://localhost/").status_code for _ in range(3)] == [200] * 3
+        deadline = time.monotonic() + 5
+        while len(server.per_connection) < 4 and time.monotonic() < deadline:
+            time.sleep(0.02)
+    data = metrics.read()
+    assert metrics.served(data) == (4, 4, 6) and server.accepted == 4
+    assert sorted(server.per_connection) == [2, 2, 3, 3]
+    assert closes(metrics) == {"server_closed": 1, "pool_closed": 3}
+    [(_, point)] = data["poolscope.connection.requests"]
+    assert (point.count, point.sum) == (4, 10)
 
 
 def test_a_sync_session_per_thread(metrics, server):

@@ -67,6 +67,9 @@ _REQUEST_ONCE = getattr(sessions.AsyncSession, "_request_once",
 _adapter = None  # the active CurlCffiAdapter
 _by_key = {}  # (local ip, local port, peer ip, peer port) of each open connection -> its Conn
 _by_fd = {}  # the descriptor of each open connection's socket -> its key
+# a connection over a Unix socket is keyed (_UNIX, libcurl's CONN_ID, the path, its pool's id):
+# libcurl numbers connections per pool, and the socket has no addresses of its own
+_UNIX = b"unix"
 _new_fds = set()  # sockets libcurl opened (SOCKOPTFUNCTION) not yet known as a connection
 # Conns closed while a transfer held them, released when it ends -> whether the peer had closed
 _lost = {}
@@ -103,6 +106,8 @@ def _prereq(data, peer_ip, local_ip, peer_port, local_port):
         try:
             state = ffi.from_handle(data)
             key = ffi.string(local_ip), local_port, ffi.string(peer_ip), peer_port
+            if peer_port <= 0 and key[2]:  # a Unix socket's: libcurl names it by the path alone
+                key = _UNIX, state.curl().getinfo(CurlInfo.CONN_ID), key[2], id(state.owner())
             rec = _by_key.get(key)
             if rec is None or state.conn is not None:
                 adapter.granted(state, key, rec)
@@ -135,18 +140,23 @@ def _closesocket(data, fd):
 
 def _descriptor(key):
     """The descriptor of the socket libcurl opened for the connection ``key`` (connected: its
-    addresses are its own), or None."""
+    addresses are its own; a Unix socket's, the path it reaches), or None."""
     for fd in list(_new_fds):
         sock = None
         try:
             sock = socket.socket(fileno=fd)
             local, peer = sock.getsockname(), sock.getpeername()
+            unix = sock.family == socket.AF_UNIX
         except OSError:
             continue
         finally:
             if sock is not None:
                 sock.detach()
-        if (local[0].encode(), local[1], peer[0].encode(), peer[1]) == key:
+        if unix:  # libcurl keeps the path's first 45 bytes
+            found = key[0] == _UNIX and peer.encode().startswith(key[2])
+        else:
+            found = (local[0].encode(), local[1], peer[0].encode(), peer[1]) == key
+        if found:
             _new_fds.discard(fd)
             return fd
     return None
