@@ -200,7 +200,8 @@ def test_failed_request_closes_with_error(metrics, make, server):
 
 
 def test_refused_connection_is_never_counted_open(metrics, make):
-    """Nothing listens on the port: a slot was taken, no connection was ever open."""
+    """Nothing listens on the port: a slot was taken, no connection was ever open, and no
+    request had one (no acquisition, as in ``created``)."""
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
@@ -210,6 +211,7 @@ def test_refused_connection_is_never_counted_open(metrics, make):
             d.get("/")
     _, v = figures(metrics, d.library)
     assert v("poolscope.connection.created") in (0, None)
+    assert v(ACQ) in (0, None)
     assert v("poolscope.connection.closed") in (0, None)
     assert v(OPEN, http__connection__state="active") in (0, None)
     assert v(OPEN, http__connection__state="idle") in (0, None)

@@ -585,8 +585,9 @@ class Recorder(Tracing):
             self._use_time.record(used, conn.series.attrs)
 
     def closed(self, conn, reason, now=None):
-        """The connection closed. One never established is dropped without being counted; one
-        closed with or after its pool counts under the pool's close reason."""
+        """The connection closed. One never established is dropped without being counted, and
+        so are the acquisitions of it; one closed with or after its pool counts under the
+        pool's close reason."""
         now = now or monotonic()
         if self.deferred(self.closed, conn, reason, now):
             return
@@ -598,12 +599,15 @@ class Recorder(Tracing):
             if not pool.live or pool.ref() is None:
                 reason = pool.close_reason or sc.POOL_CLOSED
             pool.conns.discard(conn)
-            conn.series.acquired[1] += conn.reuses
             if conn.active:
                 self._shift(pool, -1, now)
             self._forget(pool)
             if not conn.opened:
+                # never a connection: the requests handed it had none (as ``created`` counts)
+                if conn.uses:
+                    conn.series.acquired[0] -= 1
                 return
+            conn.series.acquired[1] += conn.reuses
             _count(conn.series.closed, reason)
             lifetime = now - conn.born
         self._duration.record(lifetime, conn.series.attr((sc.PROTOCOL_VERSION, conn.protocol)))
