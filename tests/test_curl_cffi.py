@@ -144,9 +144,7 @@ def test_a_full_multi_cache_closes_the_connection_handed_back(metrics, server):
     assert closed == {"pool_full": 1}
     assert metrics.value(data, "http.client.open_connections") == 1
     assert metrics.value(data, "poolscope.connection.created") == server.accepted == 2
-    deadline = time.monotonic() + 5
-    while len(server.per_connection) < 2 and time.monotonic() < deadline:
-        time.sleep(0.01)
+    server.wait_closed(2)
     assert sorted(server.per_connection) == [1, 1]
 
 
@@ -323,9 +321,7 @@ def test_sessions_over_a_unix_socket(metrics, tmp_path):
         _run(at_once())
         with curl_cffi_requests.Session(curl_options=options) as session:
             assert [session.get("http://localhost/").status_code for _ in range(3)] == [200] * 3
-        deadline = time.monotonic() + 5
-        while len(server.per_connection) < 4 and time.monotonic() < deadline:
-            time.sleep(0.02)
+        server.wait_closed(4)
     data = metrics.read()
     assert metrics.served(data) == (4, 4, 6) and server.accepted == 4
     assert sorted(server.per_connection) == [2, 2, 3, 3]
@@ -409,9 +405,7 @@ def test_a_dropped_handle_or_session_is_freed_at_once(metrics, server):
                          http__connection__state="idle") == 1 == 2 - len(server.per_connection)
     loop.run_until_complete(multi.close())
     loop.close()
-    deadline = time.monotonic() + 5
-    while len(server.per_connection) < 2 and time.monotonic() < deadline:
-        time.sleep(0.01)
+    server.wait_closed(2)
     assert len(server.per_connection) == 2
     assert closes(metrics) == {"pool_closed": 2}
 
@@ -451,9 +445,7 @@ def test_sessions_sharing_a_multi_are_one_pool(metrics, server):
         assert metrics.value(after_one, "poolscope.connection.max") == 2
         assert metrics.value(after_one, "http.client.open_connections",
                              http__connection__state="idle") == created
-    deadline = time.monotonic() + 5
-    while len(server.per_connection) < created and time.monotonic() < deadline:
-        time.sleep(0.01)
+    server.wait_closed(created)
     assert len(server.per_connection) == created
     assert closes(metrics) == {"pool_closed": created}
 
@@ -491,9 +483,7 @@ def test_a_session_dropped_unclosed_takes_its_handles_out_of_its_multis_limit(me
     assert created == server.accepted
     assert metrics.value(after, "http.client.open_connections",
                          http__connection__state="idle") == created
-    deadline = time.monotonic() + 5
-    while len(server.per_connection) < created and time.monotonic() < deadline:
-        time.sleep(0.01)
+    server.wait_closed(created)
     assert closes(metrics) == {"pool_closed": created} and len(server.per_connection) == created
 
 

@@ -132,9 +132,7 @@ def test_requests_per_connection_are_recorded_at_its_close(metrics, make, server
     for path in ["/", "/", "/", "/close", "/", "/"]:
         assert d.get(path) == 200
     d.close()
-    deadline = time.monotonic() + 5
-    while len(server.per_connection) < 2 and time.monotonic() < deadline:
-        time.sleep(0.01)
+    server.wait_closed(2)
     assert sorted(server.per_connection) == [2, 4]
     data = metrics.read()
     [point] = [p for a, p in data["poolscope.connection.requests"]

@@ -441,9 +441,7 @@ def test_a_handle_with_two_connections_to_one_origin(metrics, origin, prereq):
     assert v("http.client.open_connections", http__connection__state="idle") == 1
     curl.close()
     data, _ = figures(metrics)
-    deadline = time.monotonic() + 5
-    while len(server.per_connection) < 2 and time.monotonic() < deadline:
-        time.sleep(0.02)
+    server.wait_closed(2)
     assert server.per_connection == [2, 2]
     [(_, point)] = data["poolscope.connection.requests"]
     assert point.count == 2 and point.sum == 4
@@ -485,9 +483,7 @@ def test_a_multi_over_a_unix_socket(metrics, tmp_path):
         [(_, point)] = data["poolscope.connection.requests"]
         assert (point.count, point.sum) == (1, 3)
         multi.close()
-        deadline = time.monotonic() + 5
-        while len(server.per_connection) < 3 and time.monotonic() < deadline:
-            time.sleep(0.02)
+        server.wait_closed(3)
     data, v = figures(metrics)
     assert sorted(server.per_connection) == [2, 2, 3]
     [(_, point)] = data["poolscope.connection.requests"]

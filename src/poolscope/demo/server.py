@@ -157,6 +157,14 @@ class DemoServer(InThread, ThreadingHTTPServer):
         self.per_connection = []  # requests answered on each connection, once it has closed
         self.peers = set()  # the client ports of the connections accepted
 
+    def wait_closed(self, n, timeout=5.0):
+        """Wait (at most ``timeout`` seconds) until ``n`` connections have closed on the
+        server's side; returns ``per_connection``."""
+        deadline = time.monotonic() + timeout
+        while len(self.per_connection) < n and time.monotonic() < deadline:
+            time.sleep(0.01)
+        return self.per_connection
+
     @property
     def port(self):
         return self.server_address[1]
