@@ -1,7 +1,7 @@
 """Real clients built on the covered libraries, against a local fake of their service: boto3
 (botocore's urllib3 pool, which discards a connection when it is full) and elastic-transport,
 the elasticsearch client's transport, with each of its node classes (urllib3, requests,
-aiohttp, httpx).
+aiohttp, httpx); and tornado's curl client (pycurl).
 
 6 calls at once through a pool of 2, each answered after 0.3 s, then 3 calls one after the
 other. The truth beside poolscope's figures: the sockets the server accepted and the requests
@@ -133,3 +133,32 @@ def test_elastic_transport_async_nodes(metrics, server, node_class, library):
         limited(metrics, library, server, 1, LIMIT, per_origin=library == "aiohttp")
         await transport.close()
     asyncio.run(main())
+
+
+def test_tornado_curl_client_queues_in_tornado(metrics, server):
+    """tornado's ``CurlAsyncHTTPClient`` drives a pycurl multi with ``socket_action`` and runs
+    at most ``max_clients`` transfers, queueing the rest itself. libcurl's pool has no limit of
+    its own, so no ``max`` and no waits (tornado's queue is not a pool); its 2 connections
+    serve all 9 requests, as the server saw, and close with the client."""
+    pytest.importorskip("pycurl")
+    curl_httpclient = pytest.importorskip("tornado.curl_httpclient")
+
+    async def main():
+        client = curl_httpclient.CurlAsyncHTTPClient(force_instance=True, max_clients=LIMIT)
+        answers = await asyncio.gather(*(client.fetch(server.url + PATH) for _ in range(CALLS)))
+        answers += [await client.fetch(server.url + PATH) for _ in range(3)]
+        assert [a.body for a in answers] == [b"ok"] * (CALLS + 3)
+        got = figures(metrics, "pycurl", server, per_origin=False)
+        assert (server.accepted, server.answered) == (LIMIT, CALLS + 3)
+        assert (got["created"], got["new"], got["reused"]) == (server.accepted, LIMIT,
+                                                               CALLS + 3 - LIMIT)
+        assert (got["waits"], got["max"]) == (None, None)
+        assert (got["idle"], got["active"]) == (server.accepted - len(server.per_connection), 0)
+        assert got["pools"] == 1
+        client.close()
+    asyncio.run(main())
+    assert len(server.wait_closed(LIMIT)) == LIMIT and sum(server.per_connection) == CALLS + 3
+    data = metrics.read()
+    assert metrics.value(data, "poolscope.connection.closed", server__port=server.port,
+                         poolscope__close__reason="pool_closed") == LIMIT
+    assert metrics.value(data, "poolscope.pool.count", poolscope__library="pycurl") == 0
