@@ -355,9 +355,9 @@ def test_a_forked_child_counts_its_own_pools_not_its_parents():
 
 
 def test_an_uncovered_client_installed_beside_is_one_line(tmp_path):
-    """requestx installed (its distribution's metadata on the path): one line at start-up
-    names it; the covered libraries are patched as ever."""
-    for name, version in (("requestx", "0.4.0"),):
+    """requestx and httplib2 installed (their distributions' metadata on the path): one line
+    at start-up names both; the covered libraries are patched as ever."""
+    for name, version in (("requestx", "0.4.0"), ("httplib2", "0.31.0")):
         info = tmp_path / f"{name}-{version}.dist-info"
         info.mkdir()
         (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {name}\nVersion: {version}\n")
@@ -371,7 +371,7 @@ def test_an_uncovered_client_installed_beside_is_one_line(tmp_path):
     assert result.stdout.split() == ["function"]
     lines = result.stderr.splitlines()
     assert len(lines) == 1, lines
-    assert "requestx 0.4.0 installed, not observed" in lines[0]
+    assert "httplib2 0.31.0, requestx 0.4.0 installed, not observed" in lines[0]
 
 
 def test_saturation_time_never_goes_backwards_when_an_event_lands_after_a_collection():
