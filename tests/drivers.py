@@ -27,6 +27,10 @@ try:  # Python 3.10+
     from curl_cffi import requests as curl_cffi_requests
 except ImportError:
     curl_cffi_requests = None
+try:
+    import trio
+except ImportError:
+    trio = None
 
 # where urllib3-future installed itself as urllib3, `import urllib3` gives it
 URLLIB3_FUTURE = _urllib3_is_future()
@@ -209,6 +213,93 @@ class AsyncHttpxDriver(_AsyncDriver):
         await self.client.aclose()
 
 
+class TrioThread:
+    """A trio run in a thread of its own: ``run_until_complete(coro)`` runs a coroutine there
+    (as an asyncio loop's does), ``start_soon`` starts a task there, ``close()`` ends the run."""
+
+    def __init__(self):
+        started = threading.Event()
+        self.thread = threading.Thread(target=trio.run, args=(self._serve, started), daemon=True)
+        self.thread.start()
+        started.wait(5)
+
+    async def _serve(self, started):
+        self.token, self.stop = trio.lowlevel.current_trio_token(), trio.Event()
+        async with trio.open_nursery() as self.nursery:
+            started.set()
+            await self.stop.wait()
+            self.nursery.cancel_scope.cancel()
+
+    def run_until_complete(self, coro):
+        async def run():
+            return await coro
+        return trio.from_thread.run(run, trio_token=self.token)
+
+    def start_soon(self, fn, *args):
+        trio.from_thread.run_sync(self.nursery.start_soon, fn, *args, trio_token=self.token)
+
+    def close(self):
+        trio.from_thread.run_sync(self.stop.set, trio_token=self.token)
+        self.thread.join(5)
+
+
+class _TrioFuture(Future):
+    """What ``submit`` gives under trio: cancelling it cancels the request, as cancelling
+    asyncio's ``run_coroutine_threadsafe`` future cancels its task."""
+
+    def __init__(self, token):
+        super().__init__()
+        self.token, self.scope = token, trio.CancelScope()
+
+    def cancel(self):
+        trio.from_thread.run_sync(self.scope.cancel, trio_token=self.token)
+        return super().cancel()
+
+
+class TrioHttpxDriver(AsyncHttpxDriver):
+    """httpx's async client under trio (httpcore's trio backend), in a thread of its own."""
+
+    def __init__(self, server, **kw):
+        self.server, self.loop = server, TrioThread()
+        self.client = self._call(self._make(**kw))
+
+    def _call(self, coro):
+        return self.loop.run_until_complete(coro)
+
+    def get_all(self, paths):
+        async def gather():
+            results = [None] * len(paths)
+
+            async def one(i, path):
+                try:
+                    results[i] = await self._get(path)
+                except Exception as exc:  # the scenario asserts on it
+                    results[i] = exc
+            async with trio.open_nursery() as nursery:
+                for i, path in enumerate(paths):
+                    nursery.start_soon(one, i, path)
+            return results
+        return self._call(gather())
+
+    def submit(self, path):
+        future = _TrioFuture(self.loop.token)
+
+        async def run():
+            with future.scope:
+                try:
+                    result = await self._get(path)
+                except Exception as exc:
+                    future.set_exception(exc)
+                else:
+                    future.set_result(result)
+        self.loop.start_soon(run)
+        return future
+
+    def _close(self):
+        self._call(self._aclose())
+        self.loop.close()
+
+
 def _client_span(tracer):
     """The application's own span around a request (httpx2 has no OpenTelemetry instrumentation
     of its own), or none without a tracer."""
@@ -373,6 +464,7 @@ class PycurlDriver(_Driver):
 DRIVERS = {"urllib3-future" if URLLIB3_FUTURE else "urllib3": Urllib3Driver,
            **({"niquests": NiquestsDriver, "niquests-async": AsyncNiquestsDriver} if niquests else {}),
            "httpx-sync": HttpxDriver, "httpx-async": AsyncHttpxDriver,
+           **({"httpx-trio": TrioHttpxDriver} if trio else {}),
            "aiohttp": AiohttpDriver, "pycurl": PycurlDriver,
            **({"curl_cffi": CurlCffiDriver} if curl_cffi_requests else {}),
            **({"httpx2-sync": Httpx2Driver, "httpx2-async": AsyncHttpx2Driver} if httpx2 else {})}

@@ -23,13 +23,14 @@ import poolscope
 pytest.importorskip("h2")
 
 from conftest import Metrics, buckets  # noqa: E402
-from drivers import httpx2  # noqa: E402
+from drivers import TrioThread, httpx2, trio  # noqa: E402
 from h2server import H2Server  # noqa: E402
 from poolscope import report  # noqa: E402
 from poolscope._instrument import current_recorder  # noqa: E402
 
 MODULES = {"httpx": httpx, **({"httpx2": httpx2} if httpx2 else {})}
-FLAVORS = [(library, mode) for library in MODULES for mode in ("sync", "async")]
+MODES = ("sync", "async", *(("trio",) if trio else ()))
+FLAVORS = [(library, mode) for library in MODULES for mode in MODES]
 ROUND = 0.3
 
 
@@ -44,10 +45,25 @@ class Client:
     uses the connection."""
 
     def __init__(self, library, mode, server):
-        self.module, self.is_async, self.url = MODULES[library], mode == "async", server.url
+        self.module, self.is_async, self.url = MODULES[library], mode != "sync", server.url
         cls = self.module.AsyncClient if self.is_async else self.module.Client
-        self.loop = asyncio.new_event_loop() if self.is_async else None
+        self.loop = (TrioThread() if mode == "trio" else
+                     asyncio.new_event_loop() if self.is_async else None)
+        self.under_trio = mode == "trio"
         self.client = cls(http2=True, verify=server.client_context)
+
+    async def gather(self, *coros):
+        """The coroutines' results, run at once under the client's event loop."""
+        if not self.under_trio:
+            return await asyncio.gather(*coros)
+        results = [None] * len(coros)
+
+        async def one(i, coro):
+            results[i] = await coro
+        async with trio.open_nursery() as nursery:
+            for i, coro in enumerate(coros):
+                nursery.start_soon(one, i, coro)
+        return results
 
     def at_once(self, n, path="/slow"):
         """(start, latency) of each of ``n`` requests sent at once."""
@@ -61,7 +77,7 @@ class Client:
                 return start, time.monotonic() - start
 
             async def many():
-                return await asyncio.gather(*(timed() for _ in range(n)))
+                return await self.gather(*(timed() for _ in range(n)))
             return self.loop.run_until_complete(many())
 
         def one(_):
@@ -130,7 +146,7 @@ def figures(metrics, library):
 def test_requests_beyond_the_stream_limit_wait_for_a_stream(library, mode, warm, metrics):
     """Async: 6 requests at once through 2 streams; sync: 3 through 1 (see ``Client``). Either
     way 3 rounds: all but the first round's requests wait, for one round or two."""
-    streams, n = (2, 6) if mode == "async" else (1, 3)
+    streams, n = (1, 3) if mode == "sync" else (2, 6)
     with H2Server(max_streams=streams, delay=ROUND) as server:
         client = Client(library, mode, server)
         if warm:  # the connection is open and the server's limit known
@@ -173,23 +189,43 @@ def test_requests_beyond_the_stream_limit_wait_for_a_stream(library, mode, warm,
         assert (after["h2_idle"], after["h2_closed"], after["streams"]) == (0, 1, 0), after
 
 
-@pytest.mark.parametrize("library", list(MODULES))
-def test_a_request_cancelled_while_it_waits_for_a_stream_is_a_cancelled_wait(library, metrics):
-    with H2Server(max_streams=2, delay=ROUND) as server:
-        client = Client(library, "async", server)
-        client.at_once(1, "/")
+async def _three_and_cancel_the_third(client, url):
+    tasks = [asyncio.ensure_future(client.get(url)) for _ in range(3)]
+    await asyncio.sleep(ROUND / 3)
+    tasks[2].cancel()
+    return await asyncio.gather(*tasks, return_exceptions=True)
 
-        async def three():
-            tasks = [asyncio.ensure_future(client.client.get(server.url + "/slow"))
-                     for _ in range(3)]
-            await asyncio.sleep(ROUND / 3)
-            tasks[2].cancel()
-            return await asyncio.gather(*tasks, return_exceptions=True)
-        results = client.loop.run_until_complete(three())
+
+async def _three_and_cancel_the_third_under_trio(client, url):
+    results, scopes = ["Cancelled"] * 3, [trio.CancelScope() for _ in range(3)]
+
+    async def one(i):
+        with scopes[i]:
+            results[i] = await client.get(url)
+    async with trio.open_nursery() as nursery:
+        for i in range(3):  # trio runs new tasks in no set order: the third must be the one waiting
+            nursery.start_soon(one, i)
+            await trio.sleep(ROUND / 10)
+        await trio.sleep(ROUND / 3)
+        scopes[2].cancel()
+    return results
+
+
+@pytest.mark.parametrize("mode", [m for m in MODES if m != "sync"])
+@pytest.mark.parametrize("library", list(MODULES))
+def test_a_request_cancelled_while_it_waits_for_a_stream_is_a_cancelled_wait(library, mode,
+                                                                              metrics):
+    with H2Server(max_streams=2, delay=ROUND) as server:
+        client = Client(library, mode, server)
+        client.at_once(1, "/")
+        three = (_three_and_cancel_the_third_under_trio if client.under_trio else
+                 _three_and_cancel_the_third)
+        results = client.loop.run_until_complete(three(client.client, server.url + "/slow"))
         got = figures(metrics, library)
 
-        assert [getattr(r, "status_code", type(r).__name__) for r in results] == \
-            [200, 200, "CancelledError"]
+        assert [getattr(r, "status_code", r if isinstance(r, str) else type(r).__name__)
+                for r in results] == [200, 200, "Cancelled" if client.under_trio
+                                      else "CancelledError"]
         assert len(server.served) == 3, server.served  # the warm-up and two: none for the third
         assert (got["granted"], got["cancelled"], got["pending"], got["streams"]) == (0, 1, 0, 0), got
         client.close()

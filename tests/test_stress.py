@@ -39,7 +39,7 @@ import pytest
 import urllib3
 from urllib3.util import Retry
 
-from drivers import URLLIB3_FUTURE, curl_cffi_requests, httpx2, niquests
+from drivers import URLLIB3_FUTURE, TrioThread, curl_cffi_requests, httpx2, niquests, trio
 from poolscope.demo.server import DemoServer
 
 JOBS = int(os.environ.get("POOLSCOPE_STRESS_JOBS", "600"))
@@ -546,8 +546,33 @@ async def run_async(client, jobs):
     return await asyncio.gather(*(one(job) for job in jobs))
 
 
+async def run_trio(client, jobs):
+    """``run_async`` under trio: a cancel is the request's cancel scope cancelled."""
+    gate, outcomes = trio.Semaphore(CONCURRENCY), [None] * len(jobs)
+
+    async def one(i, job):
+        async with gate:
+            await trio.sleep(job.pause)
+            with trio.CancelScope() as scope:
+                if job.kind == "cancel":
+                    scope.deadline = trio.current_time() + job.cancel_after
+                try:
+                    await client.request(job)
+                except Exception as exc:
+                    outcomes[i] = classify(client, exc)
+                else:
+                    outcomes[i] = "ok"
+            if scope.cancelled_caught:
+                outcomes[i] = "cancelled"
+    async with trio.open_nursery() as nursery:
+        for i, job in enumerate(jobs):
+            nursery.start_soon(one, i, job)
+    return outcomes
+
+
 CLIENTS = {**({"urllib3-future": Urllib3FutureClient} if URLLIB3_FUTURE else
               {"urllib3": Urllib3Client}), **({"niquests": NiquestsClient, "niquests-async": AsyncNiquestsClient} if niquests else {}), "httpx-sync": HttpxClient, "httpx-async": AsyncHttpxClient,
+           **({"httpx-trio": AsyncHttpxClient} if trio else {}),
            "aiohttp": AiohttpClient, "pycurl": PycurlClient,
            **({"curl_cffi": CurlCffiClient} if curl_cffi_requests else {}),
            **({"httpx2-sync": Httpx2Client, "httpx2-async": AsyncHttpx2Client} if httpx2 else {})}
@@ -576,8 +601,10 @@ def test_figures_stay_exact_under_chaos(flavor, metrics):
     seed = int(os.environ.get("POOLSCOPE_STRESS_SEED", random.randrange(10**6)))
     jobs = [job for job in make_jobs(random.Random(seed), JOBS)
             if job.kind not in getattr(CLIENTS[flavor], "skips", ())]
-    is_async = flavor.endswith("-async") or flavor in ("aiohttp", "curl_cffi")
-    loop = asyncio.new_event_loop() if is_async else None
+    is_async = flavor.endswith(("-async", "-trio")) or flavor in ("aiohttp", "curl_cffi")
+    under_trio = flavor.endswith("-trio")
+    loop = TrioThread() if under_trio else asyncio.new_event_loop() if is_async else None
+    run, sleep = (run_trio, trio.sleep) if under_trio else (run_async, asyncio.sleep)
     with DemoServer(idle_timeout=SERVER_IDLE) as server, Sampler(metrics) as sampler:
         client = (loop.run_until_complete(_make(CLIENTS[flavor], server)) if is_async
                   else CLIENTS[flavor](server))
@@ -585,14 +612,14 @@ def test_figures_stay_exact_under_chaos(flavor, metrics):
         for wave in range(WAVES):
             part = jobs[wave::WAVES]
             if is_async:
-                outcomes += loop.run_until_complete(run_async(client, part))
+                outcomes += loop.run_until_complete(run(client, part))
             elif flavor == "pycurl":
                 outcomes += client.run(part)
             else:
                 outcomes += run_sync(client, part)
             time.sleep(2 * SERVER_IDLE)
         if is_async:
-            loop.run_until_complete(asyncio.sleep(0.05))
+            loop.run_until_complete(sleep(0.05))
         # a library's own thread (urllib3-future's idle watcher) may close a connection while
         # the truth is read: read until the sockets held still across the whole reading
         for _ in range(20):
@@ -618,7 +645,7 @@ def test_figures_stay_exact_under_chaos(flavor, metrics):
 
         if is_async:
             loop.run_until_complete(client.aclose())
-            loop.run_until_complete(asyncio.sleep(0.05))
+            loop.run_until_complete(sleep(0.05))
             loop.close()
         else:
             client.close()
