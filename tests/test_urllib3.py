@@ -110,6 +110,26 @@ def test_unread_streamed_response_is_an_error_close(metrics, server):
     pool.close()
 
 
+def test_a_response_given_back_unread_is_an_error_close_not_a_server_close(metrics, server):
+    """``release_conn()`` before a 1 MB body's end puts the connection back with the rest
+    unread; urllib3 takes the readable socket for a dropped one as it hands it out next, and
+    opens another. The server (no keep-alive limit, no ``Connection: close``) closed nothing:
+    the close is the abandoned response's (``error``), as when the response is closed."""
+    pool = urllib3.HTTPConnectionPool("127.0.0.1", server.port, maxsize=1, retries=False)
+    response = pool.request("GET", "/bytes/1000000", preload_content=False)
+    assert len(response.read(1024)) == 1024
+    response.release_conn()
+    assert pool.request("GET", "/").status == 200
+    assert (server.accepted, server.answered) == (2, 2)
+    assert v(metrics, "poolscope.connection.created") == 2
+    assert v(metrics, "poolscope.connection.closed", poolscope__close__reason="error") == 1
+    assert v(metrics, "poolscope.connection.closed", poolscope__close__reason="server_closed") \
+        in (None, 0)
+    acquired = v(metrics, "poolscope.connection.acquisitions")
+    pool.close()
+    assert server.wait_closed(2) == [1, 1] and acquired == 2
+
+
 def test_a_queue_class_patched_late_still_reaches_new_pools(metrics, server, monkeypatch):
     """urllib3 2.8 looks ``queue.LifoQueue`` up as each pool is made (for gevent and others
     patching late); the pool gets that class, and its waits are still seen."""

@@ -264,6 +264,13 @@ def _close_reason(conn, rec):
     return sc.SERVER_CLOSED
 
 
+def _left_unread(conn):
+    """Whether ``conn``'s last response was given back before its end (``release_conn()``
+    unread): the rest of it makes the socket readable, which urllib3 takes for a drop."""
+    response = getattr(conn, "_HTTPConnection__response", None)
+    return response is not None and not response.isclosed()
+
+
 class Urllib3Adapter(Adapter):
     library = "urllib3"
     _https = ()  # the connection class whose connect is TCP then TLS (urllib3's, not its fork's)
@@ -422,7 +429,7 @@ class Urllib3Adapter(Adapter):
                     # urllib3 found the pooled connection dropped as it handed it out: the
                     # request goes out on a new socket, acquired at connect
                     self.recorder.unacquired(rec)
-                    reason = sc.SERVER_CLOSED
+                    reason = sc.ERROR if _left_unread(conn) else sc.SERVER_CLOSED
                 elif rec.in_use and calling(_PUT_CONN) is not None and rec.pool.live:
                     reason = sc.POOL_FULL
                 else:
