@@ -175,6 +175,37 @@ def test_a_response_never_closed_is_a_held_connection(metrics, server):
     session.close()
 
 
+@pytest.mark.parametrize("flavor", ["sync", "async"])
+def test_a_response_closed_before_its_end_is_an_error_close(metrics, server, flavor):
+    """niquests ``stream=True``, 1 KB of a 1 MB body read, the response closed: urllib3-future
+    aborts the stream, which over HTTP/1.1 closes the connection. The server (no keep-alive
+    limit, no ``Connection: close``) closed nothing: the close is ``error``, as in the other
+    libraries, and the next request opens a second connection."""
+    import asyncio
+
+    import niquests
+    url = server.url + "/bytes/1000000"
+    if flavor == "sync":
+        with niquests.Session() as session:
+            with session.get(url, stream=True) as response:
+                assert len(next(response.iter_content(1024))) == 1024
+            assert session.get(server.url + "/").status_code == 200
+            before_close = closes(metrics)
+    else:
+        async def main():
+            async with niquests.AsyncSession() as session:
+                response = await session.get(url, stream=True)
+                async with response:
+                    assert len(await response.raw.read(1024)) == 1024
+                assert (await session.get(server.url + "/")).status_code == 200
+                return closes(metrics)
+        before_close = asyncio.run(main())
+    assert (server.accepted, server.answered) == (2, 2)
+    assert before_close == {"error": 1}
+    assert metrics.value(metrics.read(), "poolscope.connection.created") == 2
+    assert server.wait_closed(2) == [1, 1]
+
+
 def library_idle(session, url):
     """urllib3-future's own word on each connection of ``session``'s pools for ``url``."""
     pools = session.get_adapter(url).poolmanager.pools._container.values()

@@ -120,6 +120,8 @@ class Urllib3FutureAdapter(Urllib3Adapter):
                 (police_cls, apolice_cls, "get"),
                 (police_cls, apolice_cls, "_sacrifice_first_idle"),
                 (pool_cls, apool_cls, "_get_conn"), (pool_cls, apool_cls, "urlopen")))
+        self._abort_code = (_code(module("backend._base").LowLevelResponse.abort),
+                            _code(module("backend._async._base").AsyncLowLevelResponse.abort))
         self._async_police = apolice_cls
         self.patch_pools(pool_cls, (connection.HTTPConnection, connection.HTTPSConnection))
         self.patch_pools(apool_cls, (aconnection.AsyncHTTPConnection,
@@ -360,6 +362,8 @@ class Urllib3FutureAdapter(Urllib3Adapter):
             return
         if calling(self._sacrifice_code, depth=1) is not None:
             reason = sc.POOL_FULL
+        elif calling(self._abort_code, depth=2) is not None:
+            reason = sc.ERROR  # a response given back before its end: HTTP/1.1 resets by closing
         elif rec.in_use and calling(self._get_conn_code) is None:
             reason = sc.SERVER_CLOSED if _refused_more(conn) else sc.ERROR
         else:
