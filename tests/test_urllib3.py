@@ -10,6 +10,8 @@ import requests
 import urllib3
 
 from drivers import Urllib3Driver
+from poolscope import report
+from poolscope._instrument import current_recorder
 from unixserver import UnixSocketServer
 from poolscope.demo.server import DemoServer
 
@@ -126,6 +128,10 @@ def test_a_response_given_back_unread_is_an_error_close_not_a_server_close(metri
     assert v(metrics, "poolscope.connection.closed", poolscope__close__reason="server_closed") \
         in (None, 0)
     acquired = v(metrics, "poolscope.connection.acquisitions")
+    text = report.render(metrics.reader.get_metrics_data(), current_recorder().scopes())
+    assert "1 connections were closed because a request on them failed or its response was " \
+        "closed before its end" in text, text
+    assert "closed by the server" not in text, text
     pool.close()
     assert server.wait_closed(2) == [1, 1] and acquired == 2
 

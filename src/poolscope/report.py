@@ -205,6 +205,11 @@ def advise(library, total, waited, timeouts, limit, peak, pools_opened, reused, 
                       + (f": set {expiry} below the server's keep-alive timeout." if expiry else
                          ": enable retries for idempotent requests, and keep the server's "
                          "keep-alive timeout longer than the client's idle periods."))
+    if closes.get(sc.ERROR) and closes[sc.ERROR] * 4 >= total:
+        advice.append(f"{closes[sc.ERROR]} connections were closed because a request on them "
+                      "failed or its response was closed before its end (a stream not read to "
+                      "the end, a cancelled or timed-out request): read responses to the end "
+                      "before closing them, and look at the requests that failed.")
     if closes.get(sc.IDLE_LIMIT) and closes[sc.IDLE_LIMIT] * 4 >= total:
         advice.append(f"{closes[sc.IDLE_LIMIT]} idle connections were closed because the pool "
                       f"kept too few: raise {IDLE_SETTING.get(library, 'its idle limit')}.")
