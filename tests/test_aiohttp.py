@@ -149,3 +149,53 @@ def test_a_mock_protocol_released_is_no_connection_of_poolscope(metrics, monkeyp
     acquired.add(proto)
     acquired.discard(proto)
     assert not acquired
+
+
+@pytest.mark.parametrize("closer", ["client", "server"])
+def test_a_websocket_holds_its_pool_slot_but_is_no_leak(metrics, closer):
+    """A WebSocket (``ws_connect``) takes its connection out of HTTP and holds it, as aiohttp's
+    limit counts it, until it closes: a request sent meanwhile through a pool of 1 waits for
+    it. It is active, but neither ``oldest_active_age`` nor the report takes it for a leak,
+    and its close, by either side, is ``upgraded``; the next request opens a new connection."""
+    from poolscope import report
+    from poolscope._instrument import current_recorder
+    from wsserver import WebSocketServer
+
+    held = 0.4
+
+    async def main(url):
+        connector = aiohttp.TCPConnector(limit=1)
+        async with aiohttp.ClientSession(connector=connector) as session:
+            assert await fetch(session, url + "/") == 200
+            ws = await session.ws_connect(url + "/ws")
+            await ws.send_str("hi")
+            assert (await ws.receive_str()) == "hi"
+            started = time.monotonic()
+            waiting = asyncio.ensure_future(fetch(session, url + "/"))
+            await asyncio.sleep(held)
+            data = metrics.read()
+            text = report.render(metrics.reader.get_metrics_data(), current_recorder().scopes(),
+                                 leak_after=held / 2)
+            assert len(connector._acquired) == 1 and not waiting.done()
+            assert metrics.value(data, "http.client.open_connections",
+                                 http__connection__state="active", **LIB) == 1
+            assert metrics.value(data, "poolscope.connection.pending_requests", **LIB) == 1
+            assert metrics.value(data, "poolscope.connection.oldest_active_age", **LIB) == 0
+            assert "has been held" not in text, text
+            if closer == "client":
+                await ws.close()
+            else:
+                await ws.send_str("bye")
+                assert (await ws.receive()).type == aiohttp.WSMsgType.CLOSE
+            assert await waiting == 200 and time.monotonic() - started >= held
+    with WebSocketServer() as server:
+        asyncio.run(main(server.url))
+    data = metrics.read()
+    assert len(server.peers) == 2
+    assert metrics.value(data, "poolscope.connection.created", **LIB) == len(server.peers)
+    assert metrics.value(data, "poolscope.connection.closed", poolscope__close__reason="upgraded",
+                         **LIB) == 1
+    assert metrics.value(data, "poolscope.connection.closed", poolscope__close__reason="error",
+                         **LIB) in (None, 0)
+    assert metrics.value(data, "poolscope.connection.waits", poolscope__wait__outcome="granted",
+                         **LIB) == 1

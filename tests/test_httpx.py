@@ -276,3 +276,27 @@ def test_a_request_handed_a_connection_another_holds_takes_it_first_async(metric
             _check_handed(metrics, server, pool, done, midway)
 
     asyncio.run(main())
+
+
+def test_a_websocket_closes_its_connection_as_upgraded(metrics):
+    """httpx-ws takes a connection out of HTTP (``101 Switching Protocols``) for a WebSocket,
+    which closes it when it ends: ``upgraded``, not ``error``; the next request opens a new
+    connection, as the server saw."""
+    httpx_ws = pytest.importorskip("httpx_ws")
+    from wsserver import WebSocketServer
+
+    lib = {"poolscope__library": "httpx"}
+    with WebSocketServer() as server, httpx.Client() as client:
+        assert client.get(server.url + "/").status_code == 200
+        with httpx_ws.connect_ws(server.url + "/ws", client) as ws:
+            ws.send_text("hi")
+            assert ws.receive_text() == "hi"
+            assert metrics.value(metrics.read(), "http.client.open_connections",
+                                 http__connection__state="active", **lib) == 1
+        assert client.get(server.url + "/").status_code == 200
+        data = metrics.read()
+        assert len(server.peers) == 2
+        assert metrics.value(data, "poolscope.connection.created", **lib) == len(server.peers)
+        assert metrics.value(data, "poolscope.connection.closed",
+                             poolscope__close__reason="upgraded", **lib) == 1
+        assert metrics.value(data, "poolscope.connection.closed", **lib) == 1

@@ -65,7 +65,8 @@ def make_instruments(recorder, meter, is_global):
     observe(updown, sc.POOL_COUNT, c.pool_sums(lambda p: 1))
     observe(counter, sc.SATURATION_TIME, c.observe_saturation)
     observe(gauge, sc.OLDEST_ACTIVE_AGE, c.ages(
-        lambda conn: conn.acquired_at if conn.in_use else None, lambda w: None, busy=True))
+        lambda conn: conn.acquired_at if conn.in_use and not conn.upgraded else None,
+        lambda w: None, busy=True))
     observe(gauge, sc.OLDEST_PENDING_AGE, c.ages(
         lambda conn: None, lambda w: w.start, queued=True))
     return (histogram(sc.WAIT_TIME), histogram(sc.CREATE_TIME), histogram(sc.SETUP_PHASE_TIME),

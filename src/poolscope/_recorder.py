@@ -126,13 +126,13 @@ class Conn:
 
     __slots__ = ("pool", "series", "in_use", "uses", "opened", "born", "acquired_at",
                  "released_at", "closed", "site", "warned", "setup", "setup_by", "protocol",
-                 "streams", "stale_use")
+                 "streams", "stale_use", "upgraded")
 
     def __init__(self, pool, series):
         self.pool = pool
         self.series = series
         self.in_use = self.uses = self.stale_use = 0
-        self.opened = self.closed = self.warned = False
+        self.opened = self.closed = self.warned = self.upgraded = False
         self.born = self.acquired_at = self.released_at = 0.0
         # a Link to its connection_setup span, and the span id of the request it was set up for
         self.site = self.setup = self.setup_by = None
@@ -548,6 +548,11 @@ class Recorder(Tracing):
                 self._pend(wait, 1)
         if resumed and wait.parent is not None and wait.span is None:  # its span had ended
             wait.span = self._wait_span(wait.series)
+
+    def upgraded(self, conn):
+        """``conn`` left HTTP (``101 Switching Protocols``: a WebSocket). It keeps its place in
+        the pool, active, until it closes, but is no leak: no warning, no ``oldest_active_age``."""
+        conn.upgraded = conn.warned = True
 
     def released(self, conn, close_reason=None):
         """The request is done with ``conn``; ``close_reason`` if the connection closed with it."""

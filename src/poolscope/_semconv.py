@@ -28,7 +28,9 @@ SERVER_CLOSED = "server_closed"
 ERROR = "error"
 POOL_CLOSED = "pool_closed"
 EVICTED = "evicted"
-CLOSE_REASONS = (KEEPALIVE_EXPIRED, IDLE_LIMIT, POOL_FULL, SERVER_CLOSED, ERROR, POOL_CLOSED, EVICTED)
+UPGRADED = "upgraded"  # left HTTP (101 Switching Protocols: a WebSocket), closed with it
+CLOSE_REASONS = (KEEPALIVE_EXPIRED, IDLE_LIMIT, POOL_FULL, SERVER_CLOSED, ERROR, POOL_CLOSED, EVICTED,
+                 UPGRADED)
 
 # Wait outcomes
 GRANTED = "granted"

@@ -119,7 +119,7 @@ class AiohttpAdapter(Adapter):
 
     def patch(self):
         global _RELEASE, _RELEASED, _SERVER_DISCONNECTED
-        from aiohttp import client_exceptions, client_proto, connector
+        from aiohttp import client_exceptions, client_proto, client_ws, connector
 
         base = connector.BaseConnector
         _RELEASE, _RELEASED = base._release.__code__, connector.Connection.release.__code__
@@ -142,6 +142,7 @@ class AiohttpAdapter(Adapter):
         # name resolution is a phase of its own; asyncio's create_connection does TCP and TLS
         # in one call
         self.wrap(connector.TCPConnector, "_resolve_host", *phase_timer(sc.DNS))
+        self.wrap(client_ws.ClientWebSocketResponse, "__init__", before=self._websocket)
         handler = client_proto.ResponseHandler
         self.wrap(handler, "close", before=self._proto_close)
         self.wrap(handler, "connection_lost", after=self._proto_lost)
@@ -230,12 +231,20 @@ class AiohttpAdapter(Adapter):
                 self.recorder.setup_ended(span, peer=peer_address(
                     lambda: proto.transport.get_extra_info("peername")))
 
+    def _websocket(self, ws, args, kwargs):
+        connection = getattr(arg(args, kwargs, 3, "response"), "connection", None)
+        rec = getattr(getattr(connection, "protocol", None), "_poolscope", None)
+        if rec is not None:
+            self.recorder.upgraded(rec)
+
     def _proto_close(self, proto, args, kwargs):
         rec = proto.__dict__.get("_poolscope")
         if rec is None or rec.closed or proto.transport is None:
             return
-        release = calling(_RELEASE)
-        if release is not None:  # closing with its response, just released
+        release = None if rec.upgraded else calling(_RELEASE)
+        if rec.upgraded:  # a WebSocket's, closed by either side
+            reason = sc.UPGRADED
+        elif release is not None:  # closing with its response, just released
             should_close = release.f_back is None or release.f_back.f_code is not _RELEASED
             reason = _release_reason(release.f_locals["self"], proto, should_close) or sc.ERROR
         elif rec.in_use:
@@ -249,4 +258,5 @@ class AiohttpAdapter(Adapter):
         if rec is None or rec.closed:
             return
         failed = rec.in_use and proto.exception() is not None
-        self.recorder.closed(rec, sc.ERROR if failed else sc.SERVER_CLOSED)
+        self.recorder.closed(rec, sc.UPGRADED if rec.upgraded else
+                             sc.ERROR if failed else sc.SERVER_CLOSED)
