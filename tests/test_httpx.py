@@ -278,25 +278,50 @@ def test_a_request_handed_a_connection_another_holds_takes_it_first_async(metric
     asyncio.run(main())
 
 
-def test_a_websocket_closes_its_connection_as_upgraded(metrics):
-    """httpx-ws takes a connection out of HTTP (``101 Switching Protocols``) for a WebSocket,
-    which closes it when it ends: ``upgraded``, not ``error``; the next request opens a new
-    connection, as the server saw."""
+@pytest.mark.parametrize("mode", ["sync", "async"])
+def test_a_websocket_is_no_leak_and_closes_as_upgraded(metrics, mode):
+    """httpx-ws takes a connection out of HTTP (``101 Switching Protocols``) for a WebSocket:
+    active while held (0.3 s), but not in ``oldest_active_age``; it closes with the WebSocket
+    as ``upgraded``, not ``error``, and the next request opens a new connection, as the
+    server saw."""
     httpx_ws = pytest.importorskip("httpx_ws")
     from wsserver import WebSocketServer
 
     lib = {"poolscope__library": "httpx"}
-    with WebSocketServer() as server, httpx.Client() as client:
-        assert client.get(server.url + "/").status_code == 200
-        with httpx_ws.connect_ws(server.url + "/ws", client) as ws:
-            ws.send_text("hi")
-            assert ws.receive_text() == "hi"
-            assert metrics.value(metrics.read(), "http.client.open_connections",
-                                 http__connection__state="active", **lib) == 1
-        assert client.get(server.url + "/").status_code == 200
+
+    def held():
+        time.sleep(0.3)
         data = metrics.read()
+        return (metrics.value(data, "http.client.open_connections",
+                              http__connection__state="active", **lib),
+                metrics.value(data, "poolscope.connection.oldest_active_age", **lib))
+
+    async def held_async(url):
+        async with httpx.AsyncClient() as client:
+            assert (await client.get(url + "/")).status_code == 200
+            async with httpx_ws.aconnect_ws(url + "/ws", client) as ws:
+                await ws.send_text("hi")
+                assert await ws.receive_text() == "hi"
+                during = held()
+            assert (await client.get(url + "/")).status_code == 200
+        return during
+
+    with WebSocketServer() as server:
+        if mode == "async":
+            during = asyncio.run(held_async(server.url))
+        else:
+            with httpx.Client() as client:
+                assert client.get(server.url + "/").status_code == 200
+                with httpx_ws.connect_ws(server.url + "/ws", client) as ws:
+                    ws.send_text("hi")
+                    assert ws.receive_text() == "hi"
+                    during = held()
+                assert client.get(server.url + "/").status_code == 200
+        data = metrics.read()
+        assert during == (1, 0)
         assert len(server.peers) == 2
         assert metrics.value(data, "poolscope.connection.created", **lib) == len(server.peers)
         assert metrics.value(data, "poolscope.connection.closed",
                              poolscope__close__reason="upgraded", **lib) == 1
-        assert metrics.value(data, "poolscope.connection.closed", **lib) == 1
+        assert metrics.value(data, "poolscope.connection.closed",
+                             poolscope__close__reason="error", **lib) in (None, 0)

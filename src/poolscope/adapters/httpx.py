@@ -67,7 +67,7 @@ def _flavors(root):
         {"package": f"{root}._sync", "pool": "ConnectionPool", "request": "PoolRequest",
          "event": "Event", "semaphore": "Semaphore", "connection": "HTTPConnection",
          "close": "close", "interface": "ConnectionInterface",
-         "handle": "handle_request",
+         "handle": "handle_request", "upgrade": "HTTP11UpgradeStream",
          "proxies": (("http_proxy", "HTTPProxy", ("ForwardHTTPConnection", "TunnelHTTPConnection")),
                      ("socks_proxy", "SOCKSProxy", ("Socks5Connection",))),
          "forward": "ForwardHTTPConnection"},
@@ -75,7 +75,7 @@ def _flavors(root):
          "event": "AsyncEvent", "semaphore": "AsyncSemaphore",
          "connection": "AsyncHTTPConnection", "close": "aclose",
          "interface": "AsyncConnectionInterface",
-         "handle": "handle_async_request",
+         "handle": "handle_async_request", "upgrade": "AsyncHTTP11UpgradeStream",
          "proxies": (("http_proxy", "AsyncHTTPProxy",
                       ("AsyncForwardHTTPConnection", "AsyncTunnelHTTPConnection")),
                      ("socks_proxy", "AsyncSOCKSProxy", ("AsyncSocks5Connection",))),
@@ -403,6 +403,25 @@ class HttpxAdapter(Adapter):
         self.replace(connection, "Trace", _stepped_trace(connection.Trace, _phase_step,
                                                          "httpx:set-up phase"))
         self._connections.append((conn_classes[0], f["handle"]))
+        upgrade = getattr(importlib.import_module(package + ".http11"), f["upgrade"], None)
+        if upgrade is not None:  # httpcore 1.0.4+, httpcore2
+            self.wrap(upgrade, "__init__", before=self._upgrading)
+
+    def _upgrading(self, stream, args, kwargs):
+        """A ``101 Switching Protocols`` response (a WebSocket, httpx-ws') takes its connection
+        out of HTTP: marked so that it is no leak while the WebSocket holds it. (A tunnel's
+        ``CONNECT`` makes such a stream too, on a connection of its own.)"""
+        frame = sys._getframe(2)  # the HTTP/1.1 connection's handle_request
+        if frame.f_locals.get("status") != 101:
+            return
+        inner = frame.f_locals.get("self")
+        for _ in range(4):  # up to the pool's connection (a hook's frame between, or not)
+            frame = frame.f_back
+            owner = getattr(frame, "f_locals", {}).get("self")
+            rec = getattr(owner, "__dict__", {}).get("_poolscope")
+            if rec is not None and _protocol(owner) is inner:
+                self.recorder.upgraded(rec)
+                return
 
     def _link_when_sent(self):
         """Once a traced request is seen: a request's span links its connection's set-up when
