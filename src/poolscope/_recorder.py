@@ -551,7 +551,8 @@ class Recorder(Tracing):
 
     def upgraded(self, conn):
         """``conn`` left HTTP (``101 Switching Protocols``: a WebSocket). It keeps its place in
-        the pool, active, until it closes, but is no leak: no warning, no ``oldest_active_age``."""
+        the pool, active, until it closes (``upgraded``), but is no leak: no warning, no
+        ``oldest_active_age``."""
         conn.upgraded = conn.warned = True
 
     def released(self, conn, close_reason=None):
@@ -601,7 +602,9 @@ class Recorder(Tracing):
                 return
             conn.closed = True
             pool = conn.pool
-            if not pool.live or pool.ref() is None:
+            if conn.upgraded:  # it ends with its WebSocket, whoever closes it
+                reason = sc.UPGRADED
+            elif not pool.live or pool.ref() is None:
                 reason = pool.close_reason or sc.POOL_CLOSED
             pool.conns.discard(conn)
             if conn.active:

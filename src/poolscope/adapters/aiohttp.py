@@ -241,10 +241,8 @@ class AiohttpAdapter(Adapter):
         rec = proto.__dict__.get("_poolscope")
         if rec is None or rec.closed or proto.transport is None:
             return
-        release = None if rec.upgraded else calling(_RELEASE)
-        if rec.upgraded:  # a WebSocket's, closed by either side
-            reason = sc.UPGRADED
-        elif release is not None:  # closing with its response, just released
+        release = calling(_RELEASE)
+        if release is not None:  # closing with its response, just released
             should_close = release.f_back is None or release.f_back.f_code is not _RELEASED
             reason = _release_reason(release.f_locals["self"], proto, should_close) or sc.ERROR
         elif rec.in_use:
@@ -258,5 +256,4 @@ class AiohttpAdapter(Adapter):
         if rec is None or rec.closed:
             return
         failed = rec.in_use and proto.exception() is not None
-        self.recorder.closed(rec, sc.UPGRADED if rec.upgraded else
-                             sc.ERROR if failed else sc.SERVER_CLOSED)
+        self.recorder.closed(rec, sc.ERROR if failed else sc.SERVER_CLOSED)

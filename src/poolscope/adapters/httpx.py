@@ -118,11 +118,8 @@ def _their_state(conn):
 
 
 def _self_close_reason(conn):
-    """Why a connection closed along with its response: the server said so, the exchange broke,
-    or it had left HTTP (a WebSocket's, httpx-ws')."""
+    """Why a connection closed along with its response: the server said so, or the exchange broke."""
     their = _their_state(conn)
-    if their == "SWITCHED_PROTOCOL":
-        return sc.UPGRADED
     return sc.SERVER_CLOSED if their in (None, "MUST_CLOSE", "CLOSED") else sc.ERROR
 
 
