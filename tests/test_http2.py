@@ -263,6 +263,36 @@ def test_a_wait_for_a_stream_is_a_wait_span():
     assert abs((wait.end_time - wait.start_time) / 1e9 - reached) < 0.05, reached
 
 
+def test_urllib3_over_http2_is_told_as_http2(metrics):
+    """urllib3 2's experimental HTTP/2 (``urllib3.http2.inject_into_urllib3()``): one request
+    at a time on each connection, so 4 at once through a pool of 2 make the 2 connections the
+    server accepted, and 2 waits. Their protocol version is 2, as the responses say."""
+    import urllib3
+    http2 = pytest.importorskip("urllib3.http2")
+    http2.inject_into_urllib3()
+    try:
+        with H2Server(max_streams=10, delay=ROUND) as server:
+            manager = urllib3.PoolManager(ssl_context=server.client_context, maxsize=2,
+                                          block=True)
+            with ThreadPoolExecutor(4) as pool:
+                versions = set(pool.map(
+                    lambda _: manager.request("GET", server.url + "/slow").version_string,
+                    range(4)))
+            data = metrics.read()
+            lib = {"poolscope__library": "urllib3"}
+            assert versions == {"HTTP/2"} and server.accepted == 2
+            assert metrics.value(data, "poolscope.connection.created", **lib) == server.accepted
+            assert metrics.value(data, "poolscope.connection.waits",
+                                 poolscope__wait__outcome="granted", **lib) == 2
+            assert metrics.value(data, "http.client.open_connections",
+                                 network__protocol__version="2", **lib) == 2
+            manager.clear()
+            assert metrics.histogram(metrics.read(), "http.client.connection.duration",
+                                     network__protocol__version="2", **lib)[0] == 2
+    finally:
+        http2.extract_from_urllib3()
+
+
 def test_libcurl_transfers_sharing_an_http2_connection(metrics):
     """A pycurl multi runs 4 transfers at once, twice, over HTTP/2 (``PIPEWAIT``: each waits to
     share a connection rather than open its own): libcurl puts all 8 on the one connection the

@@ -411,8 +411,12 @@ class Urllib3Adapter(Adapter):
 
     @staticmethod
     def http_version(conn):
-        """The HTTP version a connection speaks (network.protocol.version)."""
-        return "1.1"
+        """The HTTP version a connection speaks (network.protocol.version): HTTP/2 where TLS
+        chose it (``urllib3.http2.inject_into_urllib3()``), else 1.1."""
+        try:
+            return "2" if conn.sock.selected_alpn_protocol() == "h2" else "1.1"
+        except Exception:  # no TLS (no ALPN), or a socket of another kind
+            return "1.1"
 
     def streams(self, conn):
         """For a multiplexed connection, a function giving its (active streams, stream limit)
