@@ -213,6 +213,23 @@ class AsyncHttpxDriver(_AsyncDriver):
         await self.client.aclose()
 
 
+async def trio_gather(coros, return_exceptions=False):
+    """``asyncio.gather`` under trio: the coroutines' results, in order, run at once."""
+    results = [None] * len(coros)
+
+    async def one(i, coro):
+        try:
+            results[i] = await coro
+        except Exception as exc:
+            if not return_exceptions:
+                raise
+            results[i] = exc  # the scenario asserts on it
+    async with trio.open_nursery() as nursery:
+        for i, coro in enumerate(coros):
+            nursery.start_soon(one, i, coro)
+    return results
+
+
 class TrioThread:
     """A trio run in a thread of its own: ``run_until_complete(coro)`` runs a coroutine there
     (as an asyncio loop's does), ``start_soon`` starts a task there, ``close()`` ends the run."""
@@ -267,19 +284,7 @@ class TrioHttpxDriver(AsyncHttpxDriver):
         return self.loop.run_until_complete(coro)
 
     def get_all(self, paths):
-        async def gather():
-            results = [None] * len(paths)
-
-            async def one(i, path):
-                try:
-                    results[i] = await self._get(path)
-                except Exception as exc:  # the scenario asserts on it
-                    results[i] = exc
-            async with trio.open_nursery() as nursery:
-                for i, path in enumerate(paths):
-                    nursery.start_soon(one, i, path)
-            return results
-        return self._call(gather())
+        return self._call(trio_gather([self._get(p) for p in paths], return_exceptions=True))
 
     def submit(self, path):
         future = _TrioFuture(self.loop.token)

@@ -23,7 +23,7 @@ import poolscope
 pytest.importorskip("h2")
 
 from conftest import Metrics, buckets  # noqa: E402
-from drivers import TrioThread, httpx2, trio  # noqa: E402
+from drivers import TrioThread, httpx2, trio, trio_gather  # noqa: E402
 from h2server import H2Server  # noqa: E402
 from poolscope import report  # noqa: E402
 from poolscope._instrument import current_recorder  # noqa: E402
@@ -54,16 +54,7 @@ class Client:
 
     async def gather(self, *coros):
         """The coroutines' results, run at once under the client's event loop."""
-        if not self.under_trio:
-            return await asyncio.gather(*coros)
-        results = [None] * len(coros)
-
-        async def one(i, coro):
-            results[i] = await coro
-        async with trio.open_nursery() as nursery:
-            for i, coro in enumerate(coros):
-                nursery.start_soon(one, i, coro)
-        return results
+        return await (trio_gather(coros) if self.under_trio else asyncio.gather(*coros))
 
     def at_once(self, n, path="/slow"):
         """(start, latency) of each of ``n`` requests sent at once."""
@@ -272,12 +263,13 @@ def test_urllib3_over_http2_is_told_as_http2(metrics):
     http2.inject_into_urllib3()
     try:
         with H2Server(max_streams=10, delay=ROUND) as server:
-            manager = urllib3.PoolManager(ssl_context=server.client_context, maxsize=2,
-                                          block=True)
-            with ThreadPoolExecutor(4) as pool:
-                versions = set(pool.map(
-                    lambda _: manager.request("GET", server.url + "/slow").version_string,
-                    range(4)))
+            # a pool made directly: elastic-transport's requests node replaces the https pool
+            # class in the table every urllib3 PoolManager shares (pool_classes_by_scheme)
+            pool = urllib3.connection_from_url(server.url, ssl_context=server.client_context,
+                                               maxsize=2, block=True)
+            with ThreadPoolExecutor(4) as threads:
+                versions = set(threads.map(
+                    lambda _: pool.request("GET", "/slow").version_string, range(4)))
             data = metrics.read()
             lib = {"poolscope__library": "urllib3"}
             assert versions == {"HTTP/2"} and server.accepted == 2
@@ -286,7 +278,7 @@ def test_urllib3_over_http2_is_told_as_http2(metrics):
                                  poolscope__wait__outcome="granted", **lib) == 2
             assert metrics.value(data, "http.client.open_connections",
                                  network__protocol__version="2", **lib) == 2
-            manager.clear()
+            pool.close()
             assert metrics.histogram(metrics.read(), "http.client.connection.duration",
                                      network__protocol__version="2", **lib)[0] == 2
     finally:
