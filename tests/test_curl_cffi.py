@@ -292,6 +292,112 @@ def test_a_stream_being_received_holds_its_connection(metrics):
     assert metrics.value(metrics.read(), "poolscope.connection.oldest_active_age") == 0
 
 
+def _websocket_truth(metrics, server, data):
+    """The figures after a WebSocket and one request after it, against the server's books."""
+    assert len(server.peers) == 2
+    assert metrics.value(data, "poolscope.connection.created") == len(server.peers)
+    assert closes(metrics) == {"upgraded": 1, "pool_closed": 1}
+    assert metrics.value(data, "poolscope.connection.oldest_active_age") == 0
+    assert {a["url.scheme"] for a, _ in data["poolscope.connection.created"]} == {"http"}
+
+
+@pytest.mark.parametrize("closer", ["client", "server"])
+def test_a_websocket_holds_a_sessions_handle_but_is_no_leak(metrics, closer):
+    """An ``AsyncSession``'s ``ws_connect`` performs the handshake on one of the session's
+    handles and holds it, with its connection, until the WebSocket closes: with
+    ``max_clients=1`` the session's pool has that connection active (saturated), yet neither
+    ``oldest_active_age`` nor the report takes it for a leak, and its close, by either side,
+    is ``upgraded``. A request meanwhile waits for the handle, or, from curl_cffi 0.15, is
+    refused at once ("held by live WebSockets"): no wait then."""
+    from poolscope import report
+    from poolscope._instrument import current_recorder
+    from wsserver import WebSocketServer
+
+    held = 0.4
+
+    async def run(url):
+        async with curl_cffi_requests.AsyncSession(max_clients=1) as s:
+            ws = await s.ws_connect(url.replace("http", "ws", 1) + "/ws")
+            await ws.send_str("hi")
+            assert await ws.recv_str() == "hi"
+            refuses = hasattr(s, "_websockets")
+            meanwhile = asyncio.ensure_future(s.get(url + "/"))
+            await asyncio.sleep(held)
+            data = metrics.read()
+            text = report.render(metrics.reader.get_metrics_data(), current_recorder().scopes(),
+                                 leak_after=held / 2)
+            assert metrics.value(data, "http.client.open_connections",
+                                 http__connection__state="active") == 1
+            assert metrics.value(data, "poolscope.connection.max") == 1
+            assert metrics.value(data, "poolscope.pool.count") == 1
+            assert metrics.value(data, "poolscope.connection.oldest_active_age") == 0
+            assert "has been held" not in text, text
+            assert metrics.value(data, "poolscope.connection.pending_requests") == (not refuses)
+            if closer == "client":
+                await ws.close()
+            else:
+                await ws.send_str("bye")
+                with pytest.raises(Exception):
+                    await ws.recv_str()
+            if refuses:
+                with pytest.raises(Exception, match="held by live WebSockets"):
+                    await meanwhile
+                for _ in range(200):  # the handle comes back as the WebSocket's tasks end
+                    if s.pool.qsize():
+                        break
+                    await asyncio.sleep(0.01)
+                assert (await s.get(url + "/")).status_code == 200
+            else:
+                assert (await meanwhile).status_code == 200
+            return refuses
+    with WebSocketServer() as server:
+        refuses = _run(run(server.url))
+    data = metrics.read()
+    _websocket_truth(metrics, server, data)
+    assert metrics.histogram(data, WAIT)[0] == (not refuses)
+    assert metrics.value(data, "poolscope.connection.waits") in ((None, 0) if refuses else (1,))
+
+
+@pytest.mark.parametrize("closer", ["client", "server"])
+def test_a_sync_websocket_is_no_leak_and_closes_as_upgraded(metrics, closer):
+    """A ``Session``'s ``ws_connect`` performs the handshake on a copy of the session's
+    handle, its own pool: its connection is active while the WebSocket lasts, not in
+    ``oldest_active_age``, and closes as ``upgraded``; the session's own connection, reused,
+    stays idle in the other. An upgrade the server refuses fails the request: an ``error``
+    close."""
+    from wsserver import WebSocketServer
+
+    with WebSocketServer() as server, curl_cffi_requests.Session() as s:
+        assert s.get(server.url + "/").status_code == 200
+        ws = s.ws_connect(server.url.replace("http", "ws", 1) + "/ws")
+        ws.send_str("hi")
+        assert ws.recv_str() == "hi"
+        time.sleep(0.2)
+        data = metrics.read()
+        assert metrics.value(data, "http.client.open_connections",
+                             http__connection__state="active") == 1
+        assert metrics.value(data, "http.client.open_connections",
+                             http__connection__state="idle") == 1
+        assert metrics.value(data, "poolscope.connection.oldest_active_age") == 0
+        if closer == "client":
+            ws.close()
+        else:
+            ws.send_str("bye")
+            ws.recv()  # the server's close frame: curl_cffi closes the WebSocket
+        assert s.get(server.url + "/").status_code == 200
+        assert metrics.value(metrics.read(), "http.client.open_connections",
+                             http__connection__state="active") == 0
+        peers = len(server.peers)
+        with pytest.raises(Exception, match="Refused WebSockets? upgrade"):
+            s.ws_connect(server.url.replace("http", "ws", 1) + "/")
+        assert len(server.peers) == peers + 1
+    data = metrics.read()
+    assert metrics.value(data, "poolscope.connection.created") == len(server.peers) == 3
+    assert closes(metrics) == {"upgraded": 1, "error": 1, "pool_closed": 1}
+    assert metrics.value(data, "poolscope.connection.acquisitions", connection__reused=True) \
+        is None
+
+
 def test_sessions_over_a_unix_socket(metrics, tmp_path):
     """libcurl names a connection over a Unix socket by the socket's path alone: 3 requests at
     once through an ``AsyncSession``, twice, make 3 connections, each reused once, as the

@@ -14,6 +14,7 @@ from .. import _semconv as sc
 from .._config import internal_error
 
 DEFAULT_PORTS = {"http": 80, "https": 443}
+_WEBSOCKET_SCHEMES = {"ws": "http", "wss": "https"}  # a WebSocket opens an HTTP connection
 
 # libcurl's CURLINFO_HTTP_VERSION codes, as network.protocol.version
 CURL_HTTP_VERSIONS = {1: "1.0", 2: "1.1", 3: "2", 30: "3"}
@@ -190,9 +191,11 @@ def peer_address(read):
 
 
 def url_origin(url):
-    """The origin ``(scheme, host, port)`` of a URL (``http://`` where it has no scheme)."""
+    """The origin ``(scheme, host, port)`` of a URL (``http://`` where it has no scheme;
+    ``ws://`` and ``wss://`` as ``http://`` and ``https://``)."""
     parts = urlsplit(url if "://" in url else "http://" + url)
     scheme = parts.scheme.lower()
+    scheme = _WEBSOCKET_SCHEMES.get(scheme, scheme)
     try:
         port = parts.port
     except ValueError:

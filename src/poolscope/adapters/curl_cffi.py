@@ -14,7 +14,10 @@ own cache (a ``CurlShare``'s when the handle has one).
   set-up libcurl's connect (plus TLS) time.
 - Release: when the transfer ends: ``perform`` returns, the multi reports it done
   (``AsyncCurl.set_result`` / ``set_exception``), or it is removed unfinished
-  (``remove_handle``, the multi's ``close``).
+  (``remove_handle``, the multi's ``close``). Not a WebSocket's handshake (``ws_connect``:
+  ``perform`` on a handle an ``AsyncSession`` handed out, in its pool, or in
+  ``WebSocket.connect``) answered ``101``: its connection stays active until it closes
+  (``upgraded``).
 - Close: libcurl's ``CLOSESOCKETFUNCTION``, which libcurl keeps with each connection it opened
   while the callback was set and calls whenever it closes it (the callback closes the socket,
   as libcurl would). The socket's descriptor names the connection: ``SOCKOPTFUNCTION`` gives
@@ -49,6 +52,7 @@ from urllib.parse import urljoin
 from curl_cffi import aio, curl
 from curl_cffi.const import CurlInfo, CurlOpt
 from curl_cffi.requests import session as sessions
+from curl_cffi.requests import websockets
 
 from .. import _semconv as sc
 from .._config import internal_error
@@ -82,11 +86,12 @@ class _Transfer:
     both weakly: the handle holds it, and a dropped handle or session must be freed at once,
     as without poolscope."""
 
-    __slots__ = ("curl", "owner", "context", "conn", "__weakref__")
+    __slots__ = ("curl", "owner", "context", "conn", "handshake", "__weakref__")
 
     def __init__(self, handle):
         self.curl = weakref.ref(handle)
         self.owner = self.context = self.conn = None
+        self.handshake = False  # a WebSocket's, performed next
 
 
 def _transfer(handle):
@@ -222,6 +227,7 @@ class CurlCffiAdapter(Adapter):
         self.wrap(aio.AsyncCurl, "remove_handle", self._removing, self._removed)
         self.wrap(aio.AsyncCurl, "close", self._multi_close)
         self.wrap(curl.Curl, "perform", self._perform, self._performed)
+        self.wrap(websockets.WebSocket, "connect", self._sync_handshake)
         self.wrap(curl.Curl, "close", self._pool_close)
         _adapter = self
 
@@ -261,7 +267,10 @@ class CurlCffiAdapter(Adapter):
     # -- waits --------------------------------------------------------------
 
     def _wait_for_handle(self, session, args, kwargs):
-        if session.pool.empty():
+        # from 0.15, a session whose handles all serve WebSockets refuses at once: no wait
+        if session.pool.empty() and (len(getattr(session, "_websockets", ()))
+                                     + getattr(session, "_pending_ws_connects", 0)
+                                     < session.max_clients):
             return self.recorder.wait_started(self.pool_state(self._session_multi(session)),
                                               self._series(session))
         return False
@@ -348,10 +357,28 @@ class CurlCffiAdapter(Adapter):
         self._start(handle, multi)
 
     def _perform(self, handle, args, kwargs):
+        state = _transfer(handle)
+        session = state.owner() if state.owner is not None else None
+        if isinstance(session, sessions.AsyncSession):
+            # a WebSocket's handshake, on a handle the session handed out: its connection holds
+            # one of the session's handles for the WebSocket's life
+            state.handshake = True
+            return self._start(handle, self._session_multi(session))
         share = getattr(handle, "_share", None)  # curl_cffi 0.16+
         return self._start(handle, share if share is not None else handle)
 
+    def _sync_handshake(self, ws, args, kwargs):
+        _transfer(ws.curl).handshake = True
+
     def _performed(self, state, handle, result, exc):
+        if state.handshake:
+            state.handshake = False
+            if exc is None and state.conn is not None and (
+                    handle.getinfo(CurlInfo.RESPONSE_CODE) == 101):
+                rec, state.conn = state.conn, None
+                self._protocol(rec, handle)
+                self.recorder.upgraded(rec)  # active until it closes, with the WebSocket
+                return
         self.finished(state, exc is not None)
 
     def _ended(self, failed, multi, args, kwargs):
@@ -410,10 +437,7 @@ class CurlCffiAdapter(Adapter):
         if rec is None:
             return
         if rec.protocol is None:
-            handle = state.curl()
-            if handle is not None:
-                self.recorder.protocol_known(
-                    rec, CURL_HTTP_VERSIONS.get(handle.getinfo(CurlInfo.HTTP_VERSION)))
+            self._protocol(rec, state.curl())
         peer_closed = _lost.pop(rec, None)
         if peer_closed is None:
             self.recorder.released(rec)
@@ -429,11 +453,19 @@ class CurlCffiAdapter(Adapter):
                 reason = sc.POOL_FULL
             self.recorder.released(rec, reason)
 
+    def _protocol(self, rec, handle):
+        if handle is not None:
+            self.recorder.protocol_known(
+                rec, CURL_HTTP_VERSIONS.get(handle.getinfo(CurlInfo.HTTP_VERSION)))
+
     def socket_closing(self, fd):
         """libcurl is closing socket ``fd``: a connection's, if poolscope saw it open."""
         _new_fds.discard(fd)
         rec = _by_key.pop(_by_fd.pop(fd, None), None)
         if rec is None:
+            return
+        if rec.upgraded:  # with its WebSocket
+            self.recorder.closed(rec, sc.UPGRADED)
             return
         sock = socket.socket(fileno=fd)
         try:
