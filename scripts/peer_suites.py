@@ -64,7 +64,8 @@ SUITES = {
             "prereq_cb_test.py", "sockopt_cb_test.py", "open_socket_cb_test.py",
             "close_socket_cb_test.py", "setopt_test.py", "setopt_lifecycle_test.py",
             "test_write_cb_memoryview.py", "perform_test.py", "curl_object_test.py",
-            "context_manager_test.py", "test_connect_only_send_recv.py")],
+            "context_manager_test.py", "test_connect_only_send_recv.py", "test_websocket.py",
+            "test_websocket_callback.py")],
         # reload_test reloads pycurl, which undoes any replacement of its classes (documented)
         args=["-m", "not online", "-p", "no:randomly", "--deselect",
               "tests/reload_test.py"]),
@@ -131,7 +132,9 @@ SUITES = {
                  "typing_extensions"],
         files=["tests/unittest/test_async_session.py", "tests/unittest/test_async.py",
                "tests/unittest/test_curl.py", "tests/unittest/test_requests.py",
-               "tests/unittest/test_share.py"],
+               "tests/unittest/test_share.py", "tests/unittest/test_websockets.py",
+               "tests/unittest/test_sync_websockets.py",
+               "tests/unittest/test_async_websockets.py"],
         args=["-p", "no:randomly"]),
 }
 RUNS = {

@@ -109,19 +109,19 @@ def test_a_full_cache_makes_room(metrics, server):
         session = curl_cffi_requests.Session(curl_options={CurlOpt.MAXCONNECTS: 1})
         assert session.get(server.url + "/").status_code == 200
         assert session.get(other.url + "/").status_code == 200
-        assert closes(metrics) == {"pool_full": 1}
+        assert closes(metrics) == {"idle_limit": 1}
         data = metrics.read()
         assert metrics.value(data, "poolscope.connection.created") == 2 == \
             server.accepted + other.accepted
         assert metrics.value(data, "http.client.open_connections") == 1
         session.close()
-    assert closes(metrics) == {"pool_full": 1, "pool_closed": 1}
+    assert closes(metrics) == {"idle_limit": 1, "pool_closed": 1}
 
 
 def test_a_full_multi_cache_closes_the_connection_handed_back(metrics, server):
     """A multi with ``MAXCONNECTS`` 1, two transfers at once: the first to end hands its
     connection back to a cache over its limit where it is the only idle one, and libcurl
-    closes it (``pool_full``) while ``perform`` has not yet told the transfer ended; the
+    closes it (``idle_limit``) while ``perform`` has not yet told the transfer ended; the
     server sees that connection close after its one request."""
     from curl_cffi.aio import AsyncCurl
     from curl_cffi.const import CurlMOpt
@@ -141,7 +141,7 @@ def test_a_full_multi_cache_closes_the_connection_handed_back(metrics, server):
             await acurl.close()
         return found
     closed, data = _run(run())
-    assert closed == {"pool_full": 1}
+    assert closed == {"idle_limit": 1}
     assert metrics.value(data, "http.client.open_connections") == 1
     assert metrics.value(data, "poolscope.connection.created") == server.accepted == 2
     server.wait_closed(2)

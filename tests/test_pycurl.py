@@ -614,3 +614,60 @@ def test_a_handle_performing_alone_under_spans(traced, server):
     assert [link.context.span_id for link in second.links] == [setup.context.span_id]
     _, v = figures(traced)
     assert v("poolscope.connection.acquisitions") == 2 and server.accepted == 1
+
+
+def _ws_recv(curl):
+    """The next WebSocket frame's payload (``ws_recv`` does not block)."""
+    for _ in range(500):
+        try:
+            return curl.ws_recv(1024)[0]
+        except BlockingIOError:
+            time.sleep(0.01)
+    raise AssertionError("no frame")
+
+
+@pytest.mark.skipif(not hasattr(pycurl.Curl, "ws_recv"), reason="pycurl without WebSockets")
+@pytest.mark.parametrize("closer", ["client", "server"])
+def test_a_websocket_is_no_leak_and_closes_as_upgraded(metrics, closer):
+    """``CONNECT_ONLY`` 2 performs a WebSocket's handshake; the application then talks through
+    ``ws_send`` and ``ws_recv`` on a connection libcurl keeps with the handle until the handle
+    closes or performs again. It is active meanwhile but not in ``oldest_active_age``, and
+    closes as ``upgraded``, whichever side ended the WebSocket. An upgrade the server refuses
+    fails the transfer: ``error``. The handle's first connection, idle throughout, serves its
+    last request. The figures are the server's: 3 connections."""
+    from wsserver import WebSocketServer
+
+    with WebSocketServer() as server:
+        ws_url = server.url.replace("http", "ws", 1)
+        curl = pycurl.Curl()
+        assert fetch(curl, server.url + "/") == 200
+        curl.setopt(pycurl.CONNECT_ONLY, 2)
+        curl.setopt(pycurl.URL, ws_url + "/ws")
+        curl.perform()
+        assert curl.getinfo(pycurl.RESPONSE_CODE) == 101
+        curl.ws_send("hi")
+        assert _ws_recv(curl) == b"hi"
+        time.sleep(0.2)
+        _, v = figures(metrics)
+        assert v("http.client.open_connections", http__connection__state="active") == 1
+        assert v("http.client.open_connections", http__connection__state="idle") == 1
+        assert v("poolscope.connection.oldest_active_age") == 0
+        if closer == "client":
+            curl.ws_close(1000)
+        else:
+            curl.ws_send("bye")
+            assert _ws_recv(curl) == b"\x03\xe8"  # the server's close frame, code 1000
+        curl.setopt(pycurl.URL, ws_url + "/")
+        with pytest.raises(pycurl.error, match="upgrade"):
+            curl.perform()  # which also ends the WebSocket's connection
+        _, v = figures(metrics)
+        assert v("http.client.open_connections", http__connection__state="active") == 0
+        curl.setopt(pycurl.CONNECT_ONLY, 0)
+        assert fetch(curl, server.url + "/") == 200
+        curl.close()
+    data, v = figures(metrics)
+    assert v("poolscope.connection.created") == len(server.peers) == 3
+    assert v("poolscope.connection.acquisitions", poolscope__connection__reused=True) == 1
+    closed = {a["poolscope.close.reason"]: p.value
+              for a, p in data["poolscope.connection.closed"] if p.value}
+    assert closed == {"upgraded": 1, "error": 1, "pool_closed": 1}

@@ -26,12 +26,11 @@ own cache (a ``CurlShare``'s when the handle has one).
   another destination's connection's too.) Closed during a transfer: ``error`` when the
   transfer failed; else ``server_closed`` when the server had closed it or its last answer
   said it would (``Connection: close``, HTTP/1.0 without keep-alive, read in libcurl's own
-  header store), ``idle_limit`` for the session's ``FORBID_REUSE``, else ``pool_full``:
-  libcurl, handed the connection back into a cache over ``MAXCONNECTS``, closed it as the
-  oldest idle one.
+  header store), else ``idle_limit``: the session's ``FORBID_REUSE``, or libcurl, handed the
+  connection back into a cache over ``MAXCONNECTS``, closed it as the oldest idle one.
   Closed idle: ``server_closed`` when the server had closed it first (libcurl found it dead),
   ``keepalive_expired`` past ``MAXAGE_CONN`` (118 s unless the session's ``curl_options`` say
-  otherwise), else ``pool_full`` (libcurl makes room in a full cache); with its pool,
+  otherwise), else ``idle_limit`` (libcurl makes room in a full cache); with its pool,
   ``pool_closed``.
 
 poolscope sets ``PREREQFUNCTION``, ``PREREQDATA``, ``SOCKOPTFUNCTION`` and
@@ -447,10 +446,8 @@ class CurlCffiAdapter(Adapter):
             handle = state.curl()
             if peer_closed or handle is None or _said_close(handle):
                 reason = sc.SERVER_CLOSED
-            elif _option(rec, CurlOpt.FORBID_REUSE, 0):
+            else:  # FORBID_REUSE, or a cache over MAXCONNECTS: the pool keeps too few idle
                 reason = sc.IDLE_LIMIT
-            else:
-                reason = sc.POOL_FULL
             self.recorder.released(rec, reason)
 
     def _protocol(self, rec, handle):
@@ -478,7 +475,7 @@ class CurlCffiAdapter(Adapter):
                   >= float(_option(rec, CurlOpt.MAXAGE_CONN, _DEFAULT_MAXAGE)) - 0.01):
                 reason = sc.KEEPALIVE_EXPIRED
             else:
-                reason = sc.POOL_FULL
+                reason = sc.IDLE_LIMIT  # libcurl makes room in a full cache
         finally:
             sock.detach()
         self.recorder.closed(rec, reason)

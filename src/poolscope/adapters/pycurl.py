@@ -31,7 +31,8 @@ easy handle's own.
   active from the start of ``perform``, at collection.
 - Release: when the transfer completes (``perform`` returns, or the multi's ``info_read``
   reports it; else ``remove_handle`` or ``close``). The connection closed with the transfer
-  when its socket is gone.
+  when its socket is gone. Not a WebSocket's handshake (``CONNECT_ONLY`` 2) answered ``101``:
+  its connection stays active until libcurl closes it (``upgraded``).
 - Wait: only a multi with ``M_MAX_TOTAL_CONNECTIONS`` or ``M_MAX_HOST_CONNECTIONS`` holds
   transfers back. libcurl's ``QUEUE_TIME_T`` is the time spent pending when a transfer was
   pending once, but adds up more than the elapsed time when it was woken and sent back to the
@@ -179,7 +180,8 @@ class _Handle:
 
     __slots__ = ("curl", "url", "origin", "prereq", "sockopt", "forbid_reuse", "share", "multi",
                  "cache", "conn", "queued_at", "held", "context", "sockets", "setup", "errno",
-                 "follow", "prereq_on", "last", "fd", "by", "since", "fresh", "__weakref__")
+                 "follow", "prereq_on", "last", "fd", "by", "since", "fresh", "connect_only",
+                 "__weakref__")
 
     def __init__(self, curl):
         self.curl = weakref.ref(curl)
@@ -188,6 +190,7 @@ class _Handle:
         self.prereq = self.sockopt = self.share = self.multi = None
         self.cache = _Cache()  # the handle's own, when it is in no multi and shares none
         self.forbid_reuse = self.follow = self.prereq_on = False
+        self.connect_only = False  # CONNECT_ONLY 2: a WebSocket's handshake
         self.conn = self.queued_at = self.held = self.context = self.sockets = self.errno = None
         self.setup = 0.0
         # a transfer performed without PREREQFUNCTION: the connection the handle last used
@@ -200,6 +203,7 @@ class _Handle:
         dup = _Handle(curl)
         dup.url, dup.origin, dup.prereq, dup.sockopt = self.url, self.origin, self.prereq, self.sockopt
         dup.forbid_reuse, dup.share, dup.follow = self.forbid_reuse, self.share, self.follow
+        dup.connect_only = self.connect_only
         dup.cache.maxage = self.cache.maxage
         return dup
 
@@ -251,7 +255,7 @@ class _Handle:
         once set, it stays until the handle is reset."""
         cls = _ORIGINAL["Curl"]
         self.prereq_on = self.prereq_on or bool(
-            self.multi is not None or self.share is not None or self.follow
+            self.multi is not None or self.share is not None or self.follow or self.connect_only
             or self.prereq is not None or _adapter is not None and _adapter.recorder.detailed)
         if self.prereq_on:
             cls.setopt(curl, pycurl.PREREQFUNCTION, self.granted)
@@ -412,6 +416,9 @@ class Curl(pycurl.Curl):
         elif option == pycurl.FOLLOWLOCATION:
             state.follow = bool(value)
             state.install(self)
+        elif option == pycurl.CONNECT_ONLY:
+            state.connect_only = value == 2
+            state.install(self)
         return result
 
     def unsetopt(self, *args, **kwargs):
@@ -432,7 +439,7 @@ class Curl(pycurl.Curl):
         state = self._ps
         state.prereq = state.sockopt = state.share = None
         state.url, state.origin = "", None
-        state.forbid_reuse = state.follow = state.prereq_on = False
+        state.forbid_reuse = state.follow = state.prereq_on = state.connect_only = False
         state.cache.maxage = _DEFAULT_MAXAGE
         state.install(self)
         return result
@@ -794,6 +801,10 @@ class PycurlAdapter(Adapter):
             *marks, total_us = phases
             self.recorder.setup_phases(rec, curl_phases(*marks, time.time_ns() - total_us * 1000))
         sock = cache.socks.get(key)
+        if (state.connect_only and errno == 0 and final and curl is not None
+                and _read(curl, pycurl.RESPONSE_CODE) == [101]):
+            self.recorder.upgraded(rec)  # a WebSocket's: active until it closes
+            return
         if sock is None or _open(curl if attached else None, sock):
             self.recorder.released(rec)
             return
@@ -833,7 +844,7 @@ class PycurlAdapter(Adapter):
             if rec.closed:
                 del cache.conns[key]
                 continue
-            if rec.in_use:
+            if rec.in_use and not rec.upgraded:
                 continue
             sock = cache.socks.get(key)
             if reason is None and key != fresh_key and (sock is None or _alive(sock)):
