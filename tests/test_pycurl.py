@@ -1,5 +1,6 @@
 """pycurl specifics: one reused easy handle, MAXAGE_CONN, FORBID_REUSE, a share, chained callbacks."""
 
+import functools
 import os
 import threading
 import time
@@ -445,6 +446,44 @@ def test_a_handle_with_two_connections_to_one_origin(metrics, origin, prereq):
     assert server.per_connection == [2, 2]
     [(_, point)] = data["poolscope.connection.requests"]
     assert point.count == 2 and point.sum == 4
+
+
+@pytest.mark.parametrize("where", ["handle", "multi"])
+def test_a_full_cache_closes_its_oldest_idle_connection(metrics, where):
+    """``MAXCONNECTS`` 1 (a multi's ``M_MAXCONNECTS`` 1), two origins in turn: each transfer
+    on a new connection leaves two in a cache of one, and libcurl closes the oldest idle one
+    as the transfer ends. The pool keeps too few idle connections: ``idle_limit``, at once,
+    not ``server_closed``: the servers, which close nothing themselves, saw each connection
+    serve one request and close."""
+    with DemoServer() as a, DemoServer() as b:
+        curl = pycurl.Curl()
+        if where == "multi":
+            multi = pycurl.CurlMulti()
+            multi.setopt(pycurl.M_MAXCONNECTS, 1)
+
+            def get(url):
+                curl.setopt(pycurl.URL, url)
+                curl.setopt(pycurl.WRITEFUNCTION, lambda data: None)
+                multi.add_handle(curl)
+                while multi.perform()[1]:
+                    multi.select(0.1)
+                assert multi.info_read()[2] == []
+                multi.remove_handle(curl)
+                return curl.getinfo(pycurl.RESPONSE_CODE)
+        else:
+            curl.setopt(pycurl.MAXCONNECTS, 1)
+            get = functools.partial(fetch, curl)
+        for server in (a, b, a):
+            assert get(server.url + "/") == 200
+            _, v = figures(metrics)
+            assert v("http.client.open_connections") == 1
+        assert v("poolscope.connection.created") == a.accepted + b.accepted == 3
+        assert v("poolscope.connection.closed", poolscope__close__reason="idle_limit") == 2
+        assert v("poolscope.connection.closed", poolscope__close__reason="server_closed") is None
+        assert a.wait_closed(1) == [1] and b.wait_closed(1) == [1]
+        curl.close()
+        if where == "multi":
+            multi.close()
 
 
 def test_a_multi_over_a_unix_socket(metrics, tmp_path):

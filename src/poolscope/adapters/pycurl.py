@@ -47,12 +47,15 @@ easy handle's own.
   reused: no ``PRIMARY_PORT``) timed out waiting.
 - Close: libcurl closes idle cached connections on its own (``MAXAGE_CONN`` expiry, a full
   cache, a dead socket) with no callback poolscope can rely on, so each idle connection's
-  socket is checked when its pool opens a new connection and when the pool closes.
+  socket is checked when its pool opens a new connection, when a transfer that opened one
+  ends (where libcurl makes room in a full cache) and when the pool closes. One closed while
+  the server had not (``/proc/net/tcp``) made room: ``idle_limit``.
 """
 
 import functools
 import os
 import socket
+import struct
 import sys
 import time
 import weakref
@@ -88,6 +91,44 @@ def _alive(sock):
     """Whether a connection's socket ``(fd, inode)`` is still open: the inode tells it from a
     socket that took the same descriptor since."""
     return sock is not None and _inode(sock[0]) == sock[1]
+
+
+# TCP states of a socket whose own side closed first (FIN_WAIT1, FIN_WAIT2, TIME_WAIT, CLOSING):
+# one the server closed first goes through CLOSE_WAIT and LAST_ACK instead
+_CLOSED_FIRST = {"04", "05", "06", "0B"}
+
+
+def _proc_address(ip, port):
+    """An address as Linux's ``/proc/net/tcp`` and ``tcp6`` write it."""
+    family = socket.AF_INET6 if ":" in ip else socket.AF_INET
+    packed = socket.inet_pton(family, ip)
+    words = struct.unpack("=%dI" % (len(packed) // 4), packed)
+    return "".join("%08X" % word for word in words) + ":%04X" % port
+
+
+def _closed_first(keys):
+    """Of the connections ``keys`` whose sockets libcurl has closed, those it closed while the
+    server had not: their TCP connection waits out its close on this side (Linux's
+    ``/proc/net/tcp``, for 60 s). Empty where that cannot be read."""
+    wanted = {}
+    for key in keys:
+        try:
+            wanted[_proc_address(key[0], key[1]), _proc_address(key[2], key[3])] = key
+        except (OSError, ValueError, TypeError):
+            pass
+    found = set()
+    for path in ("/proc/net/tcp", "/proc/net/tcp6") if wanted else ():
+        try:
+            with open(path) as table:
+                for line in table:
+                    fields = line.split(None, 4)
+                    if len(fields) > 3 and fields[3] in _CLOSED_FIRST:
+                        key = wanted.get((fields[1], fields[2]))
+                        if key is not None:
+                            found.add(key)
+        except OSError:
+            pass
+    return found
 
 
 def _open(curl, sock):
@@ -807,14 +848,16 @@ class PycurlAdapter(Adapter):
             return
         if sock is None or _open(curl if attached else None, sock):
             self.recorder.released(rec)
-            return
-        if errno == 0:
-            reason = sc.IDLE_LIMIT if state.forbid_reuse else sc.SERVER_CLOSED
         else:
-            reason = sc.ERROR
-        cache.conns.pop(key, None)
-        cache.socks.pop(key, None)
-        self.recorder.released(rec, reason)
+            if errno == 0:
+                reason = sc.IDLE_LIMIT if state.forbid_reuse else sc.SERVER_CLOSED
+            else:
+                reason = sc.ERROR
+            cache.conns.pop(key, None)
+            cache.socks.pop(key, None)
+            self.recorder.released(rec, reason)
+        if setup:  # a new connection joined the cache: libcurl may have closed one for room
+            self._sweep(cache)
 
     def _waited(self, state, rec, setup, queue_us, pretransfer_us, total_us):
         """A transfer's wait in a limited multi, from libcurl's times (which run from the
@@ -840,6 +883,7 @@ class PycurlAdapter(Adapter):
         ``fresh_key``: a new connection's key, which a closed one may have had before it.
         """
         now = time.monotonic()
+        gone = []
         for key, rec in list(cache.conns.items()):
             if rec.closed:
                 del cache.conns[key]
@@ -851,10 +895,15 @@ class PycurlAdapter(Adapter):
                 continue  # alive, or its socket unknown: kept until the pool closes
             del cache.conns[key]
             cache.socks.pop(key, None)
+            gone.append((key, rec))
+        closed_first = _closed_first([key for key, _ in gone]) if reason is None and gone else ()
+        for key, rec in gone:
             if reason is not None:
                 why = reason
             elif rec.released_at and now - rec.released_at >= cache.maxage:
                 why = sc.KEEPALIVE_EXPIRED
+            elif key in closed_first:  # libcurl closed it alive: a full cache
+                why = sc.IDLE_LIMIT
             else:
                 why = sc.SERVER_CLOSED
             self.recorder.closed(rec, why)
