@@ -78,7 +78,7 @@ UNSOUND_BEFORE_2_25_904 = ["--deselect", "tests/test_stress.py::test_figures_sta
 @nox.session(python="3.11", name="urllib3-future")
 @nox.parametrize("future", ["urllib3-future==2.20.900", "urllib3-future"], ids=["oldest", "newest"])
 def urllib3_future(session, future):
-    session.install("--upgrade", "-e", ".[test]", "niquests")
+    session.install("--upgrade", "-e", ".[test]", "niquests", "wsproto")
     session.install("--force-reinstall", "--no-deps", future)
     session.run("python", "-c", "import urllib3, niquests; print('urllib3 (urllib3-future)', "
                 "urllib3.__version__, 'niquests', niquests.__version__)")

@@ -278,12 +278,15 @@ def test_a_request_handed_a_connection_another_holds_takes_it_first_async(metric
     asyncio.run(main())
 
 
+@pytest.mark.parametrize("scheme", ["http", "ws"])
 @pytest.mark.parametrize("mode", ["sync", "async"])
-def test_a_websocket_is_no_leak_and_closes_as_upgraded(metrics, mode):
+def test_a_websocket_is_no_leak_and_closes_as_upgraded(metrics, mode, scheme):
     """httpx-ws takes a connection out of HTTP (``101 Switching Protocols``) for a WebSocket:
     active while held (0.3 s), but not in ``oldest_active_age``; it closes with the WebSocket
-    as ``upgraded``, not ``error``, and the next request opens a new connection, as the
-    server saw."""
+    as ``upgraded``, not ``error``, as the server saw: an ``http://`` URL upgrades the idle
+    connection and the next request opens a new one; a ``ws://`` URL, another origin to
+    httpcore, opens its own, the next request reuses the first, and its origin's scheme is
+    ``http`` all the same."""
     httpx_ws = pytest.importorskip("httpx_ws")
     from wsserver import WebSocketServer
 
@@ -296,10 +299,10 @@ def test_a_websocket_is_no_leak_and_closes_as_upgraded(metrics, mode):
                               http__connection__state="active", **lib),
                 metrics.value(data, "poolscope.connection.oldest_active_age", **lib))
 
-    async def held_async(url):
+    async def held_async(url, ws_url):
         async with httpx.AsyncClient() as client:
             assert (await client.get(url + "/")).status_code == 200
-            async with httpx_ws.aconnect_ws(url + "/ws", client) as ws:
+            async with httpx_ws.aconnect_ws(ws_url + "/ws", client) as ws:
                 await ws.send_text("hi")
                 assert await ws.receive_text() == "hi"
                 during = held()
@@ -307,12 +310,13 @@ def test_a_websocket_is_no_leak_and_closes_as_upgraded(metrics, mode):
         return during
 
     with WebSocketServer() as server:
+        ws_url = server.url.replace("http", scheme, 1)
         if mode == "async":
-            during = asyncio.run(held_async(server.url))
+            during = asyncio.run(held_async(server.url, ws_url))
         else:
             with httpx.Client() as client:
                 assert client.get(server.url + "/").status_code == 200
-                with httpx_ws.connect_ws(server.url + "/ws", client) as ws:
+                with httpx_ws.connect_ws(ws_url + "/ws", client) as ws:
                     ws.send_text("hi")
                     assert ws.receive_text() == "hi"
                     during = held()
@@ -321,6 +325,9 @@ def test_a_websocket_is_no_leak_and_closes_as_upgraded(metrics, mode):
         assert during == (1, 0)
         assert len(server.peers) == 2
         assert metrics.value(data, "poolscope.connection.created", **lib) == len(server.peers)
+        assert metrics.value(data, "poolscope.connection.acquisitions",
+                             poolscope__connection__reused=True, **lib) == 1
+        assert {a["url.scheme"] for a, _ in data["poolscope.connection.created"]} == {"http"}
         assert metrics.value(data, "poolscope.connection.closed",
                              poolscope__close__reason="upgraded", **lib) == 1
         assert metrics.value(data, "poolscope.connection.closed",

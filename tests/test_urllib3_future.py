@@ -206,6 +206,57 @@ def test_a_response_closed_before_its_end_is_an_error_close(metrics, server, fla
     assert server.wait_closed(2) == [1, 1]
 
 
+@pytest.mark.parametrize("flavor", ["sync", "async"])
+def test_a_websocket_is_no_leak_and_closes_as_upgraded(metrics, flavor):
+    """niquests' WebSocket extension (``ws://``, with wsproto): urllib3-future hands the
+    connection to the extension after the ``101``. It is active while held (0.3 s), but not in
+    ``oldest_active_age``, and its close is ``upgraded``, not ``server_closed``; the next
+    request reuses the first connection, as the server saw."""
+    pytest.importorskip("wsproto")
+    import asyncio
+
+    import niquests
+    from wsserver import WebSocketServer
+
+    def held():
+        data = metrics.read()
+        return (metrics.value(data, "http.client.open_connections",
+                              http__connection__state="active"),
+                metrics.value(data, "poolscope.connection.oldest_active_age"))
+
+    async def run_async(url):
+        async with niquests.AsyncSession() as session:
+            assert (await session.get(url + "/")).status_code == 200
+            response = await session.get(url.replace("http", "ws", 1) + "/ws")
+            assert response.status_code == 101
+            await response.extension.send_payload("hi")
+            assert await response.extension.next_payload() == "hi"
+            await asyncio.sleep(0.3)
+            during = held()
+            await response.extension.close()
+            assert (await session.get(url + "/")).status_code == 200
+            return during
+
+    with WebSocketServer() as server:
+        if flavor == "async":
+            during = asyncio.run(run_async(server.url))
+        else:
+            with niquests.Session() as session:
+                assert session.get(server.url + "/").status_code == 200
+                response = session.get(server.url.replace("http", "ws", 1) + "/ws")
+                assert response.status_code == 101
+                response.extension.send_payload("hi")
+                assert response.extension.next_payload() == "hi"
+                time.sleep(0.3)
+                during = held()
+                response.extension.close()
+                assert session.get(server.url + "/").status_code == 200
+        data = metrics.read()
+        assert during == (1, 0)
+        assert metrics.value(data, "poolscope.connection.created") == len(server.peers)
+        assert closes(metrics) == {"upgraded": 1, "pool_closed": len(server.peers) - 1}
+
+
 def library_idle(session, url):
     """urllib3-future's own word on each connection of ``session``'s pools for ``url``."""
     pools = session.get_adapter(url).poolmanager.pools._container.values()

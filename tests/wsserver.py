@@ -23,6 +23,8 @@ class WebSocketServer:
         ws = web.WebSocketResponse()
         await ws.prepare(request)
         async for message in ws:
+            if message.type is not web.WSMsgType.TEXT:
+                break
             if message.data == "bye":
                 await ws.close()
             else:

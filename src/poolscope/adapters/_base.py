@@ -14,7 +14,13 @@ from .. import _semconv as sc
 from .._config import internal_error
 
 DEFAULT_PORTS = {"http": 80, "https": 443}
-_WEBSOCKET_SCHEMES = {"ws": "http", "wss": "https"}  # a WebSocket opens an HTTP connection
+_WEBSOCKET_SCHEMES = {"ws": "http", "wss": "https"}
+
+
+def http_scheme(scheme):
+    """The scheme of the HTTP connection a URL's scheme opens: a WebSocket's (``ws``, ``wss``)
+    is ``http`` or ``https``."""
+    return _WEBSOCKET_SCHEMES.get(scheme, scheme)
 
 # libcurl's CURLINFO_HTTP_VERSION codes, as network.protocol.version
 CURL_HTTP_VERSIONS = {1: "1.0", 2: "1.1", 3: "2", 30: "3"}
@@ -194,8 +200,7 @@ def url_origin(url):
     """The origin ``(scheme, host, port)`` of a URL (``http://`` where it has no scheme;
     ``ws://`` and ``wss://`` as ``http://`` and ``https://``)."""
     parts = urlsplit(url if "://" in url else "http://" + url)
-    scheme = parts.scheme.lower()
-    scheme = _WEBSOCKET_SCHEMES.get(scheme, scheme)
+    scheme = http_scheme(parts.scheme.lower())
     try:
         port = parts.port
     except ValueError:

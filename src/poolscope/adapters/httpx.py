@@ -55,7 +55,8 @@ from .. import _semconv as sc
 from .._config import internal_error
 from .._recorder import CANCELLED, TIMED_OUT
 from .._spans import recording_span
-from ._base import Adapter, arg, disconnected, phase_ended, phases_begin, phases_end
+from ._base import (Adapter, arg, disconnected, http_scheme, phase_ended, phases_begin,
+                    phases_end)
 
 
 _LINKING = threading.Lock()
@@ -455,8 +456,8 @@ class HttpxAdapter(Adapter):
             observed._poolscope = self
 
     def _series(self, origin):
-        return self.recorder.series(
-            self.library, (origin.scheme.decode("ascii"), origin.host.decode("ascii"), origin.port))
+        return self.recorder.series(self.library, (http_scheme(origin.scheme.decode("ascii")),
+                                                   origin.host.decode("ascii"), origin.port))
 
     def _url_series(self, url):
         """The series of a request's URL. httpcore builds a new ``Origin`` each time it is

@@ -133,6 +133,13 @@ class Urllib3FutureAdapter(Urllib3Adapter):
         self.replace(police_cls, "_next_signal_or_container_insert",
                      self._observed_insert(police_cls._next_signal_or_container_insert))
         self.wrap(apolice.AsyncSignals, "next", before=self._async_given_back)
+        for extensions, name in (("protocol", "ExtensionFromHTTP"),
+                                 ("_async.protocol", "AsyncExtensionFromHTTP")):
+            try:  # the subclasses (WebSocket, server-sent events, raw) start here
+                extension = getattr(module("contrib.webextensions." + extensions), name)
+            except (ImportError, AttributeError):
+                continue
+            self.wrap(extension, "start", after=self._extension_started)
 
     def unpatch(self):  # urllib3's, but no queue to give its class back
         super(Urllib3Adapter, self).unpatch()
@@ -339,6 +346,14 @@ class Urllib3FutureAdapter(Urllib3Adapter):
         wait = observed[2].pop(observed[3](), None)
         if wait is not None:
             observed[0].wait_ended(wait, outcome, error if outcome == TIMED_OUT else None)
+
+    def _extension_started(self, token, extension, result, exc):
+        """An HTTP extension took its response's connection over: after a ``101``, a
+        WebSocket's, held until it closes (an HTTP/2 one is a stream: its connection goes on)."""
+        response = getattr(extension, "_response", None)
+        rec = getattr(getattr(response, "_connection", None), "__dict__", {}).get("_poolscope")
+        if exc is None and rec is not None and response.status == 101:
+            self.recorder.upgraded(rec)
 
     def _pool_close(self, pool_obj, args, kwargs):
         state = getattr(pool_obj, "_poolscope", None)
