@@ -358,6 +358,48 @@ def test_a_websocket_holds_a_sessions_handle_but_is_no_leak(metrics, closer):
     assert metrics.value(data, "poolscope.connection.waits") in ((None, 0) if refuses else (1,))
 
 
+def test_websockets_and_requests_at_once_on_one_session(metrics):
+    """Two tasks open and close 10 WebSockets each while four send requests, on one
+    ``AsyncSession``: each handshake runs on a worker thread, the requests on the event loop,
+    both in the session's pool. Every figure is the server's and the application's: the
+    connections the server saw, one acquisition per request and per WebSocket, 20 closes
+    ``upgraded``, nothing active at the end."""
+    from wsserver import WebSocketServer
+
+    async def run(url):
+        async with curl_cffi_requests.AsyncSession(max_clients=6) as s:
+            done = []
+
+            async def requests():
+                count = 0
+                while not done:
+                    assert (await s.get(url + "/")).status_code == 200
+                    count += 1
+                return count
+
+            async def websockets():
+                for _ in range(10):
+                    ws = await s.ws_connect(url.replace("http", "ws", 1) + "/ws")
+                    await ws.close()
+            senders = [asyncio.ensure_future(requests()) for _ in range(4)]
+            await asyncio.gather(websockets(), websockets())
+            done.append(True)
+            sent = sum(await asyncio.gather(*senders))
+            for _ in range(200):  # the WebSockets' handles come back as their tasks end
+                if s.pool.qsize() == s.max_clients:
+                    break
+                await asyncio.sleep(0.01)
+            return sent, metrics.read()
+    with WebSocketServer() as server:
+        sent, data = _run(run(server.url))
+    assert metrics.value(data, "poolscope.connection.created") == len(server.peers)
+    assert metrics.value(data, "poolscope.connection.acquisitions") == sent + 20
+    assert metrics.value(data, "http.client.open_connections",
+                         http__connection__state="active") == 0
+    assert metrics.value(data, "poolscope.connection.closed",
+                         poolscope__close__reason="upgraded") == 20
+
+
 @pytest.mark.parametrize("closer", ["client", "server"])
 def test_a_sync_websocket_is_no_leak_and_closes_as_upgraded(metrics, closer):
     """A ``Session``'s ``ws_connect`` performs the handshake on a copy of the session's

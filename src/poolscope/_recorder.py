@@ -355,6 +355,11 @@ class Recorder(Tracing):
                 pool.full_at = _NEVER if max_connections is None else max_connections
                 self._shift(pool, 0, monotonic())
 
+    def shared(self, pool):
+        """Events of ``pool``, serialized until now, may also come from another thread from now
+        on: the recorder's lock serializes them."""
+        pool.lock = self._lock
+
     def pool_closed(self, pool, reason=sc.POOL_CLOSED, now=None):
         """The application closed the pool: it stops counting as live and saturated."""
         now = now or monotonic()

@@ -227,6 +227,7 @@ class CurlCffiAdapter(Adapter):
         self.wrap(aio.AsyncCurl, "close", self._multi_close)
         self.wrap(curl.Curl, "perform", self._perform, self._performed)
         self.wrap(websockets.WebSocket, "connect", self._sync_handshake)
+        self.wrap(sessions.AsyncSession, "ws_connect", self._async_handshake)
         self.wrap(curl.Curl, "close", self._pool_close)
         _adapter = self
 
@@ -368,6 +369,11 @@ class CurlCffiAdapter(Adapter):
 
     def _sync_handshake(self, ws, args, kwargs):
         _transfer(ws.curl).handshake = True
+
+    def _async_handshake(self, session, args, kwargs):
+        """The handshake of an ``AsyncSession``'s WebSocket runs on a worker thread: its pool
+        hears from that thread too from now on."""
+        self.recorder.shared(self.pool_state(self._session_multi(session)))
 
     def _performed(self, state, handle, result, exc):
         if state.handshake:
