@@ -110,24 +110,26 @@ def _closed_first(keys):
     """Of the connections ``keys`` whose sockets libcurl has closed, those it closed while the
     server had not: their TCP connection waits out its close on this side (Linux's
     ``/proc/net/tcp``, for 60 s). Empty where that cannot be read."""
-    wanted = {}
+    wanted = {"/proc/net/tcp": {}, "/proc/net/tcp6": {}}
     for key in keys:
         try:
-            wanted[_proc_address(key[0], key[1]), _proc_address(key[2], key[3])] = key
-        except (OSError, ValueError, TypeError):
-            pass
+            marker = " %s %s " % (_proc_address(key[0], key[1]), _proc_address(key[2], key[3]))
+        except (OSError, ValueError, TypeError):  # a Unix socket's
+            continue
+        wanted["/proc/net/tcp6" if ":" in key[0] else "/proc/net/tcp"][marker] = key
     found = set()
-    for path in ("/proc/net/tcp", "/proc/net/tcp6") if wanted else ():
+    for path, markers in wanted.items():
+        if not markers:
+            continue
         try:
             with open(path) as table:
-                for line in table:
-                    fields = line.split(None, 4)
-                    if len(fields) > 3 and fields[3] in _CLOSED_FIRST:
-                        key = wanted.get((fields[1], fields[2]))
-                        if key is not None:
-                            found.add(key)
+                text = table.read()
         except OSError:
-            pass
+            continue
+        for marker, key in markers.items():
+            at = text.find(marker)
+            if at >= 0 and text[at + len(marker):at + len(marker) + 2] in _CLOSED_FIRST:
+                found.add(key)
     return found
 
 
