@@ -25,6 +25,8 @@ and the police's cursors, see ``registered``):
   on waiting in the same wait.
 - Create: ``connect`` of the (async) HTTP and HTTPS connections; close: their ``close``, the
   reason read from the police method closing it.
+- A WebSocket (niquests' ``ws://``): the extension taking a response's connection over after a
+  ``101`` (``ExtensionFromHTTP.start``, its async twin's) marks the connection upgraded.
 - Pools register at ``__init__`` (or, made before ``instrument()``, at their next new
   connection) and close with ``close``; a pool the ``PoolManager``'s police sacrifices for a
   new one is ``evicted``.
