@@ -210,8 +210,8 @@ def test_a_response_closed_before_its_end_is_an_error_close(metrics, server, fla
 def test_a_websocket_is_no_leak_and_closes_as_upgraded(metrics, flavor):
     """niquests' WebSocket extension (``ws://``, with wsproto): urllib3-future hands the
     connection to the extension after the ``101``. It is active while held (0.3 s), but not in
-    ``oldest_active_age``, and its close is ``upgraded``, not ``server_closed``; the next
-    request reuses the first connection, as the server saw."""
+    ``oldest_active_age``, and its close is ``upgraded``, not ``server_closed``; the other
+    connections close with the session, as many as the server saw."""
     pytest.importorskip("wsproto")
     import asyncio
 
