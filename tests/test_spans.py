@@ -51,10 +51,11 @@ def app_spans(official, flavor):
                                     if f in DRIVERS])
 def test_the_requests_that_waited_have_a_wait_span_under_their_own_span(official, server, flavor):
     """Limit 2, 300 ms: two requests hold both connections; once the server has both, four
-    more come (``later`` seconds after the first): waits of 0.3, 0.3, 0.6, 0.6 s less
-    ``later``, under four request spans, each begun with the pool's 2 connections active."""
+    more come (``later`` seconds after the first, or after, as their threads start): waits
+    that begin then and end 0.3, 0.3, 0.6 and 0.6 s after the first, under four request spans,
+    each begun with the pool's 2 connections active."""
     with DRIVERS[flavor](server, limit=2, **app_spans(official, flavor)) as driver:
-        start = time.monotonic()
+        start, start_ns = time.monotonic(), time.time_ns()
         holding = [driver.submit("/delay/0.3") for _ in range(2)]
         while server.received < 2 and time.monotonic() < start + 5:
             time.sleep(0.002)
@@ -66,9 +67,11 @@ def test_the_requests_that_waited_have_a_wait_span_under_their_own_span(official
     assert len(requests) == 6
     waits = official.finished(WAIT)
     assert len(waits) == 4
-    durations = sorted(seconds(w) + later for w in waits)
-    assert all(0.25 <= d <= 0.45 for d in durations[:2]), (durations, later)
-    assert all(0.55 <= d <= 0.75 for d in durations[2:]), (durations, later)
+    began = [(w.start_time - start_ns) / 1e9 for w in waits]
+    ended = sorted((w.end_time - start_ns) / 1e9 for w in waits)
+    assert all(later - 0.005 <= b < 0.25 for b in began), (began, later)
+    assert all(0.25 <= e <= 0.45 for e in ended[:2]), (ended, later)
+    assert all(0.55 <= e <= 0.75 for e in ended[2:]), (ended, later)
     parents = [parent_of(w, spans) for w in waits]
     assert all(p.kind == SpanKind.CLIENT for p in parents)
     assert len({p.context.span_id for p in parents}) == 4  # each under its own request
