@@ -335,10 +335,11 @@ class CurlCffiAdapter(Adapter):
 
     # -- transfers ----------------------------------------------------------
 
-    def _start(self, handle, owner):
+    def _start(self, handle, owner, state=None):
         """A transfer starts on ``handle`` for the pool ``owner``: poolscope's callbacks are
         set (a reset or a duplicated handle may have dropped or copied them)."""
-        state = _transfer(handle)
+        if state is None:
+            state = _transfer(handle)
         state.owner = weakref.ref(owner)
         state.context = self.recorder.context()
         c = handle._curl
@@ -363,9 +364,9 @@ class CurlCffiAdapter(Adapter):
             # a WebSocket's handshake, on a handle the session handed out: its connection holds
             # one of the session's handles for the WebSocket's life
             state.handshake = True
-            return self._start(handle, self._session_multi(session))
+            return self._start(handle, self._session_multi(session), state)
         share = getattr(handle, "_share", None)  # curl_cffi 0.16+
-        return self._start(handle, share if share is not None else handle)
+        return self._start(handle, share if share is not None else handle, state)
 
     def _sync_handshake(self, ws, args, kwargs):
         _transfer(ws.curl).handshake = True
@@ -467,12 +468,10 @@ class CurlCffiAdapter(Adapter):
         rec = _by_key.pop(_by_fd.pop(fd, None), None)
         if rec is None:
             return
-        if rec.upgraded:  # with its WebSocket
-            self.recorder.closed(rec, sc.UPGRADED)
-            return
         sock = socket.socket(fileno=fd)
         try:
-            if rec.in_use:
+            # a WebSocket's connection has no transfer to wait for: the recorder names its close
+            if rec.in_use and not rec.upgraded:
                 _lost[rec] = _peer_closed(sock)
                 return
             if _peer_closed(sock):
