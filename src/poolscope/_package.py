@@ -25,7 +25,7 @@ SUPPORTED = {
 # Client libraries with connection pools poolscope does not observe (yet): when one is installed,
 # instrument() says so in one line, so that nobody wonders why its pools report nothing.
 # Each keeps connections it reuses: geventhttpclient's ConnectionPool, aiosonic's pools, httplib2's
-# connection per origin, twisted's HTTPConnectionPool (treq, scrapy), asks' sessions, and the
-# Rust clients' (hyper/reqwest) pools.
-UNCOVERED = ("aiosonic", "asks", "geventhttpclient", "httplib2", "pyreqwest", "requestx", "rnet",
-             "twisted")
+# connection per origin, twisted's HTTPConnectionPool (treq, scrapy), asks' sessions, zapros'
+# per-host pools, the Rust clients' (hyper/reqwest) pools and tls-client's (Go's net/http).
+UNCOVERED = ("aiosonic", "asks", "geventhttpclient", "httplib2", "httpr", "primp", "pyreqwest",
+             "requestx", "rnet", "tls-client", "twisted", "wreq", "zapros")
