@@ -309,30 +309,38 @@ def collector():
     thread.join(5)
 
 
-def test_otlp_http_export_reaches_a_receiver_that_decodes_the_protobuf(app_file, server,
-                                                                       collector):
-    received = collector.received
-    proc = launch(["--metrics-exporter", "otlp", "--service-name", "otlp-e2e", PY,
-                   app_file, str(server.port)],
-                  clean_env(OTEL_EXPORTER_OTLP_ENDPOINT=f"http://127.0.0.1:{collector.server_port}"))
-    finish(proc)  # the final export happens at exit
+def exported(received, port):
+    """The names of the scopes exported, and {poolscope's metric name: (service.name, metric,
+    its points for the origin on ``port``)}, from the last export of each metric the collector
+    received."""
     assert received and all(path == "/v1/metrics" for path, _ in received)
-    last = {}
+    scopes, last = set(), {}
     for _, request in received:
         for rm in request.resource_metrics:
             service = {a.key: a.value.string_value for a in rm.resource.attributes}["service.name"]
             for sm in rm.scope_metrics:
-                assert sm.scope.name == "poolscope"
-                for metric in sm.metrics:
-                    last[metric.name] = (service, metric)
+                scopes.add(sm.scope.name)
+                for metric in sm.metrics if sm.scope.name == "poolscope" else ():
+                    points = getattr(metric, metric.WhichOneof("data")).data_points
+                    last[metric.name] = service, metric, [
+                        p for p in points if {a.key: (a.value.string_value or a.value.int_value)
+                                              for a in p.attributes}.get("server.port") == port]
+    return scopes, last
+
+
+def test_otlp_http_export_reaches_a_receiver_that_decodes_the_protobuf(app_file, server,
+                                                                       collector):
+    proc = launch(["--metrics-exporter", "otlp", "--service-name", "otlp-e2e", PY,
+                   app_file, str(server.port)],
+                  clean_env(OTEL_EXPORTER_OTLP_ENDPOINT=f"http://127.0.0.1:{collector.server_port}"))
+    finish(proc)  # the final export happens at exit
+    scopes, last = exported(collector.received, server.port)
+    assert scopes == {"poolscope"}
 
     def origin_points(name):
-        service, metric = last[name]
+        service, metric, points = last[name]
         assert service == "otlp-e2e"
-        kind = metric.WhichOneof("data")
-        points = getattr(metric, kind).data_points
-        return metric, [p for p in points if {a.key: (a.value.string_value or a.value.int_value)
-                                               for a in p.attributes}.get("server.port") == server.port]
+        return metric, points
 
     metric, [wait] = origin_points("poolscope.connection.wait_time")
     assert metric.unit == "s" and wait.count == 4 and 1.75 <= wait.sum <= 2.2
@@ -345,6 +353,30 @@ def test_otlp_http_export_reaches_a_receiver_that_decodes_the_protobuf(app_file,
     assert metric.sum.is_monotonic
     metric, [granted] = origin_points("poolscope.connection.waits")
     assert metric.unit == "{wait}" and granted.as_int == 4
+
+
+def test_opentelemetry_instrument_loads_poolscope_through_its_entry_point(app_file, server,
+                                                                          collector):
+    """OpenTelemetry's own launcher with its distro, no poolscope-instrument: poolscope is one
+    of the instrumentors it loads, on the distro's providers, and its figures leave through the
+    distro's OTLP exporter: the server's 2 connections and the 4 requests that waited."""
+    command = os.path.join(os.path.dirname(PY), "opentelemetry-instrument")
+    proc = subprocess.Popen(
+        [command, "--service_name", "distro-e2e", PY, app_file, str(server.port)],
+        env=clean_env(OTEL_METRICS_EXPORTER="otlp", OTEL_TRACES_EXPORTER="none",
+                      OTEL_LOGS_EXPORTER="none", OTEL_EXPORTER_OTLP_PROTOCOL="http/protobuf",
+                      OTEL_EXPORTER_OTLP_ENDPOINT=f"http://127.0.0.1:{collector.server_port}"),
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    finish(proc)
+    scopes, last = exported(collector.received, server.port)
+    assert "opentelemetry.instrumentation.urllib3" in scopes  # the distro loaded the others too
+    assert server.accepted == 2
+    service, _, [created] = last["poolscope.connection.created"]
+    assert service == "distro-e2e" and created.as_int == 2
+    _, _, [granted] = last["poolscope.connection.waits"]
+    assert granted.as_int == 4
+    _, _, acquired = last["poolscope.connection.acquisitions"]
+    assert sorted(p.as_int for p in acquired) == [2, 4]
 
 
 TRACED_APP = textwrap.dedent("""
