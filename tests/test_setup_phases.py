@@ -3,6 +3,9 @@ connection splits into the phases it lets be told apart, the TLS handshake as lo
 server's books say it was, and each phase is a child span of the connection's set-up span."""
 
 import asyncio
+import socket
+import threading
+import time
 
 import aiohttp
 import httpx
@@ -10,6 +13,7 @@ import pytest
 import urllib3
 
 from drivers import URLLIB3_FUTURE, curl_cffi_requests, curl_statuses, httpx2, niquests
+from poolscope.demo.server import DemoServer
 from test_spans import SETUP, parent_of, seconds
 from tlsserver import TLSServer
 
@@ -161,3 +165,65 @@ def test_the_report_shows_the_phases_and_advises_reuse_when_handshakes_dominate(
     assert "connect " in setup and "dns" not in setup, text
     assert (f"advice: 4 of 4 requests opened a new connection, whose TLS handshake took {tls} "
             "ms on average") in text, text
+
+
+def _retrying_urllib3(url):
+    with urllib3.PoolManager(retries=urllib3.Retry(connect=5, backoff_factor=0.2)) as http:
+        return http.request("GET", url).status
+
+
+def _retrying_httpx(module, asynchronous):
+    def run(url):
+        if not asynchronous:
+            with module.Client(transport=module.HTTPTransport(retries=5)) as client:
+                return client.get(url).status_code
+
+        async def main():
+            async with module.AsyncClient(transport=module.AsyncHTTPTransport(retries=5)) as client:
+                return (await client.get(url)).status_code
+        return asyncio.run(main())
+    return run
+
+
+RETRYING = {"urllib3": _retrying_urllib3, "httpx-sync": _retrying_httpx(httpx, False),
+            "httpx-async": _retrying_httpx(httpx, True)}
+if httpx2 is not None:
+    RETRYING.update({"httpx2-sync": _retrying_httpx(httpx2, False),
+                     "httpx2-async": _retrying_httpx(httpx2, True)})
+
+
+@pytest.mark.parametrize("client", RETRYING)
+def test_refused_connects_retried_are_no_set_up_time(traced, client):
+    """Nothing listens on the port for 0.3 s: the library's connect retries (httpcore's
+    transport ``retries``, urllib3's ``Retry(connect=...)``) are refused, back off, and the
+    attempt made once the server listens connects. The request waited for the server, but the
+    connection's set-up (``create_time``, its set-up span) is that attempt's alone: no longer
+    than from the server's listening on to the response. The refused attempts were no
+    connections (one created: the server's one)."""
+    with socket.socket() as free:
+        free.bind(("127.0.0.1", 0))
+        port = free.getsockname()[1]
+    started = {}
+
+    def listen():
+        started["at"] = time.monotonic()
+        started["server"] = DemoServer(port=port).__enter__()
+
+    starter = threading.Timer(0.3, listen)
+    starter.start()
+    try:
+        with traced.tracer_provider.get_tracer("app").start_as_current_span("app"):
+            assert RETRYING[client](f"http://127.0.0.1:{port}/") == 200
+        answered = time.monotonic()
+    finally:
+        starter.join()
+        started["server"].__exit__(None, None, None)
+    assert started["server"].accepted == 1
+    data = traced.read()
+    assert traced.served(data) == (1, 1, 0)
+    count, total = traced.histogram(data, "poolscope.connection.create_time")
+    assert count == 1 and total <= answered - started["at"]
+    connects, connecting = traced.histogram(data, PHASE, poolscope__setup__phase="connect")
+    assert connects == ("connect" in CLIENTS[client][1]) and connecting <= total
+    [setup] = [s for s in traced.finished(SETUP) if s.status.is_ok]  # urllib3: one a try
+    assert seconds(setup) == pytest.approx(total, abs=0.002)

@@ -27,7 +27,9 @@ Through a proxy the pool's connection is the proxy's (forward, tunnel or SOCKS5)
 begins with its connection to the proxy (the inner ``HTTPConnection``'s ``_connect``, a SOCKS
 connection's ``connect_tcp``) and ends once requests can go out on it: a forward proxy's when
 connected, a tunnel's and a SOCKS connection's at their last set-up step, which httpcore marks
-with the ``Trace`` of its proxy modules (only set-up steps use it there).
+with the ``Trace`` of its proxy modules (only set-up steps use it there). A connect httpcore
+retries (its transport's ``retries``) starts over at the end of each ``retry`` step: the set-up
+is the attempt that connected.
 
 Pool-initiated closes pass through ``HTTPConnection.close``, where the reason is read from the
 connection as ``_assign_requests_to_connections`` judged it: past ``_expire_at`` is
@@ -296,6 +298,20 @@ def _phase_step(trace, frame, exc_type):
         phase = _TRACED_PHASES.get(trace.name)
         if phase is not None:
             phase_ended(phase, trace._poolscope_started)
+        elif trace.name == "retry":
+            _connect_retried(frame.f_locals["self"])
+
+
+def _connect_retried(conn):
+    """httpcore tries ``conn``'s connect again after a failed attempt and its back-off. They
+    were no set-up: it starts over now (its time and its phases)."""
+    state = conn.__dict__
+    restart = time.monotonic(), time.time_ns()
+    proxied = state.get("_poolscope_proxied")
+    if proxied is not None and "_poolscope_setup" in proxied.__dict__:
+        proxied._poolscope_setup = restart
+    elif "_poolscope" in state:
+        state["_poolscope_attempt"] = (*restart, phases_begin())
 
 
 def _proxy_step(adapter):
@@ -650,6 +666,9 @@ class HttpxAdapter(Adapter):
                 self.proxied_through(token, stream, conn)
             return
         phases_end()
+        attempt = conn.__dict__.pop("_poolscope_attempt", None)
+        if attempt is not None:
+            token = (token[0], *attempt)
         self._set_up(token, conn, stream, exc)
 
     def proxied_begins(self, proxied):
