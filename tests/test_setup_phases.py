@@ -199,7 +199,8 @@ def test_refused_connects_retried_are_no_set_up_time(traced, client):
     attempt made once the server listens connects. The request waited for the server, but the
     connection's set-up (``create_time``, its set-up span) is that attempt's alone: no longer
     than from the server's listening on to the response. The refused attempts were no
-    connections (one created: the server's one)."""
+    connections (one created: the server's one); each has a set-up span of its own, ended in
+    error before the attempt that connected."""
     with socket.socket() as free:
         free.bind(("127.0.0.1", 0))
         port = free.getsockname()[1]
@@ -225,5 +226,9 @@ def test_refused_connects_retried_are_no_set_up_time(traced, client):
     assert count == 1 and total <= answered - started["at"]
     connects, connecting = traced.histogram(data, PHASE, poolscope__setup__phase="connect")
     assert connects == ("connect" in CLIENTS[client][1]) and connecting <= total
-    [setup] = [s for s in traced.finished(SETUP) if s.status.is_ok]  # urllib3: one a try
+    spans = traced.finished(SETUP)
+    [setup] = [s for s in spans if s.status.is_ok]
     assert seconds(setup) == pytest.approx(total, abs=0.002)
+    refused = [s for s in spans if s is not setup]  # the first, at least, was before the server
+    assert refused and all(s.end_time <= setup.start_time and s.events[0].name == "exception"
+                           for s in refused)

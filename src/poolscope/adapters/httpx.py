@@ -28,8 +28,8 @@ begins with its connection to the proxy (the inner ``HTTPConnection``'s ``_conne
 connection's ``connect_tcp``) and ends once requests can go out on it: a forward proxy's when
 connected, a tunnel's and a SOCKS connection's at their last set-up step, which httpcore marks
 with the ``Trace`` of its proxy modules (only set-up steps use it there). A connect httpcore
-retries (its transport's ``retries``) starts over at the end of each ``retry`` step: the set-up
-is the attempt that connected.
+tries again (its transport's ``retries``) starts over after each ``retry`` step: the set-up is
+the attempt that connected.
 
 Pool-initiated closes pass through ``HTTPConnection.close``, where the reason is read from the
 connection as ``_assign_requests_to_connections`` judged it: past ``_expire_at`` is
@@ -289,31 +289,6 @@ def _stepped_trace(base, step, where):
     return Trace
 
 
-def _phase_step(trace, frame, exc_type):
-    """In httpcore's connection module, ``Trace`` is around each step of a connect: those that
-    are set-up phases (the TCP connect, with name resolution, and the TLS handshake) are timed."""
-    if exc_type is True:
-        trace._poolscope_started = time.monotonic()
-    elif exc_type is None:
-        phase = _TRACED_PHASES.get(trace.name)
-        if phase is not None:
-            phase_ended(phase, trace._poolscope_started)
-        elif trace.name == "retry":
-            _connect_retried(frame.f_locals["self"])
-
-
-def _connect_retried(conn):
-    """httpcore tries ``conn``'s connect again after a failed attempt and its back-off. They
-    were no set-up: it starts over now (its time and its phases)."""
-    state = conn.__dict__
-    restart = time.monotonic(), time.time_ns()
-    proxied = state.get("_poolscope_proxied")
-    if proxied is not None and "_poolscope_setup" in proxied.__dict__:
-        proxied._poolscope_setup = restart
-    elif "_poolscope" in state:
-        state["_poolscope_attempt"] = (*restart, phases_begin())
-
-
 def _proxy_step(adapter):
     """In httpcore's proxy modules, ``Trace`` is only around the steps of a proxied
     connection's set-up: a SOCKS connection's begins with its ``connect_tcp``; a tunnel's, and
@@ -414,7 +389,7 @@ class HttpxAdapter(Adapter):
         interface = getattr(importlib.import_module(package + ".interfaces"), f["interface"])
         self.observe_subclasses(interface, {f["close"]: (self._conn_close, None)})
         self.wrap(conn_classes[0], "_connect", before=self._connect_start, after=self._connected)
-        self.replace(connection, "Trace", _stepped_trace(connection.Trace, _phase_step,
+        self.replace(connection, "Trace", _stepped_trace(connection.Trace, self._set_up_step,
                                                          "httpx:set-up phase"))
         self._connections.append((conn_classes[0], f["handle"]))
         upgrade = getattr(importlib.import_module(package + ".http11"), f["upgrade"], None)
@@ -658,7 +633,8 @@ class HttpxAdapter(Adapter):
             # a forward proxy's connection is through once connected to the proxy; a tunnel's
             # once the TLS handshake with the target is done (see _proxy_step)
             return proxied if isinstance(proxied, self._forwards) else None
-        return rec, time.monotonic(), time.time_ns(), phases_begin()
+        attempt = conn._poolscope_attempt = rec, time.monotonic(), time.time_ns(), phases_begin()
+        return attempt
 
     def _connected(self, token, conn, stream, exc):
         if type(token) is not tuple:  # a forward proxy's connection (token) to the proxy
@@ -666,10 +642,34 @@ class HttpxAdapter(Adapter):
                 self.proxied_through(token, stream, conn)
             return
         phases_end()
-        attempt = conn.__dict__.pop("_poolscope_attempt", None)
-        if attempt is not None:
-            token = (token[0], *attempt)
-        self._set_up(token, conn, stream, exc)
+        self._set_up(conn.__dict__.pop("_poolscope_attempt", token), conn, stream, exc)
+
+    def _set_up_step(self, trace, frame, exc_type):
+        """In httpcore's connection module, ``Trace`` is around each step of a connect: those
+        that are set-up phases (the TCP connect, with name resolution, and the TLS handshake)
+        are timed. A ``retry`` step (the back-off before httpcore's transport ``retries`` try
+        again) follows a failed attempt, whose set-up span ends then in error; the set-up
+        starts over after it."""
+        if exc_type is True:
+            trace._poolscope_started = time.monotonic()
+            if trace.name == "retry":
+                conn = frame.f_locals["self"]
+                attempt = conn.__dict__.get("_poolscope_attempt")
+                if attempt is not None:
+                    self._set_up(attempt, conn, None, sys.exc_info()[1])
+        elif exc_type is None:
+            phase = _TRACED_PHASES.get(trace.name)
+            if phase is not None:
+                phase_ended(phase, trace._poolscope_started)
+            elif trace.name == "retry":
+                state = frame.f_locals["self"].__dict__
+                restart = time.monotonic(), time.time_ns()
+                proxied = state.get("_poolscope_proxied")
+                if proxied is not None and "_poolscope_setup" in proxied.__dict__:
+                    proxied._poolscope_setup = restart
+                elif "_poolscope_attempt" in state:
+                    state["_poolscope_attempt"] = (state["_poolscope_attempt"][0], *restart,
+                                                   phases_begin())
 
     def proxied_begins(self, proxied):
         """The set-up of a proxied connection (``proxied``, the pool's) begins."""
