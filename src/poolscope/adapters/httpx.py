@@ -653,23 +653,22 @@ class HttpxAdapter(Adapter):
         if exc_type is True:
             trace._poolscope_started = time.monotonic()
             if trace.name == "retry":
-                conn = frame.f_locals["self"]
+                conn, failed = frame.f_locals["self"], sys.exc_info()[1]
                 attempt = conn.__dict__.get("_poolscope_attempt")
-                if attempt is not None:
-                    self._set_up(attempt, conn, None, sys.exc_info()[1])
+                if attempt is not None and failed is not None:
+                    self._set_up(attempt, conn, None, failed)
         elif exc_type is None:
             phase = _TRACED_PHASES.get(trace.name)
             if phase is not None:
                 phase_ended(phase, trace._poolscope_started)
             elif trace.name == "retry":
                 state = frame.f_locals["self"].__dict__
-                restart = time.monotonic(), time.time_ns()
-                proxied = state.get("_poolscope_proxied")
-                if proxied is not None and "_poolscope_setup" in proxied.__dict__:
-                    proxied._poolscope_setup = restart
-                elif "_poolscope_attempt" in state:
-                    state["_poolscope_attempt"] = (state["_poolscope_attempt"][0], *restart,
+                attempt, proxied = state.get("_poolscope_attempt"), state.get("_poolscope_proxied")
+                if attempt is not None:
+                    state["_poolscope_attempt"] = (attempt[0], time.monotonic(), time.time_ns(),
                                                    phases_begin())
+                elif proxied is not None and "_poolscope_setup" in proxied.__dict__:
+                    self.proxied_begins(proxied)
 
     def proxied_begins(self, proxied):
         """The set-up of a proxied connection (``proxied``, the pool's) begins."""
@@ -692,14 +691,17 @@ class HttpxAdapter(Adapter):
         rec, started, started_ns, phases = token
         ended, ended_ns = time.monotonic(), time.time_ns()
         span = self.recorder.setup_started(rec, start_ns=started_ns)
-        if exc is None:
-            http2 = _http2(conn, stream)
-            with self.serialized(rec.pool):
-                self.recorder.conn_opened(rec, ended - started, "2" if http2 else "1.1",
-                                          _stream_counts(conn) if http2 else None)
-            self.recorder.setup_phases(rec, phases)
-        peer = stream.get_extra_info("server_addr") if exc is None else None
-        self.recorder.setup_ended(span, exc, peer[0] if peer else None, ended_ns)
+        peer = None
+        try:
+            if exc is None:
+                http2 = _http2(conn, stream)
+                with self.serialized(rec.pool):
+                    self.recorder.conn_opened(rec, ended - started, "2" if http2 else "1.1",
+                                              _stream_counts(conn) if http2 else None)
+                self.recorder.setup_phases(rec, phases)
+                peer = stream.get_extra_info("server_addr")
+        finally:  # a span poolscope started is ended, whatever failed
+            self.recorder.setup_ended(span, exc, peer[0] if peer else None, ended_ns)
 
     def _conn_close(self, conn, args, kwargs):
         rec = conn.__dict__.get("_poolscope")
