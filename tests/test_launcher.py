@@ -45,8 +45,8 @@ def app_file(tmp_path):
     return str(path)
 
 
-def launch(args, env, **kw):
-    return subprocess.Popen([LAUNCHER, *args], env=env, stdin=subprocess.PIPE,
+def launch(args, env, launcher=LAUNCHER, **kw):
+    return subprocess.Popen([launcher, *args], env=env, stdin=subprocess.PIPE,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kw)
 
 
@@ -360,13 +360,11 @@ def test_opentelemetry_instrument_loads_poolscope_through_its_entry_point(app_fi
     """OpenTelemetry's own launcher with its distro, no poolscope-instrument: poolscope is one
     of the instrumentors it loads, on the distro's providers, and its figures leave through the
     distro's OTLP exporter: the server's 2 connections and the 4 requests that waited."""
-    command = os.path.join(os.path.dirname(PY), "opentelemetry-instrument")
-    proc = subprocess.Popen(
-        [command, "--service_name", "distro-e2e", PY, app_file, str(server.port)],
-        env=clean_env(OTEL_METRICS_EXPORTER="otlp", OTEL_TRACES_EXPORTER="none",
-                      OTEL_LOGS_EXPORTER="none", OTEL_EXPORTER_OTLP_PROTOCOL="http/protobuf",
-                      OTEL_EXPORTER_OTLP_ENDPOINT=f"http://127.0.0.1:{collector.server_port}"),
-        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = launch(["--service_name", "distro-e2e", PY, app_file, str(server.port)],
+                  clean_env(OTEL_METRICS_EXPORTER="otlp", OTEL_TRACES_EXPORTER="none",
+                            OTEL_LOGS_EXPORTER="none", OTEL_EXPORTER_OTLP_PROTOCOL="http/protobuf",
+                            OTEL_EXPORTER_OTLP_ENDPOINT=f"http://127.0.0.1:{collector.server_port}"),
+                  launcher=os.path.join(os.path.dirname(PY), "opentelemetry-instrument"))
     finish(proc)
     scopes, last = exported(collector.received, server.port)
     assert "opentelemetry.instrumentation.urllib3" in scopes  # the distro loaded the others too
