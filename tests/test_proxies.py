@@ -8,14 +8,18 @@ held that handshake."""
 
 import asyncio
 import inspect
+import io
+import socket
 
 import aiohttp
 import httpx
+import pycurl
 import pytest
 import urllib3
 
 from drivers import URLLIB3_FUTURE, curl_cffi_requests, curl_statuses, httpx2, niquests
 from poolscope.demo.server import DemoServer
+from opentelemetry.trace import StatusCode
 from test_spans import SETUP
 from tlsserver import TLSServer
 from tunnelproxy import TunnelProxy
@@ -28,11 +32,13 @@ SOCKS = {"urllib3": "python_socks" if URLLIB3_FUTURE else "socks", "requests": "
 
 
 def _urllib3(url, proxy, cafile):
+    if proxy is None:
+        return _direct(urllib3.PoolManager(ca_certs=cafile, retries=False), url)
     if proxy.startswith("socks"):
         from urllib3.contrib.socks import SOCKSProxyManager as manager
     else:
         manager = urllib3.ProxyManager
-    with manager(proxy, ca_certs=cafile) as http:
+    with manager(proxy, ca_certs=cafile, retries=False) as http:
         return [http.request("GET", url).status for _ in range(3)]
 
 
@@ -61,6 +67,24 @@ def _httpx_async(module):
     return run
 
 
+def _httpx_socks(flavor):
+    """httpx-socks' transport (a pool of httpcore's, its connections of its own), for SOCKS5
+    and for an HTTP tunnel."""
+    def run(url, proxy, cafile):
+        httpx_socks = pytest.importorskip("httpx_socks")
+        if flavor == "sync":
+            with httpx.Client(transport=httpx_socks.SyncProxyTransport.from_url(
+                    proxy, verify=_context(cafile))) as client:
+                return [client.get(url).status_code for _ in range(3)]
+
+        async def main():
+            async with httpx.AsyncClient(transport=httpx_socks.AsyncProxyTransport.from_url(
+                    proxy, verify=_context(cafile))) as client:
+                return [(await client.get(url)).status_code for _ in range(3)]
+        return asyncio.run(main())
+    return run
+
+
 def _proxy(module, proxy):
     """httpx's proxy argument (``proxies`` before httpx 0.26)."""
     return {"proxy" if "proxy" in inspect.signature(module.Client).parameters
@@ -72,7 +96,7 @@ def _aiohttp(url, proxy, cafile):
     context = _context(cafile)  # one: aiohttp pools connections by their SSL context
 
     async def main():
-        if proxy.startswith("socks"):
+        if proxy is not None and proxy.startswith("socks"):
             from aiohttp_socks import ProxyConnector
             options, via = {"connector": ProxyConnector.from_url(proxy)}, None
         else:
@@ -93,7 +117,40 @@ def _context(cafile):
 
 
 def _pycurl(url, proxy, cafile):
-    return curl_statuses(url, 3, PROXY=proxy, **({"CAINFO": cafile} if cafile else {}))
+    return curl_statuses(url, 3, **_curl_options(proxy, cafile))
+
+
+def _pycurl_multi(url, proxy, cafile):
+    """Transfers one after another in a multi (where poolscope sets ``PREREQFUNCTION``)."""
+    multi, curl, statuses = pycurl.CurlMulti(), pycurl.Curl(), []
+    try:
+        for _ in range(3):
+            curl.setopt(pycurl.URL, url)
+            curl.setopt(pycurl.WRITEDATA, io.BytesIO())
+            for name, value in _curl_options(proxy, cafile).items():
+                curl.setopt(getattr(pycurl, name), value)
+            multi.add_handle(curl)
+            failed = []
+            while not failed and multi.perform()[1]:
+                multi.select(1)
+            _, _, failed = multi.info_read()
+            multi.remove_handle(curl)
+            if failed:
+                raise pycurl.error(*failed[0][1:])
+            statuses.append(curl.getinfo(pycurl.RESPONSE_CODE))
+        return statuses
+    finally:
+        curl.close()
+        multi.close()
+
+
+def _curl_options(proxy, cafile):
+    return {**({"PROXY": proxy} if proxy else {}), **({"CAINFO": cafile} if cafile else {})}
+
+
+def _direct(manager, url):
+    with manager as http:
+        return [http.request("GET", url).status for _ in range(3)]
 
 
 def _curl_cffi(url, proxy, cafile):
@@ -103,8 +160,10 @@ def _curl_cffi(url, proxy, cafile):
 
 CLIENTS = {"urllib3-future" if URLLIB3_FUTURE else "urllib3": ("urllib3", _urllib3),
            "httpx-sync": ("httpx", _httpx_sync(httpx)),
-           "httpx-async": ("httpx", _httpx_async(httpx)), "aiohttp": ("aiohttp", _aiohttp),
-           "pycurl": ("pycurl", _pycurl)}
+           "httpx-async": ("httpx", _httpx_async(httpx)),
+           "httpx-socks-sync": ("httpx", _httpx_socks("sync")),
+           "httpx-socks-async": ("httpx", _httpx_socks("async")), "aiohttp": ("aiohttp", _aiohttp),
+           "pycurl": ("pycurl", _pycurl), "pycurl-multi": ("pycurl", _pycurl_multi)}
 if httpx2 is not None:
     CLIENTS.update({"httpx2-sync": ("httpx2", _httpx_sync(httpx2)),
                     "httpx2-async": ("httpx2", _httpx_async(httpx2))})
@@ -148,3 +207,46 @@ def test_a_connection_through_a_proxy(traced, tmp_path, client, via, scheme):
         assert HELD <= seconds == pytest.approx(done - taken, abs=0.05)
     else:
         assert 0 < seconds < HELD
+
+
+# where a connection fails to open: (nothing listens at) the first hop, proxy or server; or
+# the target, refused behind the proxy. A forward proxy (plain HTTP through an HTTP proxy)
+# answers for a target it cannot reach: no set-up failure there
+FAILURES = [("direct", "http", "first hop"), ("http-proxy", "http", "first hop"),
+            ("http-proxy", "https", "first hop"), ("socks5", "https", "first hop"),
+            ("http-proxy", "https", "target"), ("socks5", "http", "target"),
+            ("socks5", "https", "target")]
+
+
+@pytest.mark.parametrize("via, scheme, refused", FAILURES)
+@pytest.mark.parametrize("client", CLIENTS)
+def test_a_connection_that_fails_to_open_ends_its_set_up_span_in_error(traced, client, via,
+                                                                       scheme, refused):
+    """Nothing listens where the connection goes (a socket bound there, never listening): the
+    application's request raises, through a proxy too. Its one attempt is one set-up span,
+    ended in error with the exception; and no connection counts: none created, acquired or
+    open. The proxy, where the target refused it, handled that one attempt."""
+    family, run = CLIENTS[client]
+    if via == "direct" and client.startswith("httpx-socks"):
+        pytest.skip("httpx-socks' transport always goes through its proxy")
+    if via == "socks5" and SOCKS.get(family):
+        pytest.importorskip(SOCKS[family])
+    with socket.socket() as closed, TunnelProxy() as proxy:
+        closed.bind(("127.0.0.1", 0))
+        port = closed.getsockname()[1]
+        if via == "direct" or refused == "target":
+            url = f"{scheme}://127.0.0.1:{port}/"
+            hop = proxy.url if via == "http-proxy" else proxy.socks_url
+        else:
+            url = f"{scheme}://127.0.0.1:9/"
+            hop = f"{'http' if via == 'http-proxy' else 'socks5'}://127.0.0.1:{port}"
+        with traced.tracer_provider.get_tracer("app").start_as_current_span("app"):
+            with pytest.raises(Exception):
+                run(url, None if via == "direct" else hop, None)
+    assert (proxy.refused, proxy.tunnels) == ((1, 0) if refused == "target" else (0, 0))
+    [setup] = traced.finished(SETUP)
+    assert setup.status.status_code == StatusCode.ERROR
+    assert [event.name for event in setup.events] == ["exception"]
+    data = traced.read()
+    assert traced.served(data) in ((None, None, None), (0, 0, 0))
+    assert traced.value(data, "http.client.open_connections") in (None, 0)

@@ -1,7 +1,9 @@
 """A small proxy on 127.0.0.1 for tests, speaking HTTP ``CONNECT`` and SOCKS5 (no
 authentication) on one port: it opens a tunnel to the target asked for and copies bytes both
 ways until either side closes. ``tunnels`` counts the tunnels it opened (each a connection a
-client made through it), ``targets`` the targets asked for (``host:port``)."""
+client made through it), ``targets`` the targets asked for (``host:port``) and reached,
+``refused`` the targets that refused the proxy's connection (answered ``502``, or SOCKS5's
+"connection refused")."""
 
 import select
 import socket
@@ -19,7 +21,13 @@ class _Tunnel(BaseRequestHandler):
             host, port = self.connect()
         if host is None:
             return
-        upstream = socket.create_connection((host, port))
+        try:
+            upstream = socket.create_connection((host, port))
+        except ConnectionRefusedError:
+            with self.server.lock:
+                self.server.refused += 1
+            self.request.sendall(self.refusal)
+            return
         with self.server.lock:
             self.server.tunnels += 1
             self.server.targets.append(f"{host}:{port}")
@@ -38,6 +46,7 @@ class _Tunnel(BaseRequestHandler):
             self.request.sendall(b"HTTP/1.1 405 Method Not Allowed\r\nContent-Length: 0\r\n\r\n")
             return None, None
         self.established = b"HTTP/1.1 200 Connection established\r\n\r\n"
+        self.refusal = b"HTTP/1.1 502 Bad Gateway\r\nContent-Length: 0\r\n\r\n"
         host, port = target.decode().rsplit(":", 1)
         return host, int(port)
 
@@ -57,6 +66,7 @@ class _Tunnel(BaseRequestHandler):
             self.request.sendall(b"\x05\x07\x00\x01" + bytes(6))
             return None, None
         self.established = b"\x05\x00\x00\x01" + bytes(6)
+        self.refusal = b"\x05\x05\x00\x01" + bytes(6)
         return host, port
 
     def read(self, n):
@@ -96,7 +106,7 @@ class TunnelProxy(InThread, ThreadingTCPServer):
     def __init__(self):
         super().__init__(("127.0.0.1", 0), _Tunnel)
         self.lock = threading.Lock()
-        self.tunnels = 0
+        self.tunnels = self.refused = 0
         self.targets = []
 
     @property

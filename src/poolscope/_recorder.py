@@ -451,6 +451,14 @@ class Recorder(Tracing):
             self._shift(pool, 1, monotonic())
         return conn
 
+    def setup_failed(self, series, error, context=None, seconds=0.0):
+        """A connection to ``series`` failed to open (``error``) after ``seconds`` of set-up,
+        where the library keeps nothing of it (libcurl): its ``HTTP connection_setup`` span,
+        ended now in error; it counts nowhere, as no connection."""
+        end_ns = time.time_ns()
+        span = self.setup_started(Conn(None, series), context, end_ns - int(seconds * 1e9))
+        self.setup_ended(span, error, end_ns=end_ns)
+
     def conn_opened(self, conn, seconds=None, protocol="1.1", streams=None, now=None):
         """The connection is established; ``seconds`` is its TCP (+TLS) set-up time if measured,
         ``protocol`` its HTTP version (None: not known). ``streams``, for an HTTP/2 or HTTP/3

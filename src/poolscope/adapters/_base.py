@@ -65,6 +65,28 @@ def curl_setup(namelookup_us, connect_us, appconnect_us, pretransfer_us):
     return max(0, max(connect_us, appconnect_us, pretransfer_us) - start) / 1e6
 
 
+# CURLE_COULDNT_RESOLVE_PROXY, CURLE_COULDNT_RESOLVE_HOST
+_CURL_UNRESOLVED = (5, 6)
+# libcurl's errors that leave a transfer without a connection even where its socket connected
+# (to a proxy that then refused it): a name not found, CURLE_COULDNT_CONNECT (a proxy's refusal
+# before libcurl 7.73) and CURLE_PROXY
+CURL_UNOPENED = (*_CURL_UNRESOLVED, 7, 97)
+
+
+def curl_failed_setup(namelookup_us, connect_us, total_us, errno):
+    """The set-up, in seconds, of a connection that a libcurl transfer failed to open
+    (``errno``), from its times: from the socket's opening (as :func:`curl_setup`) until the
+    transfer ended, or from its start for a name that could not be looked up; None if the
+    transfer began no connection (it had none, or was refused one while queued)."""
+    if namelookup_us > 0:
+        start = namelookup_us if connect_us <= 0 or namelookup_us <= connect_us else 0
+    elif errno in _CURL_UNRESOLVED:
+        start = 0
+    else:
+        return None
+    return max(0, total_us - start) / 1e6
+
+
 def curl_phases(namelookup_us, connect_us, appconnect_us, start_ns):
     """The set-up phases of a libcurl transfer that opened a connection, from its times
     (NAMELOOKUP, CONNECT, APPCONNECT: microseconds from the transfer's start at ``start_ns``;

@@ -56,7 +56,8 @@ from curl_cffi.requests import websockets
 from .. import _semconv as sc
 from .._config import internal_error
 from .._recorder import CANCELLED
-from ._base import CURL_HTTP_VERSIONS, Adapter, calling, curl_phases, curl_setup, url_origin
+from ._base import (CURL_HTTP_VERSIONS, Adapter, calling, curl_failed_setup, curl_phases,
+                    curl_setup, url_origin)
 
 ffi, lib = curl.ffi, curl.lib
 setopt = lib._curl_easy_setopt
@@ -385,12 +386,29 @@ class CurlCffiAdapter(Adapter):
                 self._protocol(rec, handle)
                 self.recorder.upgraded(rec)  # active until it closes, with the WebSocket
                 return
+        if exc is not None and state.conn is None:
+            self._failed_open(state, handle, exc)
         self.finished(state, exc is not None)
 
     def _ended(self, failed, multi, args, kwargs):
         state = getattr(args[0], "_poolscope_transfer", None)
-        if state is not None and state.conn is not None:
+        if state is None:
+            return
+        if state.conn is not None:
             self.finished(state, failed)
+        elif failed:
+            self._failed_open(state, args[0], args[1])
+
+    def _failed_open(self, state, handle, error):
+        """A transfer failed (``error``) without a connection: if it began to open one, its
+        set-up span ends in error."""
+        seconds = curl_failed_setup(*[handle.getinfo(info) for info in (
+            CurlInfo.NAMELOOKUP_TIME_T, CurlInfo.CONNECT_TIME_T, CurlInfo.TOTAL_TIME_T)],
+            getattr(error, "code", None))
+        if seconds is not None:
+            url = handle.getinfo(CurlInfo.EFFECTIVE_URL).decode("utf-8", "replace")
+            self.recorder.setup_failed(self.recorder.series(self.library, url_origin(url)),
+                                       error, state.context, seconds)
 
     def _removing(self, multi, args, kwargs):
         """The transfer's state if it had not ended (else None: nothing to do after)."""

@@ -27,9 +27,10 @@ Through a proxy the pool's connection is the proxy's (forward, tunnel or SOCKS5)
 begins with its connection to the proxy (the inner ``HTTPConnection``'s ``_connect``, a SOCKS
 connection's ``connect_tcp``) and ends once requests can go out on it: a forward proxy's when
 connected, a tunnel's and a SOCKS connection's at their last set-up step, which httpcore marks
-with the ``Trace`` of its proxy modules (only set-up steps use it there). A connect httpcore
-tries again (its transport's ``retries``) starts over after each ``retry`` step: the set-up is
-the attempt that connected.
+with the ``Trace`` of its proxy modules (only set-up steps use it there); one that fails ends
+as its request leaves the pool with the exception. httpx-socks' connections set up in their
+own ``_connect_via_proxy``, timed whole. A connect httpcore tries again (its transport's
+``retries``) starts over after each ``retry`` step: the set-up is the attempt that connected.
 
 Pool-initiated closes pass through ``HTTPConnection.close``, where the reason is read from the
 connection as ``_assign_requests_to_connections`` judged it: past ``_expire_at`` is
@@ -97,6 +98,11 @@ def _protocol(conn):
         inner = getattr(inner, "_connection", None)
     return inner
 
+
+# the set-up of httpx-socks' connections (SOCKS4/5 or an HTTP tunnel, through python-socks,
+# then TLS with the target): from its first step towards the proxy, ending with the stream its
+# requests go out on
+_OWN_SET_UP = "_connect_via_proxy"
 
 # httpcore's HTTPConnectionState of an HTTP/1.1 or HTTP/2 connection (``_state``): an IntEnum
 _NEW, _ACTIVE, _CLOSED = 0, 1, 3
@@ -387,7 +393,8 @@ class HttpxAdapter(Adapter):
         # pools that make connections of their own (httpx-socks'), and those connections
         self.observe_subclasses(pool_cls, {"create_connection": (self._origin_arg, self._created)})
         interface = getattr(importlib.import_module(package + ".interfaces"), f["interface"])
-        self.observe_subclasses(interface, {f["close"]: (self._conn_close, None)})
+        self.observe_subclasses(interface, {f["close"]: (self._conn_close, None),
+                                            _OWN_SET_UP: (self._connect_start, self._connected)})
         self.wrap(conn_classes[0], "_connect", before=self._connect_start, after=self._connected)
         self.replace(connection, "Trace", _stepped_trace(connection.Trace, self._set_up_step,
                                                          "httpx:set-up phase"))
@@ -514,6 +521,8 @@ class HttpxAdapter(Adapter):
         state = getattr(inner, "_state", None)
         closed = state == _CLOSED if inner is not None else conn.is_closed()  # two calls fewer
         if closed:
+            if not rec.opened and "_poolscope_setup" in conn.__dict__:
+                self._proxied_failed(conn)
             self.recorder.released(rec, _self_close_reason(conn) if rec.opened else sc.ERROR)
             if rec.uses > 1 and self._stale(conn, sys._getframe(2)):
                 self.recorder.stale_failure(rec, False)  # httpcore never sends it again
@@ -682,6 +691,15 @@ class HttpxAdapter(Adapter):
         rec = proxied.__dict__.get("_poolscope")
         if started is not None and rec is not None and not rec.opened:
             self._set_up((rec, *started, []), speaks or proxied, stream, None)
+
+    def _proxied_failed(self, proxied):
+        """The set-up of the proxied connection ``proxied`` failed (the proxy refused it, a
+        tunnel's ``CONNECT`` was answered with an error, a handshake failed), as its request
+        leaves the pool with the exception in hand."""
+        started = proxied.__dict__.pop("_poolscope_setup")
+        error = sys.exc_info()[1]
+        if error is not None:
+            self._set_up((proxied._poolscope, *started, []), proxied, None, error)
 
     def _set_up(self, token, conn, stream, exc):
         """A connection's set-up ended, on ``stream`` (``exc``: failed): opened, its set-up time

@@ -68,7 +68,8 @@ from .. import _semconv as sc
 from .._config import internal_error
 from .._recorder import CANCELLED, TIMED_OUT
 from .._spans import current_context
-from ._base import CURL_HTTP_VERSIONS, Adapter, curl_phases, curl_setup, url_origin
+from ._base import (CURL_HTTP_VERSIONS, CURL_UNOPENED, Adapter, curl_failed_setup, curl_phases,
+                    curl_setup, url_origin)
 
 _QUEUED = 0.001
 _DEFAULT_MAXAGE = 118.0  # libcurl's MAXAGE_CONN default, seconds
@@ -690,9 +691,10 @@ class PycurlAdapter(Adapter):
             self.finished(state, errno)
             return
         # A transfer that failed had its connection (reached PREREQFUNCTION's moment) if it
-        # reused one, or if its new one connected (and finished TLS, for https)
-        if errno and state.sockets is not None and not (
-                connect_us > 0 and (tls_us > 0 or state.url[:6].lower() != "https:")):
+        # reused one, or if its new one connected (and finished TLS, for https) and no proxy
+        # refused it
+        if errno and state.sockets is not None and (errno in CURL_UNOPENED or not (
+                connect_us > 0 and (tls_us > 0 or state.url[:6].lower() != "https:"))):
             self.finished(state, errno)
             return
         # acquired when PREREQFUNCTION would have been called: a new connection once set up
@@ -807,6 +809,17 @@ class PycurlAdapter(Adapter):
                              if errno else None)
                     self.recorder.waited(series, waited, state.context, outcome=outcome,
                                          error=error)
+            if errno and curl is not None:  # it may have failed to open its connection
+                times = _read(curl, pycurl.NAMELOOKUP_TIME_T, pycurl.CONNECT_TIME_T,
+                              pycurl.TOTAL_TIME_T)
+                if times is None and not final:
+                    state.errno = errno
+                    return
+                seconds = curl_failed_setup(*times, errno) if times is not None else None
+                if seconds is not None:
+                    self.recorder.setup_failed(state.series(self.recorder),
+                                               pycurl.error(errno, curl.errstr()),
+                                               state.context, seconds)
             state.sockets = None
             if state.fresh is not None:  # never established: dropped uncounted
                 self.recorder.closed(state.fresh, sc.ERROR)
