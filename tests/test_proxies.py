@@ -9,7 +9,9 @@ held that handshake."""
 import asyncio
 import inspect
 import io
+import logging
 import socket
+import time
 
 import aiohttp
 import httpx
@@ -17,6 +19,7 @@ import pycurl
 import pytest
 import urllib3
 
+from conftest import Traced, instrumented
 from drivers import URLLIB3_FUTURE, curl_cffi_requests, curl_statuses, httpx2, niquests
 from poolscope.demo.server import DemoServer
 from opentelemetry.trace import StatusCode
@@ -209,44 +212,84 @@ def test_a_connection_through_a_proxy(traced, tmp_path, client, via, scheme):
         assert 0 < seconds < HELD
 
 
-# where a connection fails to open: (nothing listens at) the first hop, proxy or server; or
-# the target, refused behind the proxy. A forward proxy (plain HTTP through an HTTP proxy)
-# answers for a target it cannot reach: no set-up failure there
+# where a connection fails to open: nothing listens at the first hop (proxy or server), or at
+# the target behind the proxy; or the target's certificate is not trusted. A forward proxy
+# (plain HTTP through an HTTP proxy) answers for a target it cannot reach: no set-up failure
 FAILURES = [("direct", "http", "first hop"), ("http-proxy", "http", "first hop"),
             ("http-proxy", "https", "first hop"), ("socks5", "https", "first hop"),
             ("http-proxy", "https", "target"), ("socks5", "http", "target"),
-            ("socks5", "https", "target")]
+            ("socks5", "https", "target"), ("direct", "https", "untrusted"),
+            ("http-proxy", "https", "untrusted"), ("socks5", "https", "untrusted")]
 
 
-@pytest.mark.parametrize("via, scheme, refused", FAILURES)
+@pytest.mark.parametrize("via, scheme, fails", FAILURES)
 @pytest.mark.parametrize("client", CLIENTS)
 def test_a_connection_that_fails_to_open_ends_its_set_up_span_in_error(traced, client, via,
-                                                                       scheme, refused):
-    """Nothing listens where the connection goes (a socket bound there, never listening): the
-    application's request raises, through a proxy too. Its one attempt is one set-up span,
-    ended in error with the exception; and no connection counts: none created, acquired or
-    open. The proxy, where the target refused it, handled that one attempt."""
+                                                                       scheme, fails):
+    """Nothing listens where the connection goes (a socket bound there, never listening), or
+    the server's certificate is from a CA the client does not trust: the application's request
+    raises, through a proxy too. Its one attempt is one set-up span, ended in error with the
+    exception; and no connection counts: none created, acquired or open. The proxy handled
+    that one attempt: refused by the target, or one tunnel to the server, which answered
+    nothing."""
     family, run = CLIENTS[client]
     if via == "direct" and client.startswith("httpx-socks"):
         pytest.skip("httpx-socks' transport always goes through its proxy")
     if via == "socks5" and SOCKS.get(family):
         pytest.importorskip(SOCKS[family])
-    with socket.socket() as closed, TunnelProxy() as proxy:
+    with socket.socket() as closed, TunnelProxy() as proxy, TLSServer(0) as server:
         closed.bind(("127.0.0.1", 0))
-        port = closed.getsockname()[1]
-        if via == "direct" or refused == "target":
-            url = f"{scheme}://127.0.0.1:{port}/"
-            hop = proxy.url if via == "http-proxy" else proxy.socks_url
-        else:
-            url = f"{scheme}://127.0.0.1:9/"
-            hop = f"{'http' if via == 'http-proxy' else 'socks5'}://127.0.0.1:{port}"
+        port = server.port if fails == "untrusted" else closed.getsockname()[1]
+        url = f"{scheme}://127.0.0.1:{port}/"
+        hop = proxy.url if via == "http-proxy" else proxy.socks_url
+        if fails == "first hop" and via != "direct":
+            url, hop = f"{scheme}://127.0.0.1:9/", hop.replace(str(proxy.server_address[1]),
+                                                               str(port))
         with traced.tracer_provider.get_tracer("app").start_as_current_span("app"):
             with pytest.raises(Exception):
                 run(url, None if via == "direct" else hop, None)
-    assert (proxy.refused, proxy.tunnels) == ((1, 0) if refused == "target" else (0, 0))
+        assert server.answered == 0
+    assert (proxy.refused, proxy.tunnels) == {"target": (1, 0), "untrusted": (
+        0, int(via != "direct"))}.get(fails, (0, 0))
     [setup] = traced.finished(SETUP)
     assert setup.status.status_code == StatusCode.ERROR
     assert [event.name for event in setup.events] == ["exception"]
     data = traced.read()
     assert traced.served(data) in ((None, None, None), (0, 0, 0))
     assert traced.value(data, "http.client.open_connections") in (None, 0)
+
+
+@pytest.mark.parametrize("module", [httpx] + ([httpx2] if httpx2 is not None else []),
+                         ids=lambda module: module.__name__)
+def test_a_tunnel_whose_handshake_failed_holds_its_slot_as_the_pool_does(monkeypatch, caplog,
+                                                                         module):
+    """httpcore keeps a tunnel whose TLS handshake with the target failed in its pool, active,
+    for good (encode/httpcore#1023): with one connection allowed, the next request waits for
+    the pool until it times out. poolscope shows what the pool holds, read from the pool's own
+    list: that many connections active, and a wait that timed out if it held one; the set-up
+    span ends in error, and the leak warning says that the connection never opened."""
+    monkeypatch.setenv("POOLSCOPE_LEAK_WARNINGS", "true")
+    monkeypatch.setenv("POOLSCOPE_LEAK_SECONDS", "0.2")
+    with instrumented(Traced) as traced, TunnelProxy() as proxy, TLSServer(0) as server, \
+            caplog.at_level(logging.WARNING, logger="poolscope"):
+        client = module.Client(limits=module.Limits(max_connections=1),
+                               timeout=module.Timeout(5, pool=0.2), **_proxy(module, proxy.url))
+        url = f"https://127.0.0.1:{server.port}/"
+        pool = client._transport_for_url(module.URL(url))._pool
+        with traced.tracer_provider.get_tracer("app").start_as_current_span("app"):
+            with pytest.raises(module.ConnectError):
+                client.get(url)
+            held = sum(1 for connection in pool.connections if not connection.is_closed())
+            with pytest.raises(module.PoolTimeout if held else module.ConnectError):
+                client.get(url)
+        time.sleep(0.3)  # the leak watch looks every 0.05 s
+        data = traced.read()
+        client.close()
+    assert proxy.tunnels == 2 - held and server.answered == 0
+    assert (traced.value(data, "http.client.open_connections",
+                         http__connection__state="active") or 0) == held
+    assert (traced.value(data, "poolscope.connection.timeouts") or 0) == held
+    assert [span.status.status_code for span in traced.finished(SETUP)] == \
+        [StatusCode.ERROR] * (2 - held)
+    assert [record.getMessage().endswith("encode/httpcore#1023)") for record in caplog.records
+            if "held for" in record.getMessage()] == [True] * held

@@ -210,6 +210,13 @@ def _origin_text(series):
             f"{attrs.get(sc.SERVER_PORT)} ({attrs[sc.LIBRARY]})")
 
 
+# why a connection is held: one that opened, and one that never did but keeps its slot
+_HELD_OPEN = "a response that is never closed keeps its connection"
+_HELD_UNOPENED = ("it never opened (its set-up failed, or its request gave up), yet the library "
+                  "keeps it, and its slot, in its pool (httpcore keeps a tunnel whose TLS "
+                  "handshake failed: encode/httpcore#1023)")
+
+
 class Recorder(Tracing):
     """Owns poolscope's state and instruments; adapters report pool events to it (its spans:
     :class:`~poolscope._spans.Tracing`)."""
@@ -270,9 +277,9 @@ class Recorder(Tracing):
                 conn.warned = True
         for conn in leaked:
             logger.warning("poolscope: a connection to %s has been held for %.1f s without being "
-                           "returned, acquired at %s; a response that is never closed keeps its "
-                           "connection", _origin_text(conn.series), now - conn.acquired_at,
-                           conn.site or "an unknown place")
+                           "returned, acquired at %s; %s", _origin_text(conn.series),
+                           now - conn.acquired_at, conn.site or "an unknown place",
+                           _HELD_OPEN if conn.opened else _HELD_UNOPENED)
 
     # -- registry ---------------------------------------------------------
 

@@ -517,12 +517,12 @@ class HttpxAdapter(Adapter):
         rec = conn.__dict__.get("_poolscope") if conn is not None else None
         if rec is None or rec.closed or not rec.in_use:
             return
+        if not rec.opened and "_poolscope_setup" in conn.__dict__:
+            self._proxied_failed(conn)
         inner = _protocol(conn)
         state = getattr(inner, "_state", None)
         closed = state == _CLOSED if inner is not None else conn.is_closed()  # two calls fewer
         if closed:
-            if not rec.opened and "_poolscope_setup" in conn.__dict__:
-                self._proxied_failed(conn)
             self.recorder.released(rec, _self_close_reason(conn) if rec.opened else sc.ERROR)
             if rec.uses > 1 and self._stale(conn, sys._getframe(2)):
                 self.recorder.stale_failure(rec, False)  # httpcore never sends it again
@@ -693,9 +693,11 @@ class HttpxAdapter(Adapter):
             self._set_up((rec, *started, []), speaks or proxied, stream, None)
 
     def _proxied_failed(self, proxied):
-        """The set-up of the proxied connection ``proxied`` failed (the proxy refused it, a
-        tunnel's ``CONNECT`` was answered with an error, a handshake failed), as its request
-        leaves the pool with the exception in hand."""
+        """The set-up of the proxied connection ``proxied`` did not end: its request leaves the
+        pool, with the exception in hand where the set-up failed (the proxy refused it, a
+        tunnel's ``CONNECT`` was answered with an error, a handshake failed). A tunnel whose
+        TLS handshake failed stays in httpcore's pool, active, until the pool closes
+        (encode/httpcore#1023)."""
         started = proxied.__dict__.pop("_poolscope_setup")
         error = sys.exc_info()[1]
         if error is not None:
