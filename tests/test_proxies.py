@@ -18,11 +18,11 @@ import httpx
 import pycurl
 import pytest
 import urllib3
+from opentelemetry.trace import StatusCode
 
 from conftest import Traced, instrumented
 from drivers import URLLIB3_FUTURE, curl_cffi_requests, curl_statuses, httpx2, niquests
 from poolscope.demo.server import DemoServer
-from opentelemetry.trace import StatusCode
 from test_spans import SETUP
 from tlsserver import TLSServer
 from tunnelproxy import TunnelProxy
@@ -36,12 +36,13 @@ SOCKS = {"urllib3": "python_socks" if URLLIB3_FUTURE else "socks", "requests": "
 
 def _urllib3(url, proxy, cafile):
     if proxy is None:
-        return _direct(urllib3.PoolManager(ca_certs=cafile, retries=False), url)
-    if proxy.startswith("socks"):
-        from urllib3.contrib.socks import SOCKSProxyManager as manager
+        http = urllib3.PoolManager(ca_certs=cafile, retries=False)
+    elif proxy.startswith("socks"):
+        from urllib3.contrib.socks import SOCKSProxyManager
+        http = SOCKSProxyManager(proxy, ca_certs=cafile, retries=False)
     else:
-        manager = urllib3.ProxyManager
-    with manager(proxy, ca_certs=cafile, retries=False) as http:
+        http = urllib3.ProxyManager(proxy, ca_certs=cafile, retries=False)
+    with http:
         return [http.request("GET", url).status for _ in range(3)]
 
 
@@ -151,11 +152,6 @@ def _curl_options(proxy, cafile):
     return {**({"PROXY": proxy} if proxy else {}), **({"CAINFO": cafile} if cafile else {})}
 
 
-def _direct(manager, url):
-    with manager as http:
-        return [http.request("GET", url).status for _ in range(3)]
-
-
 def _curl_cffi(url, proxy, cafile):
     with curl_cffi_requests.Session(verify=cafile or True, proxy=proxy) as session:
         return [session.get(url).status_code for _ in range(3)]
@@ -239,15 +235,15 @@ def test_a_connection_that_fails_to_open_ends_its_set_up_span_in_error(traced, c
         pytest.importorskip(SOCKS[family])
     with socket.socket() as closed, TunnelProxy() as proxy, TLSServer(0) as server:
         closed.bind(("127.0.0.1", 0))
-        port = server.port if fails == "untrusted" else closed.getsockname()[1]
-        url = f"{scheme}://127.0.0.1:{port}/"
-        hop = proxy.url if via == "http-proxy" else proxy.socks_url
+        nowhere, proxy_port = closed.getsockname()[1], proxy.server_address[1]
+        target = server.port if fails == "untrusted" else nowhere
         if fails == "first hop" and via != "direct":
-            url, hop = f"{scheme}://127.0.0.1:9/", hop.replace(str(proxy.server_address[1]),
-                                                               str(port))
+            target, proxy_port = 9, nowhere  # the target is never reached
+        hop = None if via == "direct" else \
+            f"{'http' if via == 'http-proxy' else 'socks5'}://127.0.0.1:{proxy_port}"
         with traced.tracer_provider.get_tracer("app").start_as_current_span("app"):
             with pytest.raises(Exception):
-                run(url, None if via == "direct" else hop, None)
+                run(f"{scheme}://127.0.0.1:{target}/", hop, None)
         assert server.answered == 0
     assert (proxy.refused, proxy.tunnels) == {"target": (1, 0), "untrusted": (
         0, int(via != "direct"))}.get(fails, (0, 0))
