@@ -7,10 +7,12 @@ the proxy through the TLS handshake with the target, so it is at least as long a
 held that handshake."""
 
 import asyncio
+import contextlib
 import inspect
 import io
 import logging
 import socket
+import sys
 import time
 
 import aiohttp
@@ -28,6 +30,7 @@ from tlsserver import TLSServer
 from tunnelproxy import TunnelProxy
 
 HELD = 0.2
+CONNECT = 5.0  # each client's connect timeout, seconds
 # what each library needs to speak SOCKS5
 SOCKS = {"urllib3": "python_socks" if URLLIB3_FUTURE else "socks", "requests": "socks",
          "niquests": "python_socks", "httpx": "socksio", "httpx2": "socksio",
@@ -35,13 +38,15 @@ SOCKS = {"urllib3": "python_socks" if URLLIB3_FUTURE else "socks", "requests": "
 
 
 def _urllib3(url, proxy, cafile):
+    options = {"ca_certs": cafile, "retries": False,
+               "timeout": urllib3.Timeout(connect=CONNECT, read=10)}
     if proxy is None:
-        http = urllib3.PoolManager(ca_certs=cafile, retries=False)
+        http = urllib3.PoolManager(**options)
     elif proxy.startswith("socks"):
         from urllib3.contrib.socks import SOCKSProxyManager
-        http = SOCKSProxyManager(proxy, ca_certs=cafile, retries=False)
+        http = SOCKSProxyManager(proxy, **options)
     else:
-        http = urllib3.ProxyManager(proxy, ca_certs=cafile, retries=False)
+        http = urllib3.ProxyManager(proxy, **options)
     with http:
         return [http.request("GET", url).status for _ in range(3)]
 
@@ -50,13 +55,15 @@ def _requests_like(module):
     def run(url, proxy, cafile):
         with module.Session() as session:
             return [session.get(url, proxies={"http": proxy, "https": proxy},
-                                verify=cafile or True).status_code for _ in range(3)]
+                                verify=cafile or True, timeout=(CONNECT, 10)).status_code
+                    for _ in range(3)]
     return run
 
 
 def _httpx_sync(module):
     def run(url, proxy, cafile):
-        with module.Client(verify=_context(cafile), **_proxy(module, proxy)) as client:
+        with module.Client(verify=_context(cafile), timeout=_timeout(module),
+                           **_proxy(module, proxy)) as client:
             return [client.get(url).status_code for _ in range(3)]
     return run
 
@@ -64,7 +71,7 @@ def _httpx_sync(module):
 def _httpx_async(module):
     def run(url, proxy, cafile):
         async def main():
-            async with module.AsyncClient(verify=_context(cafile),
+            async with module.AsyncClient(verify=_context(cafile), timeout=_timeout(module),
                                           **_proxy(module, proxy)) as client:
                 return [(await client.get(url)).status_code for _ in range(3)]
         return asyncio.run(main())
@@ -78,15 +85,19 @@ def _httpx_socks(flavor):
         httpx_socks = pytest.importorskip("httpx_socks")
         if flavor == "sync":
             with httpx.Client(transport=httpx_socks.SyncProxyTransport.from_url(
-                    proxy, verify=_context(cafile))) as client:
+                    proxy, verify=_context(cafile)), timeout=_timeout(httpx)) as client:
                 return [client.get(url).status_code for _ in range(3)]
 
         async def main():
             async with httpx.AsyncClient(transport=httpx_socks.AsyncProxyTransport.from_url(
-                    proxy, verify=_context(cafile))) as client:
+                    proxy, verify=_context(cafile)), timeout=_timeout(httpx)) as client:
                 return [(await client.get(url)).status_code for _ in range(3)]
         return asyncio.run(main())
     return run
+
+
+def _timeout(module):
+    return module.Timeout(10, connect=CONNECT)
 
 
 def _proxy(module, proxy):
@@ -105,7 +116,8 @@ def _aiohttp(url, proxy, cafile):
             options, via = {"connector": ProxyConnector.from_url(proxy)}, None
         else:
             options, via = {}, proxy
-        async with aiohttp.ClientSession(**options) as session:
+        timeout = aiohttp.ClientTimeout(total=20, sock_connect=CONNECT)
+        async with aiohttp.ClientSession(timeout=timeout, **options) as session:
             statuses = []
             for _ in range(3):
                 async with session.get(url, proxy=via, ssl=context) as response:
@@ -134,9 +146,9 @@ def _pycurl_multi(url, proxy, cafile):
             for name, value in _curl_options(proxy, cafile).items():
                 curl.setopt(getattr(pycurl, name), value)
             multi.add_handle(curl)
-            failed = []
-            while not failed and multi.perform()[1]:
-                multi.select(1)
+            while multi.perform()[1]:
+                wait = multi.timeout()  # ms until libcurl's next timer, as libcurl asks
+                multi.select(1.0 if wait < 0 else min(wait / 1000, 1.0))
             _, _, failed = multi.info_read()
             multi.remove_handle(curl)
             if failed:
@@ -149,12 +161,13 @@ def _pycurl_multi(url, proxy, cafile):
 
 
 def _curl_options(proxy, cafile):
-    return {**({"PROXY": proxy} if proxy else {}), **({"CAINFO": cafile} if cafile else {})}
+    return {"CONNECTTIMEOUT_MS": int(CONNECT * 1000), **({"PROXY": proxy} if proxy else {}),
+            **({"CAINFO": cafile} if cafile else {})}
 
 
 def _curl_cffi(url, proxy, cafile):
     with curl_cffi_requests.Session(verify=cafile or True, proxy=proxy) as session:
-        return [session.get(url).status_code for _ in range(3)]
+        return [session.get(url, timeout=(CONNECT, 10)).status_code for _ in range(3)]
 
 
 CLIENTS = {"urllib3-future" if URLLIB3_FUTURE else "urllib3": ("urllib3", _urllib3),
@@ -209,35 +222,58 @@ def test_a_connection_through_a_proxy(traced, tmp_path, client, via, scheme):
 
 
 # where a connection fails to open: nothing listens at the first hop (proxy or server), or at
-# the target behind the proxy; or the target's certificate is not trusted. A forward proxy
-# (plain HTTP through an HTTP proxy) answers for a target it cannot reach: no set-up failure
+# the target behind the proxy; the first hop never answers (its connect times out); or the
+# target's certificate is not trusted. A forward proxy (plain HTTP through an HTTP proxy)
+# answers for a target it cannot reach: no set-up failure there
 FAILURES = [("direct", "http", "first hop"), ("http-proxy", "http", "first hop"),
             ("http-proxy", "https", "first hop"), ("socks5", "https", "first hop"),
             ("http-proxy", "https", "target"), ("socks5", "http", "target"),
-            ("socks5", "https", "target"), ("direct", "https", "untrusted"),
-            ("http-proxy", "https", "untrusted"), ("socks5", "https", "untrusted")]
+            ("socks5", "https", "target"), ("direct", "http", "silent"),
+            ("http-proxy", "https", "silent"), ("socks5", "https", "silent"),
+            ("direct", "https", "untrusted"), ("http-proxy", "https", "untrusted"),
+            ("socks5", "https", "untrusted")]
+
+
+@contextlib.contextmanager
+def _silent():
+    """The port of a listening socket whose backlog is full: Linux drops the SYNs of any
+    further connect, which then times out."""
+    with contextlib.ExitStack() as stack:
+        listener = stack.enter_context(socket.socket())
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(0)
+        for _ in range(3):
+            filler = stack.enter_context(socket.socket())
+            filler.setblocking(False)
+            filler.connect_ex(listener.getsockname())
+        yield listener.getsockname()[1]
 
 
 @pytest.mark.parametrize("via, scheme, fails", FAILURES)
 @pytest.mark.parametrize("client", CLIENTS)
-def test_a_connection_that_fails_to_open_ends_its_set_up_span_in_error(traced, client, via,
-                                                                       scheme, fails):
-    """Nothing listens where the connection goes (a socket bound there, never listening), or
-    the server's certificate is from a CA the client does not trust: the application's request
-    raises, through a proxy too. Its one attempt is one set-up span, ended in error with the
-    exception; and no connection counts: none created, acquired or open. The proxy handled
-    that one attempt: refused by the target, or one tunnel to the server, which answered
-    nothing."""
+def test_a_connection_that_fails_to_open_ends_its_set_up_span_in_error(traced, monkeypatch,
+                                                                       client, via, scheme,
+                                                                       fails):
+    """Nothing listens where the connection goes (a socket bound there, never listening),
+    nothing answers there (its connect times out), or the server's certificate is from a CA
+    the client does not trust: the application's request raises, through a proxy too. Its one
+    attempt is one set-up span, ended in error with the exception, as long as the connect
+    timeout where that ended it; and no connection counts: none created, acquired or open. The
+    proxy handled that one attempt: refused by the target, or one tunnel to the server, which
+    answered nothing."""
     family, run = CLIENTS[client]
     if via == "direct" and client.startswith("httpx-socks"):
         pytest.skip("httpx-socks' transport always goes through its proxy")
     if via == "socks5" and SOCKS.get(family):
         pytest.importorskip(SOCKS[family])
-    with socket.socket() as closed, TunnelProxy() as proxy, TLSServer(0) as server:
+    monkeypatch.setattr(sys.modules[__name__], "CONNECT", 0.3)
+    with _silent() as silent, socket.socket() as closed, TunnelProxy() as proxy, \
+            TLSServer(0) as server:
         closed.bind(("127.0.0.1", 0))
-        nowhere, proxy_port = closed.getsockname()[1], proxy.server_address[1]
+        nowhere = silent if fails == "silent" else closed.getsockname()[1]
+        proxy_port = proxy.server_address[1]
         target = server.port if fails == "untrusted" else nowhere
-        if fails == "first hop" and via != "direct":
+        if fails in ("first hop", "silent") and via != "direct":
             target, proxy_port = 9, nowhere  # the target is never reached
         hop = None if via == "direct" else \
             f"{'http' if via == 'http-proxy' else 'socks5'}://127.0.0.1:{proxy_port}"
@@ -250,6 +286,9 @@ def test_a_connection_that_fails_to_open_ends_its_set_up_span_in_error(traced, c
     [setup] = traced.finished(SETUP)
     assert setup.status.status_code == StatusCode.ERROR
     assert [event.name for event in setup.events] == ["exception"]
+    if fails == "silent":  # libcurl's connect timeout runs from the name lookup, its span not
+        lookup = 0.05 if family in ("pycurl", "curl_cffi") else 0
+        assert CONNECT - lookup <= (setup.end_time - setup.start_time) / 1e9 < CONNECT + 0.25
     data = traced.read()
     assert traced.served(data) in ((None, None, None), (0, 0, 0))
     assert traced.value(data, "http.client.open_connections") in (None, 0)
