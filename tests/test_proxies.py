@@ -147,8 +147,9 @@ def _pycurl_multi(url, proxy, cafile):
                 curl.setopt(getattr(pycurl, name), value)
             multi.add_handle(curl)
             while multi.perform()[1]:
-                wait = multi.timeout()  # ms until libcurl's next timer, as libcurl asks
-                multi.select(1.0 if wait < 0 else min(wait / 1000, 1.0))
+                # libcurl's descriptors may miss a step of a proxy's handshake, whose wait the
+                # application's loop would then add to the set-up: 10 ms at most here
+                multi.select(0.01)
             _, _, failed = multi.info_read()
             multi.remove_handle(curl)
             if failed:
