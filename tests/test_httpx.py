@@ -178,6 +178,39 @@ def test_a_request_cancelled_as_a_new_connection_is_made_for_it(metrics, server,
     assert asyncio.run(main()) in ((0, 0), (1, 0))
 
 
+@MODULES
+def test_a_client_kept_across_event_loops(metrics, server, httpx):
+    """An ``AsyncClient`` kept across ``asyncio.run`` calls (a common mistake), limit 2, four
+    requests per run. In each later run the two connections the last loop left idle fail with
+    ``RuntimeError('Event loop is closed')`` as soon as a request takes one, and httpcore has
+    handed each to the queued requests too: those find it closed, wait on, and get a new
+    connection each. Every request took one connection; the server accepted the new ones. So
+    12 acquisitions, 6 new; the 4 connections closed served 12 requests less the 2 that the
+    last run's new ones did."""
+    client = httpx.AsyncClient(limits=httpx.Limits(max_connections=2))
+    loop_closed = "RuntimeError('Event loop is closed')"
+
+    async def run():
+        got = await asyncio.gather(*[client.get(server.url + "/") for _ in range(4)],
+                                   return_exceptions=True)
+        return sorted(str(getattr(r, "status_code", None) or repr(r)) for r in got)
+
+    assert [asyncio.run(run()) for _ in range(3)] == (
+        [["200"] * 4] + [["200", "200", loop_closed, loop_closed]] * 2)
+    data = metrics.read()
+    assert metrics.value(data, "poolscope.connection.created") == 6 == server.accepted
+    assert metrics.value(data, "poolscope.connection.acquisitions",
+                         poolscope__connection__reused=False) == 6
+    assert metrics.value(data, "poolscope.connection.acquisitions",
+                         poolscope__connection__reused=True) == 6
+    assert metrics.value(data, "poolscope.connection.closed") == 4
+    assert metrics.value(data, "poolscope.connection.closed",
+                         poolscope__close__reason="error") == 4
+    assert metrics.histogram(data, "poolscope.connection.requests") == (4, 10)
+    assert metrics.value(data, "http.client.open_connections",
+                         http__connection__state="idle") == 2
+
+
 def _check_handed(metrics, server, pool, done, midway):
     """The figures after H, handed the connection first, found D had taken it (see below)."""
     assert done == ["D", "H"]

@@ -555,9 +555,13 @@ class Recorder(Tracing):
     def unacquired(self, conn, wait=None):
         """Undo :meth:`acquired`: the connection turned out not to be available after all."""
         with self._lock:
-            conn.uses -= 1
-            if not conn.uses:
-                conn.series.acquired[0] -= 1
+            uses = conn.uses = conn.uses - 1
+            if not conn.closed:
+                if not uses:
+                    conn.series.acquired[0] -= 1
+            elif conn.opened:  # undo what its close counted (httpcore hands one connection to
+                # several requests: the one that took it may have closed it before the rest try)
+                conn.series.acquired[1 if uses else 0] -= 1
             conn.in_use -= 1
             if conn.in_use == 0 and conn.opened and not conn.closed:
                 self._shift(conn.pool, -1, monotonic())
@@ -575,8 +579,9 @@ class Recorder(Tracing):
         ``oldest_active_age``."""
         conn.upgraded = conn.warned = True
 
-    def released(self, conn, close_reason=None):
-        """The request is done with ``conn``; ``close_reason`` if the connection closed with it."""
+    def released(self, conn, close_reason=None, served=None):
+        """The request is done with ``conn``; ``close_reason`` if the connection closed with it
+        (``served``: as for :meth:`closed`)."""
         now = monotonic()
         used = None
         pool = conn.pool
@@ -605,17 +610,18 @@ class Recorder(Tracing):
             if lock is not None:
                 lock.release()
         if close_reason is not None:
-            self.closed(conn, close_reason, now)
+            self.closed(conn, close_reason, now, served)
         if used is not None and not self.deferred(self._use_time.record, used,
                                                   conn.series.attrs):
             self._use_time.record(used, conn.series.attrs)
 
-    def closed(self, conn, reason, now=None):
+    def closed(self, conn, reason, now=None, served=None):
         """The connection closed. One never established is dropped without being counted, and
         so are the acquisitions of it; one closed with or after its pool counts under the
-        pool's close reason."""
+        pool's close reason. ``served``: the requests it served by the library's own count,
+        where requests it was handed may yet find it closed (httpcore)."""
         now = now or monotonic()
-        if self.deferred(self.closed, conn, reason, now):
+        if self.deferred(self.closed, conn, reason, now, served):
             return
         with self._lock:
             if conn.closed:
@@ -639,7 +645,7 @@ class Recorder(Tracing):
             _count(conn.series.closed, reason)
             lifetime = now - conn.born
         self._duration.record(lifetime, conn.series.attr((sc.PROTOCOL_VERSION, conn.protocol)))
-        self._requests.record(conn.uses, conn.series.attrs)
+        self._requests.record(conn.uses if served is None else served, conn.series.attrs)
         span = recording_span()
         if span is not None:
             span.add_event(sc.EVENT_CLOSED, {sc.CLOSE_REASON: reason})

@@ -120,6 +120,13 @@ def _pool_close_reason(conn):
     return sc.IDLE_LIMIT
 
 
+def _served(conn):
+    """The requests a connection served, by httpcore's count: it hands an idle HTTP/1.1
+    connection to every queued request, and those that find it closed by the one that took it
+    served none."""
+    return getattr(_protocol(conn), "_request_count", None)
+
+
 def _their_state(conn):
     """h11's state of the server's side of an HTTP/1.1 connection, or None (HTTP/2)."""
     h11_state = getattr(_protocol(conn), "_h11_state", None)
@@ -504,7 +511,7 @@ class HttpxAdapter(Adapter):
                 if not rec.closed and conn.is_closed():
                     # closed by its own check before the request went out: the server had
                     # closed it while idle (httpcore2 2.17+; the pool drops it unclosed)
-                    self.recorder.closed(rec, sc.SERVER_CLOSED)
+                    self.recorder.closed(rec, sc.SERVER_CLOSED, served=_served(conn))
 
     def left(self, pool_request):
         """The request left its pool (under the pool's lock): its response is closed, or it
@@ -523,7 +530,8 @@ class HttpxAdapter(Adapter):
         state = getattr(inner, "_state", None)
         closed = state == _CLOSED if inner is not None else conn.is_closed()  # two calls fewer
         if closed:
-            self.recorder.released(rec, _self_close_reason(conn) if rec.opened else sc.ERROR)
+            self.recorder.released(rec, _self_close_reason(conn) if rec.opened else sc.ERROR,
+                                   _served(conn))
             if rec.uses > 1 and self._stale(conn, sys._getframe(2)):
                 self.recorder.stale_failure(rec, False)  # httpcore never sends it again
         elif gave_up and self._drops_unclaimed and not conn.is_connected():
@@ -727,7 +735,7 @@ class HttpxAdapter(Adapter):
         rec = conn.__dict__.get("_poolscope")
         if rec is not None and not rec.closed:
             with self.serialized(rec.pool):
-                self.recorder.closed(rec, _pool_close_reason(conn))
+                self.recorder.closed(rec, _pool_close_reason(conn), served=_served(conn))
 
 
 class Httpx2Adapter(HttpxAdapter):
