@@ -44,15 +44,23 @@ def outcomes(data, library):
 
 
 def test_saturation_six_requests_limit_two(metrics, make, server):
-    """6 at once, limit 2, 300 ms server: waves at 0, 0.3, 0.6 s; 4 waits of ~0.3, 0.3, 0.6, 0.6."""
+    """6 at once, limit 2, 300 ms server: waves at 0, 0.3, 0.6 s; 4 waits of at least 0.3,
+    0.3, 0.6, 0.6. Each wait ends before its request reaches the server, so the server's clock
+    bounds it from above (a loaded machine stretches the waves)."""
     d = make(limit=2)
+    start = time.monotonic()
     assert d.get_all(["/delay/0.3"] * 6) == [200] * 6
+    elapsed = time.monotonic() - start
+    arrived = sorted(t - start for t in server.arrivals)[2:]  # the requests that waited
     data, v = figures(metrics, d.library)
     count, total = metrics.histogram(data, WAIT, poolscope__library=d.library)
     assert count == 4
-    assert 1.75 <= total <= 2.2
+    assert 1.75 <= total <= sum(arrived)
     [(_, point)] = [(a, p) for a, p in data[WAIT] if a["poolscope.library"] == d.library]
-    assert buckets(point) == {0.5: 2, 1.0: 2}
+    assert set(buckets(point)) <= {0.5, 1.0, 2.5}
+    under_half = buckets(point).get(0.5, 0)
+    assert sum(a <= 0.5 for a in arrived) <= under_half <= 2  # the last wave waited 0.6 s
+    assert sum(a <= 1.0 for a in arrived) <= under_half + buckets(point).get(1.0, 0)
     assert v("poolscope.connection.created") == 2
     assert server.accepted == 2
     assert v(ACQ, poolscope__connection__reused=False) == 2
@@ -64,7 +72,7 @@ def test_saturation_six_requests_limit_two(metrics, make, server):
     assert outcomes(data, d.library) == {"granted": 4}
     assert v("poolscope.connection.max") == 2
     assert v("poolscope.pool.count") == 1
-    assert 0.85 <= v("poolscope.pool.saturation_time") <= 1.3
+    assert 0.85 <= v("poolscope.pool.saturation_time") <= elapsed
     assert v("poolscope.connection.oldest_pending_age") == 0
     assert v("poolscope.connection.oldest_active_age") == 0
 

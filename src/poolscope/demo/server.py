@@ -9,11 +9,11 @@ httpx2. ``idle_timeout`` closes keep-alive connections left idle that long, as a
 keep-alive limit does; ``stale_after`` instead leaves them open and resets the next request on
 one idle that long, unanswered (``reset`` counts them). The server counts the connections it
 accepted (``accepted``), those of them that closed without sending a request (``empty``), the
-requests it answered
-(``answered``), and for each connection that has closed, the requests answered on it
-(``per_connection``).
+requests it answered (``answered``) and when the latest arrived (``arrivals``, monotonic), and
+for each connection that has closed, the requests answered on it (``per_connection``).
 """
 
+import collections
 import json
 import socket
 import struct
@@ -63,6 +63,7 @@ class _Handler(BaseHTTPRequestHandler):
     def do_GET(self):
         with self.server.lock:
             self.server.received += 1
+            self.server.arrivals.append(time.monotonic())
         length = int(self.headers.get("Content-Length") or 0)
         if length:
             self.rfile.read(length)
@@ -156,6 +157,7 @@ class DemoServer(InThread, ThreadingHTTPServer):
         self.accepted = self.empty = self.received = self.answered = self.reset = 0
         self.per_connection = []  # requests answered on each connection, once it has closed
         self.peers = set()  # the client ports of the connections accepted
+        self.arrivals = collections.deque(maxlen=10_000)  # when the latest requests came in
 
     def wait_closed(self, n, timeout=5.0):
         """Wait (at most ``timeout`` seconds) until ``n`` connections have closed on the
