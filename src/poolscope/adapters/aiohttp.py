@@ -212,24 +212,27 @@ class AiohttpAdapter(Adapter):
         if key is None:  # not a request aiohttp made: nothing to count (the call fails)
             return None
         rec = self.recorder.conn_created(self._pool(connector, key), self._series(key))
-        return rec, time.monotonic(), self.recorder.setup_started(rec), phases_begin()
+        return rec, time.monotonic(), time.time_ns(), phases_begin()
 
     def _created(self, token, connector, proto, exc):
-        rec, started, span, phases = token
+        """The set-up ended; its span is made now that it is over, as long as ``create_time``."""
+        rec, started, started_ns, phases = token
+        ended, ended_ns = time.monotonic(), time.time_ns()
         phases_end()
+        span = self.recorder.setup_started(rec, start_ns=started_ns)
         if exc is not None:
-            self.recorder.setup_ended(span, exc)
+            self.recorder.setup_ended(span, exc, end_ns=ended_ns)
             self.recorder.closed(rec, sc.ERROR)
             return
         try:
             proto._poolscope = rec
             self.recorder.acquired(rec)
-            self.recorder.conn_opened(rec, time.monotonic() - started)
+            self.recorder.conn_opened(rec, ended - started)
             self.recorder.setup_phases(rec, phases)
         finally:
             if span is not None:
                 self.recorder.setup_ended(span, peer=peer_address(
-                    lambda: proto.transport.get_extra_info("peername")))
+                    lambda: proto.transport.get_extra_info("peername")), end_ns=ended_ns)
 
     def _websocket(self, ws, args, kwargs):
         connection = getattr(arg(args, kwargs, 3, "response"), "connection", None)
