@@ -114,6 +114,13 @@ def buckets(point):
     return {b: c for b, c in zip(bounds, point.bucket_counts) if c}
 
 
+def reached(server, start, free):
+    """Seconds from ``start`` to when each request that waited for a connection reached
+    ``server`` (all but the first ``free`` to arrive): each wait ended before, so these bound
+    the waits from above, however much a loaded machine stretched them."""
+    return sorted(t - start for t in server.arrivals)[free:]
+
+
 def require_tool(name):
     """The path of a command-line tool; fails under CI (CI=true) when missing, else skips."""
     path = shutil.which(name)
