@@ -211,6 +211,52 @@ def test_a_client_kept_across_event_loops(metrics, server, httpx):
                          http__connection__state="idle") == 2
 
 
+@MODULES
+def test_requests_whose_bodies_fail_while_others_queue(metrics, server, httpx):
+    """Limit 1, six threads at a time, every third request's body failing (an upload whose
+    generator raises) after its headers went out: httpx closes the connection, and the
+    requests queued behind it, handed the same connection, may find it closed and wait on for
+    a new one. Every request reached the server on the one connection it took: acquisitions
+    are the requests the server received, new ones the sockets it accepted, and once the
+    client is closed the connections served them all."""
+    client = httpx.Client(limits=httpx.Limits(max_connections=1))
+
+    def body():
+        yield b"x"
+        raise ValueError("the application's body failed")
+
+    seen = []
+
+    def request(i):
+        try:
+            if i % 3:
+                seen.append(client.get(server.url + "/delay/0.05").status_code)
+            else:
+                client.post(server.url + "/", content=body())
+        except ValueError:
+            seen.append("failed")
+
+    for _ in range(20):
+        threads = [threading.Thread(target=request, args=(i,)) for i in range(6)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    client.close()
+    assert sorted(seen, key=str) == [200] * 80 + ["failed"] * 40
+    deadline = time.monotonic() + 5
+    while server.received < 120 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    data = metrics.read()
+    assert metrics.value(data, "poolscope.connection.created") == server.accepted
+    assert metrics.value(data, "poolscope.connection.acquisitions",
+                         poolscope__connection__reused=False) == server.accepted
+    assert metrics.value(data, "poolscope.connection.acquisitions") == server.received == 120
+    assert metrics.histogram(data, "poolscope.connection.requests") == (server.accepted, 120)
+    assert metrics.value(data, "poolscope.connection.closed",
+                         poolscope__close__reason="error") == 40
+
+
 def _check_handed(metrics, server, pool, done, midway):
     """The figures after H, handed the connection first, found D had taken it (see below)."""
     assert done == ["D", "H"]
