@@ -531,7 +531,7 @@ class HttpxAdapter(Adapter):
         closed = state == _CLOSED if inner is not None else conn.is_closed()  # two calls fewer
         if closed:
             self.recorder.released(rec, _self_close_reason(conn) if rec.opened else sc.ERROR,
-                                   _served(conn))
+                                   getattr(inner, "_request_count", None))
             if rec.uses > 1 and self._stale(conn, sys._getframe(2)):
                 self.recorder.stale_failure(rec, False)  # httpcore never sends it again
         elif gave_up and self._drops_unclaimed and not conn.is_connected():
