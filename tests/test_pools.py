@@ -1,5 +1,6 @@
 """Scenarios with known answers, run on every client flavor against a real local server."""
 
+import collections
 import socket
 import time
 import types
@@ -150,6 +151,31 @@ def test_requests_per_connection_are_recorded_at_its_close(metrics, make, server
     assert metrics.histogram(data, "http.client.connection.duration", poolscope__library=d.library,
                              network__protocol__version="1.1")[0] == 2
 
+
+
+def test_responses_without_a_body_or_in_chunks_give_their_connection_back(metrics, make, server):
+    """204 and 304 answers end with their headers, a chunked one with its last chunk: each gives
+    its connection back as it ends. 12 at once on a limit of 2: every request an acquisition,
+    every connection the server accepted a new one, none left active, and each connection's
+    requests as the server answered them."""
+    d = make(limit=2)
+    paths = ["/status/204", "/status/304", "/chunked/5000", "/delay/0.05"] * 3
+    assert d.get_all(paths) == [204, 304, 200, 200] * 3
+    data, v = figures(metrics, d.library)
+    assert v(ACQ) == server.received == 12
+    assert v(ACQ, poolscope__connection__reused=False) == server.accepted
+    assert v("poolscope.connection.created") == server.accepted
+    assert v(OPEN, http__connection__state="active") == 0
+    assert v(OPEN, http__connection__state="idle") == server.accepted
+    d.close()
+    assert sum(server.wait_closed(server.accepted)) == 12
+    data = metrics.read()
+    [point] = [p for a, p in data["poolscope.connection.requests"]
+               if a["poolscope.library"] == d.library]
+    assert (point.count, point.sum) == (server.accepted, 12)
+    bounds = list(point.explicit_bounds) + [float("inf")]
+    assert buckets(point) == collections.Counter(
+        next(b for b in bounds if n <= b) for n in server.per_connection)
 
 # whether each library sends a request again after its reused connection failed stale: the test
 # drivers' urllib3 and urllib3-future pools (and niquests') have retries off; aiohttp retries

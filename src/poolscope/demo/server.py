@@ -2,15 +2,17 @@
 
 Paths: ``/delay/<seconds>`` answers after that delay; ``/close`` answers with
 ``Connection: close``; ``/drop`` closes the socket without answering; ``/bytes/<n>`` answers
-``n`` bytes (a body too large to be buffered at once); anything else answers
-``ok`` at once. ``POST /v1/chat/completions`` and ``POST /v1/messages`` answer as the OpenAI
-and Anthropic APIs do (a fixed reply, after ``api_delay`` seconds), for the SDKs built on
-httpx2. ``idle_timeout`` closes keep-alive connections left idle that long, as a server's own
-keep-alive limit does; ``stale_after`` instead leaves them open and resets the next request on
-one idle that long, unanswered (``reset`` counts them). The server counts the connections it
-accepted (``accepted``), those of them that closed without sending a request (``empty``), the
-requests it answered (``answered``) and when the latest arrived (``arrivals``, monotonic), and
-for each connection that has closed, the requests answered on it (``per_connection``).
+``n`` bytes (a body too large to be buffered at once); ``/chunked/<n>`` answers ``n`` bytes in
+chunks (``Transfer-Encoding: chunked``); ``/status/<code>`` answers that status (a 204 or 304
+with no body); anything else answers ``ok`` at once. ``POST /v1/chat/completions`` and
+``POST /v1/messages`` answer as the OpenAI and Anthropic APIs do (a fixed reply, after
+``api_delay`` seconds), for the SDKs built on httpx2. ``idle_timeout`` closes keep-alive
+connections left idle that long, as a server's own keep-alive limit does; ``stale_after``
+instead leaves them open and resets the next request on one idle that long, unanswered
+(``reset`` counts them). The server counts the connections it accepted (``accepted``), those of
+them that closed without sending a request (``empty``), the requests it answered (``answered``)
+and when the latest arrived (``arrivals``, monotonic), and for each connection that has closed,
+the requests answered on it (``per_connection``).
 """
 
 import collections
@@ -82,14 +84,25 @@ class _Handler(BaseHTTPRequestHandler):
         if path in _API:
             time.sleep(self.server.api_delay)
             body, content_type = json.dumps(_API[path]).encode(), "application/json"
+        elif path.startswith(("/bytes/", "/chunked/")):
+            body = b"x" * int(path.rsplit("/", 1)[1])
         else:
-            body = b"x" * int(path[len("/bytes/"):]) if path.startswith("/bytes/") else b"ok"
+            body = b"ok"
+        status = int(path[len("/status/"):]) if path.startswith("/status/") else 200
         self.answered += 1
         with self.server.lock:
             self.server.answered += 1
-        self.send_response(200)
-        self.send_header("Content-Type", content_type)
-        self.send_header("Content-Length", str(len(body)))
+        self.send_response(status)
+        if status in (204, 304):  # no body, nor a length
+            body = b""
+        elif path.startswith("/chunked/"):
+            self.send_header("Transfer-Encoding", "chunked")
+            half = len(body) // 2
+            body = b"".join(b"%x\r\n%s\r\n" % (len(part), part)
+                            for part in (body[:half], body[half:]) if part) + b"0\r\n\r\n"
+        else:
+            self.send_header("Content-Type", content_type)
+            self.send_header("Content-Length", str(len(body)))
         if path == "/close":
             self.send_header("Connection", "close")
             self.close_connection = True
