@@ -77,6 +77,14 @@ def metrics():
         yield m
 
 
+@pytest.fixture
+def detailed(monkeypatch):
+    """:class:`Metrics` with detailed timings (``use_time``, ``idle_time``)."""
+    monkeypatch.setenv("POOLSCOPE_DETAILED_TIMINGS", "true")
+    with instrumented() as m:
+        yield m
+
+
 class Traced(Metrics):
     """:class:`Metrics` with spans: ``finished(name)`` gives the ended spans."""
 

@@ -177,6 +177,28 @@ def test_responses_without_a_body_or_in_chunks_give_their_connection_back(metric
     assert buckets(point) == collections.Counter(
         next(b for b in bounds if n <= b) for n in server.per_connection)
 
+
+def test_detailed_timings_one_use_time_a_request_one_idle_time_a_reuse(detailed, make, server):
+    """With detailed timings, 16 requests at once on a limit of 2, some answered
+    ``Connection: close``: each request's hold of its connection is one ``use_time``, ended by
+    its release or its connection's close, and each reuse one ``idle_time``, however the library
+    hands connections out (httpcore hands an idle one to every queued request). Holds never
+    overlap beyond the limit, and each lasts at least the server's delay."""
+    d = make(limit=2)
+    paths = ["/delay/0.05", "/close", "/status/204", "/delay/0.05"] * 4
+    start = time.monotonic()
+    assert d.get_all(paths) == [200, 200, 204, 200] * 4
+    elapsed = time.monotonic() - start
+    data, v = figures(detailed, d.library)
+    assert v(ACQ) == server.received == 16
+    used, held = detailed.histogram(data, "poolscope.connection.use_time",
+                                    poolscope__library=d.library)
+    assert used == 16
+    assert 8 * 0.05 <= held <= 2 * elapsed
+    idle, _ = detailed.histogram(data, "poolscope.connection.idle_time",
+                                 poolscope__library=d.library)
+    assert idle == v(ACQ, poolscope__connection__reused=True) == 16 - server.accepted
+
 # whether each library sends a request again after its reused connection failed stale: the test
 # drivers' urllib3 and urllib3-future pools (and niquests') have retries off; aiohttp retries
 # an idempotent request once

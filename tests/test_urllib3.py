@@ -40,6 +40,21 @@ def test_pool_full_discards_connections(metrics, server, caplog):
     d.close()
 
 
+def test_a_discarded_connection_ends_its_request_hold(detailed, server, caplog):
+    """block=False, maxsize 1, 3 at once: the two connections the full pool discards close as
+    their requests give them back, and those requests' holds end there: 3 holds of at least
+    the server's 0.2 s."""
+    d = Urllib3Driver(server, limit=1, block=False)
+    with caplog.at_level(logging.ERROR, logger="urllib3.connectionpool"):
+        assert d.get_all(["/delay/0.2"] * 3) == [200] * 3
+    data = detailed.read()
+    count, total = detailed.histogram(data, "poolscope.connection.use_time")
+    assert count == 3 and total >= 0.6
+    closed = detailed.value(data, "poolscope.connection.closed", poolscope__close__reason="pool_full")
+    assert closed == 2
+    d.close()
+
+
 def test_pool_manager_eviction(metrics):
     """num_pools=1: a request to a second origin evicts the first origin's pool."""
     with DemoServer() as a, DemoServer() as b:

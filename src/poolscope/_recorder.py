@@ -126,13 +126,13 @@ class Conn:
 
     __slots__ = ("pool", "series", "in_use", "uses", "opened", "born", "acquired_at",
                  "released_at", "closed", "site", "warned", "setup", "setup_by", "protocol",
-                 "streams", "stale_use", "upgraded")
+                 "streams", "stale_use", "upgraded", "idle_noted")
 
     def __init__(self, pool, series):
         self.pool = pool
         self.series = series
         self.in_use = self.uses = self.stale_use = 0
-        self.opened = self.closed = self.warned = self.upgraded = False
+        self.opened = self.closed = self.warned = self.upgraded = self.idle_noted = False
         self.born = self.acquired_at = self.released_at = 0.0
         # a Link to its connection_setup span, and the span id of the request it was set up for
         self.site = self.setup = self.setup_by = None
@@ -536,7 +536,8 @@ class Recorder(Tracing):
         finally:
             if lock is not None:
                 lock.release()
-        if self.detailed and uses and conn.released_at:
+        if self.detailed and uses and not in_use and conn.released_at:  # it was idle
+            conn.idle_noted = True
             self._idle_time.record(now - conn.released_at, conn.series.attrs)
         if span is _CURRENT:  # recording_span(context), inline: a call costs the request more
             span = (current_context() if context is None else context).get(_SPAN_KEY)
@@ -545,7 +546,7 @@ class Recorder(Tracing):
         if span is not None:
             span.set_attribute(sc.SPAN_REUSED, uses > 0)
             if uses and conn.released_at:
-                span.set_attribute(sc.SPAN_IDLE_TIME, now - conn.released_at)
+                span.set_attribute(sc.SPAN_IDLE_TIME, 0.0 if in_use else now - conn.released_at)
             if link:
                 self.link(span, conn)
         if self.leak_after is not None:
@@ -563,13 +564,19 @@ class Recorder(Tracing):
                 # several requests: the one that took it may have closed it before the rest try)
                 conn.series.acquired[1 if uses else 0] -= 1
             conn.in_use -= 1
+            used = None
             if conn.in_use == 0 and conn.opened and not conn.closed:
                 self._shift(conn.pool, -1, monotonic())
+                if (self.detailed and conn.protocol != "1.1"
+                        and conn.released_at > conn.acquired_at):
+                    used = conn.released_at - conn.acquired_at  # its streams' time, ended then
             resumed = wait is not None and not wait.active and not wait.done
             if resumed:
                 wait.active = True
                 wait.end = wait.end_ns = None
                 self._pend(wait, 1)
+        if used is not None:
+            self._use_time.record(used, conn.series.attrs)
         if resumed and wait.parent is not None and wait.span is None:  # its span had ended
             wait.span = self._wait_span(wait.series)
 
@@ -583,7 +590,7 @@ class Recorder(Tracing):
         """The request is done with ``conn``; ``close_reason`` if the connection closed with it
         (``served``: as for :meth:`closed`)."""
         now = monotonic()
-        used = None
+        used = idle = None
         pool = conn.pool
         lock = pool.lock
         if lock is not None:
@@ -593,7 +600,6 @@ class Recorder(Tracing):
             if in_use > 0:
                 conn.in_use = in_use - 1
                 if in_use == 1:
-                    conn.released_at = now
                     if not conn.opened:  # never established: it closes now, still active
                         close_reason = close_reason or sc.ERROR
                     elif not conn.closed:
@@ -604,22 +610,46 @@ class Recorder(Tracing):
                                 pool.sat_since = None
                         else:
                             self._shift(pool, -1, now)
-                    if self.detailed:
-                        used = now - conn.acquired_at
+                if self.detailed and (in_use == 1 or conn.protocol == "1.1"):
+                    used, idle = self._held(conn, now)
+                conn.released_at = now
         finally:
             if lock is not None:
                 lock.release()
         if close_reason is not None:
             self.closed(conn, close_reason, now, served)
-        if used is not None and not self.deferred(self._use_time.record, used,
-                                                  conn.series.attrs):
-            self._use_time.record(used, conn.series.attrs)
+        if used is not None and not self.deferred(self._held_record, conn, used, idle):
+            self._held_record(conn, used, idle)
+
+    @staticmethod
+    def _held(conn, now):
+        """(use time, idle time or None) of the hold of ``conn`` that ends now.
+
+        An HTTP/1.1 connection serves one request at a time, so each release ends one request's
+        hold, which began no earlier than the release before: httpcore hands an idle connection
+        to several requests at once (each counted in ``in_use``), and one may take it after
+        another's release, unseen. Such a hold's idle time, not recorded as it was acquired, is
+        recorded here. A multiplexed connection's use time is its streams' together, from the
+        first acquired to the last released."""
+        if conn.protocol != "1.1":
+            return now - conn.acquired_at, None
+        before = conn.released_at
+        start = max(conn.acquired_at, before)
+        idle = start - before if before and not conn.idle_noted else None
+        conn.idle_noted = False
+        return now - start, idle
+
+    def _held_record(self, conn, used, idle):
+        self._use_time.record(used, conn.series.attrs)
+        if idle is not None:
+            self._idle_time.record(idle, conn.series.attrs)
 
     def closed(self, conn, reason, now=None, served=None):
         """The connection closed. One never established is dropped without being counted, and
         so are the acquisitions of it; one closed with or after its pool counts under the
         pool's close reason. ``served``: the requests it served by the library's own count,
-        where requests it was handed may yet find it closed (httpcore)."""
+        where requests it was handed may yet find it closed (httpcore). A request holding it
+        still gives it back (:meth:`released`), which ends that request's hold."""
         now = now or monotonic()
         if self.deferred(self.closed, conn, reason, now, served):
             return

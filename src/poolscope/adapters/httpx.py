@@ -522,7 +522,10 @@ class HttpxAdapter(Adapter):
             self.recorder.wait_ended(wait)  # it holds the connection it waited for
         conn = pool_request.connection
         rec = conn.__dict__.get("_poolscope") if conn is not None else None
-        if rec is None or rec.closed or not rec.in_use:
+        if rec is None or not rec.in_use:
+            return
+        if rec.closed:  # by another request's failure, or the pool: its hold ends here
+            self.recorder.released(rec)
             return
         if not rec.opened and "_poolscope_setup" in conn.__dict__:
             self._proxied_failed(conn)

@@ -90,7 +90,7 @@ class _ObservedQueue:
                 rec = item._poolscope
             except AttributeError:
                 rec = None
-            if rec is not None and rec.in_use and not rec.closed:
+            if rec is not None and rec.in_use:  # closed in use, it still ends a hold
                 try:
                     observed[0].released(rec)
                 except Exception:
@@ -434,11 +434,13 @@ class Urllib3Adapter(Adapter):
                     # request goes out on a new socket, acquired at connect
                     self.recorder.unacquired(rec)
                     reason = sc.ERROR if _left_unread(conn) else sc.SERVER_CLOSED
-                elif rec.in_use and calling(_PUT_CONN) is not None and rec.pool.live:
-                    reason = sc.POOL_FULL
+                    self.recorder.closed(rec, reason)
+                elif rec.in_use and calling(_PUT_CONN) is not None:
+                    # given back to a pool that is full (or closed), it never reaches the queue
+                    self.recorder.released(rec, sc.POOL_FULL if rec.pool.live
+                                           else _close_reason(conn, rec))
                 else:
-                    reason = _close_reason(conn, rec)
-                self.recorder.closed(rec, reason)
+                    self.recorder.closed(rec, _close_reason(conn, rec))
         if rec.uses > 1:
             self._stale(rec, calling(_URLOPEN, depth=1))
 

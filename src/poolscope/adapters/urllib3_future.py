@@ -269,7 +269,7 @@ class Urllib3FutureAdapter(Urllib3Adapter):
                 if pending is not None and pending.returned:
                     pending.settle()
                 return
-            if held.in_use and not held.closed:
+            if held.in_use:  # closed in use, it still ends a hold
                 if pending is not None and pending.owned():
                     pending.returned += 1
                 else:
