@@ -152,7 +152,6 @@ def test_requests_per_connection_are_recorded_at_its_close(metrics, make, server
                              network__protocol__version="1.1")[0] == 2
 
 
-
 def test_responses_without_a_body_or_in_chunks_give_their_connection_back(metrics, make, server):
     """204 and 304 answers end with their headers, a chunked one with its last chunk: each gives
     its connection back as it ends. 12 at once on a limit of 2: every request an acquisition,
@@ -180,9 +179,9 @@ def test_responses_without_a_body_or_in_chunks_give_their_connection_back(metric
 
 def test_detailed_timings_one_use_time_a_request_one_idle_time_a_reuse(detailed, make, server):
     """With detailed timings, 16 requests at once on a limit of 2, some answered
-    ``Connection: close``: each request's hold of its connection is one ``use_time``, ended by
-    its release or its connection's close, and each reuse one ``idle_time``, however the library
-    hands connections out (httpcore hands an idle one to every queued request). Holds never
+    ``Connection: close``: each request's hold of its connection is one ``use_time``, ended as it
+    gives the connection back, open or closed, and each reuse one ``idle_time``, however the
+    library hands connections out (httpcore hands an idle one to every queued request). Holds never
     overlap beyond the limit, and each lasts at least the server's delay."""
     d = make(limit=2)
     paths = ["/delay/0.05", "/close", "/status/204", "/delay/0.05"] * 4
@@ -198,6 +197,7 @@ def test_detailed_timings_one_use_time_a_request_one_idle_time_a_reuse(detailed,
     idle, _ = detailed.histogram(data, "poolscope.connection.idle_time",
                                  poolscope__library=d.library)
     assert idle == v(ACQ, poolscope__connection__reused=True) == 16 - server.accepted
+
 
 # whether each library sends a request again after its reused connection failed stale: the test
 # drivers' urllib3 and urllib3-future pools (and niquests') have retries off; aiohttp retries
