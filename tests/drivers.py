@@ -5,7 +5,7 @@ import contextlib
 import io
 import queue
 import threading
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
 
 import aiohttp
 import httpx
@@ -34,9 +34,6 @@ except ImportError:
 
 # where urllib3-future installed itself as urllib3, `import urllib3` gives it
 URLLIB3_FUTURE = _urllib3_is_future()
-
-
-_executor = ThreadPoolExecutor(4)
 
 
 def _in_threads(fn, args):
@@ -104,7 +101,18 @@ class _SyncDriver(_Driver):
         return _in_threads(self.get, paths)
 
     def submit(self, path):
-        return _executor.submit(self.get, path)
+        """``get(path)`` in a thread of its own, started now (a shared executor may queue it
+        behind a thread an earlier scenario left busy)."""
+        future = Future()
+
+        def run():
+            try:
+                future.set_result(self.get(path))
+            except BaseException as exc:  # the scenario asserts on it
+                future.set_exception(exc)
+
+        threading.Thread(target=run, daemon=True).start()
+        return future
 
 
 class Urllib3Driver(_SyncDriver):
