@@ -22,7 +22,7 @@ import poolscope
 
 pytest.importorskip("h2")
 
-from conftest import Metrics, buckets, instrumented  # noqa: E402
+from conftest import Metrics, buckets  # noqa: E402
 from drivers import TrioThread, httpx2, trio, trio_gather  # noqa: E402
 from h2server import H2Server  # noqa: E402
 from poolscope import report  # noqa: E402
@@ -222,27 +222,24 @@ def test_a_request_cancelled_while_it_waits_for_a_stream_is_a_cancelled_wait(lib
         client.close()
 
 
-
 @pytest.mark.parametrize("library", list(MODULES))
-def test_detailed_timings_of_a_multiplexed_connection(library, monkeypatch):
+def test_detailed_timings_of_a_multiplexed_connection(library, detailed):
     """4 requests at once through 2 streams, 0.3 s idle, then 2 more: the connection is held
     twice, once per stretch its streams hold it, and sat idle once, for the 0.3 s between them
     (not again for each stream that joined it while it was held)."""
-    monkeypatch.setenv("POOLSCOPE_DETAILED_TIMINGS", "true")
-    with instrumented() as metrics, H2Server(max_streams=2, delay=0.2) as server:
+    with H2Server(max_streams=2, delay=0.2) as server:
         client = Client(library, "async", server)
         client.at_once(4)
-        ended = time.monotonic()
         time.sleep(0.3)
         client.at_once(2)
         # from the first round's last answer, at the latest, to the second's first arrival
         idle_till = min(server.arrivals[-2:]) - max(
             a + s for a, s in zip(server.arrivals[:4], server.served[:4]))
         client.close()
-        data = metrics.read()
-        used = metrics.histogram(data, "poolscope.connection.use_time", poolscope__library=library)
-        count, idle = metrics.histogram(data, "poolscope.connection.idle_time",
-                                        poolscope__library=library)
+        data = detailed.read()
+        used = detailed.histogram(data, "poolscope.connection.use_time", poolscope__library=library)
+        count, idle = detailed.histogram(data, "poolscope.connection.idle_time",
+                                         poolscope__library=library)
         assert server.accepted == 1
         assert used[0] == 2
         assert count == 1
