@@ -1,9 +1,12 @@
 """A small HTTP/2 server over TLS on 127.0.0.1, for tests: the truth about streams.
 
 ``/slow`` answers after ``delay`` seconds, anything else at once. The server allows
-``max_streams`` concurrent streams per connection (``SETTINGS_MAX_CONCURRENT_STREAMS``) and
-keeps its own books: connections accepted, the peak of streams open at once on any one
-connection, and for each request when it arrived, the seconds from then to its response's
+``max_streams`` concurrent streams per connection (``SETTINGS_MAX_CONCURRENT_STREAMS``). With
+``max_requests`` it answers that many requests on a connection, then sends ``GOAWAY`` (its
+last stream processed: the one it just answered; a client may send the streams after it again
+on a new connection) and closes the connection. It keeps its own books: connections accepted,
+the peak of streams open at once on any one connection, the connection each request came in
+on, and for each request it answered when it arrived, the seconds from then to its response's
 end, and the connection that served it.
 """
 
@@ -21,14 +24,16 @@ import trustme
 
 
 class H2Server:
-    def __init__(self, max_streams=2, delay=0.3):
+    def __init__(self, max_streams=2, delay=0.3, max_requests=None):
         self.max_streams = max_streams
+        self.max_requests = max_requests
         self.delay = delay
         self.accepted = 0
         self.peak_streams = 0
         self.served = []  # seconds each request took the server, arrival to response end
         self.arrivals = []  # when each request arrived (time.monotonic)
         self.served_on = []  # the connection (1 for the first accepted) that served each
+        self.received_on = []  # the connection each request (answered or not) came in on
         self.errors = []
         self._books = threading.Lock()
         self._conns = []
@@ -87,6 +92,7 @@ class H2Server:
             initial_values={h2.settings.SettingCodes.MAX_CONCURRENT_STREAMS: self.max_streams})
         h2conn.initiate_connection()
         due = []  # (when, stream id, arrived)
+        answered = 0
         try:
             while True:
                 sock.sendall(h2conn.data_to_send())
@@ -95,11 +101,16 @@ class H2Server:
                     due.remove((when, stream_id, arrived))
                     h2conn.send_headers(stream_id, [(":status", "200"), ("content-length", "2")])
                     h2conn.send_data(stream_id, b"ok", end_stream=True)
+                    answered += 1
+                    if answered == self.max_requests:
+                        h2conn.close_connection(last_stream_id=stream_id)
                     with self._books:  # before the client can have the response, and read these
                         self.served.append(time.monotonic() - arrived)
                         self.arrivals.append(arrived)
                         self.served_on.append(number)
                     sock.sendall(h2conn.data_to_send())
+                    if answered == self.max_requests:
+                        return
                 timeout = max(0.0, min(d[0] for d in due) - time.monotonic()) if due else None
                 if not sock.pending() and not select.select([sock], [], [], timeout)[0]:
                     continue
@@ -109,6 +120,8 @@ class H2Server:
                 for event in h2conn.receive_data(data):
                     if isinstance(event, h2.events.RequestReceived):
                         arrived = time.monotonic()
+                        with self._books:
+                            self.received_on.append(number)
                         path = dict(event.headers).get(b":path", b"/")
                         due.append((arrived + (self.delay if path == b"/slow" else 0),
                                     event.stream_id, arrived))

@@ -8,6 +8,7 @@ so 4 of them wait, 2 for one round and 2 for two.
 """
 
 import asyncio
+import collections
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -222,6 +223,40 @@ def test_a_request_cancelled_while_it_waits_for_a_stream_is_a_cancelled_wait(lib
         client.close()
 
 
+@pytest.mark.parametrize("library,mode", FLAVORS)
+def test_connections_the_server_ends_with_goaway(library, mode, metrics):
+    """The server ends each connection with ``GOAWAY`` after 3 answers, as nginx does after
+    ``keepalive_requests``. 7 requests one after another take 3 connections, 2 of them closed
+    by the server; async, 7 more at once through 2 streams, where httpcore fails a request
+    the ``GOAWAY`` finds waiting on the old connection (with or without poolscope) and sends
+    one past the ``GOAWAY``'s last stream again on a new connection. Either way poolscope's
+    books are the server's: its connections, those it ended, and one acquisition a request."""
+    with H2Server(max_streams=2, delay=0.05, max_requests=3) as server:
+        client = Client(library, mode, server)
+        for _ in range(7):
+            client.at_once(1)
+        sent = 7
+        if mode != "sync":
+            async def one():
+                try:
+                    await client.client.get(server.url + "/slow")
+                except client.module.RemoteProtocolError:
+                    pass
+            client.loop.run_until_complete(client.gather(*(one() for _ in range(7))))
+            sent += 7
+        data = metrics.read()
+        ended = sum(server.served_on.count(c) == 3 for c in range(1, server.accepted + 1))
+        assert server.accepted >= 3 and ended >= 2
+        assert metrics.served(data, poolscope__library=library) == (
+            server.accepted, server.accepted, sent - server.accepted)
+        closed = metrics.value(data, "poolscope.connection.closed", poolscope__library=library)
+        assert closed == metrics.value(data, "poolscope.connection.closed",
+                                       poolscope__close__reason="server_closed") == ended
+        got = figures(metrics, library)
+        assert (got["pending"], got["streams"], got["h2_idle"]) == (0, 0, server.accepted - ended)
+        client.close()
+
+
 @pytest.mark.parametrize("library", list(MODULES))
 def test_detailed_timings_of_a_multiplexed_connection(library, detailed):
     """4 requests at once through 2 streams, 0.3 s idle, then 2 more: the connection is held
@@ -316,15 +351,8 @@ def test_libcurl_transfers_sharing_an_http2_connection(metrics):
     pycurl = pytest.importorskip("pycurl")
     lib = {"poolscope__library": "pycurl"}
     with H2Server(max_streams=100, delay=ROUND) as server:
-        multi, handles, active, connects = pycurl.CurlMulti(), [], [], []
-        for _ in range(4):
-            curl = pycurl.Curl()
-            for option, value in ((pycurl.URL, server.url + "/slow"), (pycurl.PIPEWAIT, 1),
-                                  (pycurl.HTTP_VERSION, pycurl.CURL_HTTP_VERSION_2TLS),
-                                  (pycurl.SSL_VERIFYPEER, 0), (pycurl.SSL_VERIFYHOST, 0),
-                                  (pycurl.WRITEFUNCTION, lambda data: None)):
-                curl.setopt(option, value)
-            handles.append(curl)
+        multi, active, connects = pycurl.CurlMulti(), [], []
+        handles = [_h2_curl(pycurl, server.url + "/slow") for _ in range(4)]
         for _ in range(2):
             for curl in handles:
                 multi.add_handle(curl)
@@ -356,3 +384,56 @@ def test_libcurl_transfers_sharing_an_http2_connection(metrics):
         multi.close()
         assert metrics.value(metrics.read(), "poolscope.connection.closed", **lib,
                              poolscope__close__reason="pool_closed") == 1
+
+
+def _h2_curl(pycurl, url):
+    """A pycurl handle for ``url`` over HTTP/2, that waits to share a connection (``PIPEWAIT``)."""
+    curl = pycurl.Curl()
+    for option, value in ((pycurl.URL, url), (pycurl.PIPEWAIT, 1),
+                          (pycurl.HTTP_VERSION, pycurl.CURL_HTTP_VERSION_2TLS),
+                          (pycurl.SSL_VERIFYPEER, 0), (pycurl.SSL_VERIFYHOST, 0),
+                          (pycurl.WRITEFUNCTION, lambda data: None)):
+        curl.setopt(option, value)
+    return curl
+
+
+def test_libcurl_after_goaway(metrics):
+    """The server ends each connection with ``GOAWAY`` after 3 answers. A handle's 7 transfers
+    one after another take 3 connections, 2 closed by the server. Then a multi's 7 at once go
+    out as 7 streams on one connection; libcurl sends the 4 the ``GOAWAY`` refused again on a
+    new one, and so on: each transfer counts an acquisition on each connection it went out on,
+    as the server received it there."""
+    pycurl = pytest.importorskip("pycurl")
+    lib = {"poolscope__library": "pycurl"}
+    with H2Server(max_streams=100, delay=ROUND, max_requests=3) as server:
+        curl = _h2_curl(pycurl, server.url + "/")
+        for _ in range(7):
+            curl.perform()
+            assert curl.getinfo(pycurl.RESPONSE_CODE) == 200
+        curl.close()
+        data = metrics.read()
+        assert server.accepted == 3 and server.served_on == [1, 1, 1, 2, 2, 2, 3]
+        assert metrics.served(data, **lib) == (3, 3, 4)
+        assert metrics.value(data, "poolscope.connection.closed", **lib,
+                             poolscope__close__reason="server_closed") == 2
+
+        multi, before = pycurl.CurlMulti(), len(server.received_on)
+        handles = [_h2_curl(pycurl, server.url + "/slow") for _ in range(7)]
+        for curl in handles:
+            multi.add_handle(curl)
+        while multi.perform()[1]:
+            multi.select(0.05)
+        assert [c.getinfo(pycurl.RESPONSE_CODE) for c in handles] == [200] * 7
+        received = server.received_on[before:]
+        ended = sum(server.served_on.count(c) == 3 for c in range(4, server.accepted + 1))
+        data = metrics.read()
+        assert sorted(collections.Counter(received).values()) == [1, 4, 7], received
+        created, new, reused = metrics.served(data, **lib)
+        assert (created, new, new + reused) == (server.accepted, server.accepted,
+                                                7 + len(received))
+        assert metrics.value(data, "poolscope.connection.closed", **lib,
+                             poolscope__close__reason="server_closed") == 2 + ended == 4
+        for curl in handles:
+            multi.remove_handle(curl)
+            curl.close()
+        multi.close()

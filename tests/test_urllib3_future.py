@@ -295,6 +295,23 @@ def test_threads_sharing_an_http2_connection_give_it_back_idle(metrics):
     assert closes(metrics) == {"pool_closed": 1}
 
 
+@unverified
+def test_http2_connections_the_server_ends_with_goaway(metrics):
+    """The server ends each HTTP/2 connection with ``GOAWAY`` after 3 answers, as nginx does
+    after ``keepalive_requests``: 7 requests one after another on a niquests session take 3
+    connections, and the server closed 2 of them."""
+    import niquests
+    from h2server import H2Server
+
+    with H2Server(max_requests=3) as h2, niquests.Session(disable_http3=True) as session:
+        answers = [session.get(h2.url + "/", verify=False) for _ in range(7)]
+        assert [(a.status_code, a.http_version) for a in answers] == [(200, 20)] * 7
+        assert h2.accepted == 3 and h2.served_on == [1, 1, 1, 2, 2, 2, 3]
+        assert metrics.served(metrics.read()) == (3, 3, 4)
+        assert closes(metrics) == {"server_closed": 2}
+    assert closes(metrics) == {"server_closed": 2, "pool_closed": 1}
+
+
 def multiplexing(protocol, delay, max_streams):
     """The HTTP/2 test server (``max_streams`` a connection) or the HTTP/3 one, the niquests
     session options that speak only that protocol to it, a request's ``verify`` that trusts it
